@@ -1,0 +1,175 @@
+# Helpers for the shell tests.  Source it from a test:
+#
+#   source "${srcdir:-.}/functions.sh"
+#   requires nbdcopy qemu-img
+#   start_nbdkit --filter=sparsebackup memory 1M     # sets $uri, $sock, $pid
+#   ...
+#
+# Every test gets a private temporary directory $tmp that is removed on
+# exit, together with any server started by start_nbdkit.  A test that
+# cannot run prints why and exits 77, which automake reports as SKIP.
+
+set -e
+set -u
+set -o pipefail
+
+: "${abs_top_builddir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+: "${abs_top_srcdir:=$abs_top_builddir}"
+export PATH="$abs_top_builddir:$PATH"
+
+# Never let the system's locale change tools' messages.
+export LC_ALL=C
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/sparsebackup-test.XXXXXX")
+_cleanup_cmds=()
+
+# Register a command to run at exit (last registered runs first).
+cleanup_fn ()
+{
+    _cleanup_cmds+=("$*")
+}
+
+_run_cleanup ()
+{
+    local status=$? i
+    set +e
+    for (( i=${#_cleanup_cmds[@]}-1; i>=0; i-- )); do
+        eval "${_cleanup_cmds[$i]}"
+    done
+    rm -rf "$tmp"
+    exit $status
+}
+trap _run_cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Skip the test (exit 77) with a printed reason.
+skip ()
+{
+    echo "$0: SKIP: $*" >&2
+    exit 77
+}
+
+# Fail the test with a message.
+fail ()
+{
+    echo "$0: FAIL: $*" >&2
+    exit 1
+}
+
+# requires CMD [ARGS...]: skip unless the command exists (and, when ARGS
+# are given, runs successfully with them, e.g. `requires qemu-img --version`).
+requires ()
+{
+    if ! command -v "$1" >/dev/null 2>&1; then
+        skip "$1 is not installed"
+    fi
+    if [ $# -gt 1 ] && ! "$@" >/dev/null 2>&1; then
+        skip "'$*' failed"
+    fi
+}
+
+# requires_plugin NAME / requires_filter NAME: skip unless the nbdkit
+# plugin or filter can be loaded by the nbdkit that tests use.
+requires_plugin ()
+{
+    nbdkit "$1" --dump-plugin >/dev/null 2>&1 ||
+        skip "nbdkit plugin '$1' is not available"
+}
+requires_filter ()
+{
+    nbdkit --filter="$1" null --dump-plugin >/dev/null 2>&1 ||
+        skip "nbdkit filter '$1' is not available"
+}
+
+# assert_eq EXPECTED ACTUAL [WHAT]
+assert_eq ()
+{
+    if [ "$1" != "$2" ]; then
+        echo "expected: $1" >&2
+        echo "actual:   $2" >&2
+        fail "${3:-values differ}"
+    fi
+}
+
+# assert_contains FILE PATTERN: FILE (or stdin if FILE is -) contains the
+# extended regular expression PATTERN.
+assert_contains ()
+{
+    if ! grep -E -q -- "$2" "$1"; then
+        echo "--- $1:" >&2
+        cat "$1" >&2 || true
+        fail "'$1' does not contain /$2/"
+    fi
+}
+
+# start_nbdkit [NBDKIT-ARGS...]: start nbdkit in the background on a
+# private Unix socket.  Sets $sock, $pid, $uri and $server_log (the
+# server's stderr).  The server is killed by its own pid at exit; call
+# stop_nbdkit to stop it earlier (e.g. to read statistics written at exit).
+_servers=0
+start_nbdkit ()
+{
+    _servers=$((_servers + 1))
+    sock="$tmp/sock.$_servers"
+    local pidfile="$tmp/pid.$_servers"
+    server_log="$tmp/server.$_servers.log"
+    nbdkit -f -U "$sock" -P "$pidfile" "$@" 2>"$server_log" &
+    local i
+    for (( i = 0; i < 300; i++ )); do
+        if [ -s "$pidfile" ] && [ -S "$sock" ]; then break; fi
+        if ! kill -0 $! 2>/dev/null; then
+            cat "$server_log" >&2
+            fail "nbdkit $* exited during start-up"
+        fi
+        sleep 0.1
+    done
+    [ -s "$pidfile" ] || { cat "$server_log" >&2; fail "nbdkit did not start"; }
+    pid=$(cat "$pidfile")
+    uri="nbd+unix:///?socket=$sock"
+    cleanup_fn "kill $pid 2>/dev/null; _wait_pid $pid"
+}
+
+_wait_pid ()
+{
+    local i
+    for (( i = 0; i < 100; i++ )); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$1" 2>/dev/null || true
+}
+
+# stop_nbdkit [PID]: stop a server started by start_nbdkit and wait for it
+# to exit (so that anything it writes at unload is complete).
+stop_nbdkit ()
+{
+    local p="${1:-$pid}"
+    kill "$p" 2>/dev/null || true
+    _wait_pid "$p"
+}
+
+# allocated FILE: bytes allocated on disk.
+allocated ()
+{
+    du -B1 "$1" | cut -f1
+}
+
+# data_bytes FILE: bytes in data extents according to SEEK_DATA/SEEK_HOLE.
+data_bytes ()
+{
+    python3 - "$1" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+off = total = 0
+while off < size:
+    try:
+        d = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError:
+        break
+    h = os.lseek(fd, d, os.SEEK_HOLE)
+    total += h - d
+    off = h
+print(total)
+PY
+}

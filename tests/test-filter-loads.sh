@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The filter is a real nbdkit filter: it loads, has its name, longname,
+# version, config help, and a debug flag that nbdkit accepts.
+source "${srcdir:-.}/functions.sh"
+requires nbdinfo
+
+help=$(nbdkit --filter=sparsebackup null --help 2>&1)
+echo "$help" | grep -q '^filter: sparsebackup (nbdkit sparsebackup filter)$' ||
+    { echo "$help"; fail "name/longname missing from --help"; }
+echo "$help" | grep -q 'sparsebackup-' ||
+    { echo "$help"; fail "config_help does not document sparsebackup-* keys"; }
+
+version=$(nbdkit --filter=sparsebackup null --version)
+echo "$version" | grep -Eq '^sparsebackup [0-9]+\.[0-9]+' ||
+    { echo "$version"; fail "filter version missing"; }
+
+# The debug flag exists: nbdkit warns about unknown -D flags.
+nbdkit -v -D sparsebackup.verbose=1 --filter=sparsebackup memory 1M \
+    --run 'nbdinfo "$uri" >/dev/null' 2>"$tmp/err"
+if grep -q 'unknown debug flag\|debug flag.*not found' "$tmp/err"; then
+    cat "$tmp/err"; fail "-D sparsebackup.verbose is not a debug flag"
+fi
+grep -q 'sparsebackup' "$tmp/err" ||
+    { cat "$tmp/err"; fail "-D sparsebackup.verbose=1 printed nothing"; }

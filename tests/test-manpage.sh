@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The man pages are built from POD and render with man -l.
+source "${srcdir:-.}/functions.sh"
+requires man
+
+page="$abs_top_builddir/filters/sparsebackup/nbdkit-sparsebackup-filter.1"
+[ -s "$page" ] || fail "$page was not built"
+MANWIDTH=80 man -l "$page" > "$tmp/out" 2>"$tmp/err" ||
+    { cat "$tmp/err"; fail "man -l $page failed"; }
+assert_contains "$tmp/out" '^NAME'
+assert_contains "$tmp/out" 'nbdkit-sparsebackup-filter - '
+assert_contains "$tmp/out" 'nbdkit --filter=sparsebackup'
+assert_contains "$tmp/out" '^PARAMETERS'
+
+page="$abs_top_builddir/plugins/qcow2/nbdkit-qcow2-plugin.1"
+if [ -s "$page" ]; then
+    MANWIDTH=80 man -l "$page" > "$tmp/out" 2>"$tmp/err" ||
+        { cat "$tmp/err"; fail "man -l $page failed"; }
+    assert_contains "$tmp/out" 'nbdkit-qcow2-plugin - '
+    assert_contains "$tmp/out" 'nbdkit qcow2 file='
+fi

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The in-tree wrapper resolves --filter=sparsebackup (both spellings) and
+# the plugin name qcow2 to the built .so files, and leaves everything else
+# (option arguments, key=value, a plugin named qcow2 elsewhere) alone.
+source "${srcdir:-.}/functions.sh"
+requires nbdinfo
+
+filter_so="$abs_top_builddir/filters/sparsebackup/.libs/nbdkit-sparsebackup-filter.so"
+plugin_so="$abs_top_builddir/plugins/qcow2/.libs/nbdkit-qcow2-plugin.so"
+[ -f "$filter_so" ] || fail "$filter_so was not built"
+
+for spelling in "--filter=sparsebackup" "--filter sparsebackup"; do
+    # shellcheck disable=SC2086
+    out=$(nbdkit $spelling null 1M --dump-plugin)
+    echo "$out" | grep -q "^path=.*/nbdkit-null-plugin.so$" ||
+        fail "$spelling: null plugin not loaded"
+    out=$(nbdkit $spelling null --help 2>&1)
+    echo "$out" | grep -q "^($filter_so)$" ||
+        { echo "$out"; fail "$spelling: did not load $filter_so"; }
+done
+
+# An option argument that happens to say "qcow2" is not the plugin name.
+out=$(nbdkit -e qcow2 memory 1M --run 'nbdinfo --json "$uri"')
+echo "$out" | grep -q '"export-name": "qcow2"' ||
+    fail "-e qcow2 was rewritten"
+
+if [ -f "$plugin_so" ]; then
+    out=$(nbdkit qcow2 --dump-plugin)
+    echo "$out" | grep -qx "path=$plugin_so" ||
+        { echo "$out"; fail "qcow2 not resolved to $plugin_so"; }
+fi
