@@ -17,10 +17,18 @@ set -o pipefail
 : "${abs_top_srcdir:=$abs_top_builddir}"
 export PATH="$abs_top_builddir:$PATH"
 
+# nbdsh runs "python3" from $PATH.  Where another python3 (pyenv, a venv)
+# comes first and lacks the nbd module, prefer Debian's.
+if ! python3 -c 'import nbd' 2>/dev/null &&
+        /usr/bin/python3 -c 'import nbd' 2>/dev/null; then
+    export PATH="$abs_top_builddir:/usr/bin:$PATH"
+fi
+
 # Never let the system's locale change tools' messages.
 export LC_ALL=C
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/sparsebackup-test.XXXXXX")
+export tmp
 _cleanup_cmds=()
 
 # Register a command to run at exit (last registered runs first).

@@ -7,7 +7,7 @@ requires nbdinfo
 help=$(nbdkit --filter=sparsebackup null --help 2>&1)
 echo "$help" | grep -q '^filter: sparsebackup (nbdkit sparsebackup filter)$' ||
     { echo "$help"; fail "name/longname missing from --help"; }
-echo "$help" | grep -q 'sparsebackup-' ||
+echo "$help" | grep -q '^sparsebackup-[a-z-]*=' ||
     { echo "$help"; fail "config_help does not document sparsebackup-* keys"; }
 
 version=$(nbdkit --filter=sparsebackup null --version)
