@@ -58,7 +58,10 @@ extern uint64_t blockmap_size (const struct blockmap *bm);
 extern enum bm_state blockmap_lookup (struct blockmap *bm, uint64_t offset,
                                       uint64_t limit, uint64_t *run);
 
-/* True if every block touched by [OFFSET, OFFSET+COUNT) is BM_ZERO. */
+/* True if every block touched by [OFFSET, OFFSET+COUNT) is BM_ZERO.
+ * COUNT == 0 is true (nothing to zero) as long as OFFSET <= size; a range
+ * reaching past the end of the export is false.
+ */
 extern bool blockmap_is_zero (struct blockmap *bm,
                               uint64_t offset, uint64_t count);
 
@@ -68,7 +71,11 @@ extern bool blockmap_is_zero (struct blockmap *bm,
  * already ZERO or DATA is left alone by blockmap_learn_allocated, while
  * blockmap_learn_data (contents seen non-zero, with SNAP from
  * blockmap_snapshot taken before the read) replaces ZERO only if no write
- * intervened.  Use these for information from the plugin or from reads.
+ * intervened, i.e. except on blocks whose zero knowledge was added (by
+ * blockmap_learn_zero) after SNAP, which is newer than the read.  If the
+ * map can no longer tell (it remembers a bounded number of events), ZERO
+ * is replaced: DATA is always safe to believe.  Use these for
+ * information from the plugin or from reads.
  */
 extern void blockmap_learn_allocated (struct blockmap *bm,
                                       uint64_t offset, uint64_t count);
@@ -77,6 +84,11 @@ extern void blockmap_learn_data (struct blockmap *bm, uint64_t snap,
 
 /* A snapshot of the map's write generation.  Take it BEFORE issuing the
  * request (zero request, read, extents) whose result will teach the map.
+ *
+ * A zero request is not a "write" for this map: do not wrap it in
+ * blockmap_write_begin/end (its own ticket would then block it from
+ * learning).  Take a snapshot, issue it, then on success call
+ * blockmap_learn_zero (snap, ...), on failure blockmap_forget (...).
  */
 extern uint64_t blockmap_snapshot (struct blockmap *bm);
 
@@ -84,6 +96,8 @@ extern uint64_t blockmap_snapshot (struct blockmap *bm);
  * partial last block of the export counts as full when the range reaches
  * the end) as BM_ZERO, unless a write touching them was in flight or ended
  * after SNAP.  Returns the number of bytes newly marked (for statistics).
+ * Blocks not touched by such writes are still learnt.  The map remembers
+ * the last 4096 completed writes: a SNAP older than that learns nothing.
  */
 extern uint64_t blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
                                      uint64_t offset, uint64_t count);
@@ -92,7 +106,10 @@ extern uint64_t blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
  * every block touched (rounded outward) leaves BM_ZERO and becomes NEWSTATE
  * (BM_DATA for a write, BM_UNKNOWN for a trim or anything whose result is
  * undefined).  Then call blockmap_write_end with the ticket, and OK = false
- * if the request failed, which makes the blocks BM_UNKNOWN.
+ * if the request failed, which makes the blocks BM_UNKNOWN.  NEWSTATE
+ * BM_ZERO is treated as BM_UNKNOWN.  Every ticket must be ended exactly
+ * once (an unknown ticket is ignored); while a write is in flight no
+ * block it touches can become BM_ZERO.
  */
 extern uint64_t blockmap_write_begin (struct blockmap *bm,
                                       uint64_t offset, uint64_t count,
@@ -112,5 +129,11 @@ struct blockmap_stats {
 };
 extern void blockmap_get_stats (struct blockmap *bm,
                                 struct blockmap_stats *stats);
+
+/* For tests and fuzzers: check the internal invariants of the map (runs
+ * sorted and merged, chunks well formed, counters consistent).  Returns 0
+ * if the map is consistent, -1 (errno EIO) if not.
+ */
+extern int blockmap_check (struct blockmap *bm);
 
 #endif /* SPARSEBACKUP_BLOCKMAP_H */
