@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Benchmark (issue 4, read side): qemu-img convert (a REQ_ONE client) from
+# a sparse raw file served by nbdkit file, with and without
+# --filter=sparsebackup.  Goal: with the filter at most half the time.
+#
+# Tunables (environment): BENCH_SIZE (virtual size, default 4G),
+# BENCH_DATA (data, default 200M, in BENCH_CHUNK pieces, default 256K),
+# BENCH_RUNS (default 5).  Prints the median times and the ratio.
+#
+#   make -C bench bench        or
+#   abs_top_builddir=$PWD bash bench/bench-read-qemu-img.sh
+set -e
+set -u
+set -o pipefail
+
+: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
+: "${abs_top_builddir:=$abs_top_srcdir}"
+srcdir="$abs_top_srcdir/tests"
+source "$srcdir/functions.sh"
+source "$srcdir/test-read-lib.sh"
+requires nbdkit --version
+requires qemu-img --version
+requires_plugin file
+requires_filter sparsebackup
+
+size=$(numfmt --from=iec "${BENCH_SIZE:-4G}")
+data=$(numfmt --from=iec "${BENCH_DATA:-200M}")
+chunk=$(numfmt --from=iec "${BENCH_CHUNK:-256K}")
+runs=${BENCH_RUNS:-5}
+
+# Scattered data: data/chunk pieces at pseudo-random chunk-aligned places.
+layout=$(python3 - $size $data $chunk <<'PY'
+import random, sys
+size, data, chunk = (int(x) for x in sys.argv[1:])
+n = data // chunk
+slots = sorted(random.Random(42).sample(range(size // chunk), n))
+print(" ".join("%d:%d" % (s * chunk, chunk) for s in slots))
+PY
+)
+echo "source: $(numfmt --to=iec $size) virtual, $(numfmt --to=iec $data) of data in $((data / chunk)) pieces"
+mk_sparse $tmp/src.img $size $layout
+
+# now: seconds since the epoch with nanoseconds.
+now () { date +%s.%N; }
+
+# time_convert NBDKIT-ARGS...: one timed qemu-img convert through a fresh
+# server; sets $secs.
+time_convert ()
+{
+    start_nbdkit "$@"
+    rm -f $tmp/out.img
+    local t0 t1
+    t0=$(now)
+    qemu-img convert -f raw "$uri" -O raw $tmp/out.img
+    t1=$(now)
+    stop_nbdkit
+    # cmp of two 4G files takes seconds: check the first copy of each kind.
+    if [ "$i" -eq 0 ]; then cmp $tmp/src.img $tmp/out.img || fail "copy differs"; fi
+    secs=$(echo "$t1 - $t0" | bc -l)
+}
+
+median () { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+plain=(); filt=()
+for (( i = 0; i < runs; i++ )); do
+    # Alternate so that drift (page cache, CPU frequency) hits both.
+    time_convert file $tmp/src.img
+    plain+=("$secs")
+    time_convert --filter=sparsebackup file $tmp/src.img
+    filt+=("$secs")
+done
+mp=$(median "${plain[@]}"); mf=$(median "${filt[@]}")
+echo "qemu-img convert without the filter: ${plain[*]}  median ${mp} s"
+echo "qemu-img convert with the filter:    ${filt[*]}  median ${mf} s"
+printf 'ratio with/without: %.3f (goal <= 0.5)\n' "$(echo "$mf / $mp" | bc -l)"
+echo "copy allocates $(allocated $tmp/out.img) bytes"
