@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# qcow2 plugin: parameters.  Bad values are refused with the key named;
+# a tiny L2 cache (one slice) with many parallel readers still gives the
+# right content; the plugin is read-only and advertises multi-conn,
+# extents and the cluster size as preferred block size; -D qcow2.verbose.
+source "${srcdir:-.}/functions.sh"
+requires qemu-img --version
+requires qemu-io --version
+requires nbdcopy --version
+requires nbdinfo --version
+requires_plugin qcow2
+cd "$tmp"
+
+bad ()
+{
+    local re=$1 rc=0
+    shift
+    nbdkit -U - qcow2 "$@" --run true 2>err || rc=$?
+    if [ "$rc" -eq 0 ] || [ "$rc" -ge 128 ]; then
+        cat err >&2; fail "qcow2 $*: status $rc"
+    fi
+    echo "$*: $(cat err)"
+    assert_contains err "$re"
+}
+
+qemu-img create -q -f qcow2 -o cluster_size=4k d.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 0x5a 0 20M' -c 'write -P 0x5b 40M 3M' \
+    d.qcow2 >/dev/null
+qemu-img convert -O raw d.qcow2 ref.raw
+
+bad 'you must supply the file=' backing=false
+bad 'backing' d.qcow2 backing=maybe
+bad 'l2-cache-size' d.qcow2 l2-cache-size=100
+bad 'l2-cache-size' d.qcow2 l2-cache-size=banana
+bad 'max-depth' d.qcow2 max-depth=0
+bad 'max-depth' d.qcow2 max-depth=17
+bad "unknown parameter 'foo'" d.qcow2 foo=bar
+bad 'nosuchfile.qcow2: open: No such file' nosuchfile.qcow2
+
+# Magic config key: the bare file name works.
+nbdkit -U - qcow2 d.qcow2 l2-cache-size=4k \
+    --run 'nbdcopy --connections=4 --requests=16 "$uri" out.raw'
+cmp out.raw ref.raw
+
+nbdkit -U - qcow2 file=d.qcow2 --run 'nbdinfo --json "$uri"' > info.json
+cat info.json
+assert_contains info.json '"is_read_only": true'
+assert_contains info.json '"can_multi_conn": true'
+assert_contains info.json '"export-size": 67108864'
+assert_contains info.json '"block_size_preferred": 4096'
+assert_contains info.json 'base:allocation'
+
+# Writes are refused.
+rc=0
+nbdkit -U - qcow2 file=d.qcow2 --run 'nbdcopy ref.raw "$uri"' 2>err || rc=$?
+[ "$rc" -ne 0 ] || fail "write accepted"
+
+# Debug output.
+nbdkit -U - -f -v -D qcow2.verbose=1 qcow2 file=d.qcow2 \
+    --run 'nbdinfo --map "$uri" >/dev/null' 2>err
+assert_contains err 'layer 0: .*d.qcow2: qcow2 v3, size 67108864, cluster 4096'
+assert_contains err 'L2 cache 256 slices of 4096 bytes, [0-9]+ hits, [0-9]+ misses'
+
+# --help names the parameters.
+nbdkit qcow2 --help > help
+for p in file= backing= max-depth= l2-cache-size= data-file=; do
+    assert_contains help "$p"
+done
