@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 3: the statistics written by sparsebackup-statsfile=FILE at unload
+# (doc/filter-spec.md, "Statistics") after a known sequence of writes and
+# zero requests: every key present once, decimal, and the write-side
+# counters exact.
+
+source "${srcdir:-.}/functions.sh"
+source "${srcdir:-.}/test-write-lib.sh"
+requires_nbdpy
+requires_plugin file
+
+size=$((4 << 20))
+tgt="$tmp/target.img"
+new_target "$tgt" "$size"
+stats="$tmp/stats"
+start_nbdkit -v -D sparsebackup.stats=1 --filter=sparsebackup file "$tgt" \
+    sparsebackup-statsfile="$stats"
+
+"$nbdpy" - "$uri" <<'EOF' || { cat "$server_log" >&2; exit 1; }
+import sys
+from wlib import *
+
+h = connect(sys.argv[1])
+# write-data-bytes: 3 blocks + 10 bytes + 1 block + 1 block = 20490
+h.pwrite(data(3 * B), 0)                      # 12288 data
+h.pwrite(data(10), 8 * B + 5)                 # 10 data
+# data | 2 zero blocks | data: 8192 data, 8192 write-zero (zero requests)
+h.pwrite(data(B) + zeros(2 * B) + data(B), 16 * B)
+# A client zero request over unknown blocks: 64 KiB passed to the plugin.
+h.zero(16 * B, 64 * B)
+# The same twice more: skipped, 2 * 64 KiB zero-skipped, 2 requests avoided.
+h.zero(16 * B, 64 * B)
+h.zero(16 * B, 64 * B)
+# A zero write over known-zero blocks: skipped too (counts as write-zero
+# and zero-skipped).
+h.pwrite(zeros(4 * B), 68 * B)
+# Reads of known-zero blocks: answered from the map.
+check(h.pread(8 * B, 64 * B) == zeros(8 * B), "not zero")
+h.flush()
+h.shutdown()
+EOF
+
+stop_nbdkit
+[ -s "$stats" ] || { cat "$server_log" >&2; fail "no statistics file $stats"; }
+echo "--- $stats:"
+cat "$stats"
+
+keys="write-data-bytes write-zero-bytes zero-bytes zero-skipped-bytes
+requests-avoided read-bytes read-map-bytes read-cache-bytes
+plugin-read-bytes scan-bytes extents-calls map-runs map-memory"
+
+declare -A v
+for k in $keys; do
+    n=$(grep -c -E "^$k: " "$stats" || true)
+    [ "$n" = 1 ] || fail "key $k appears $n times in the statistics"
+    v[$k]=$(sed -n -E "s/^$k: (.*)$/\1/p" "$stats")
+    [[ "${v[$k]}" =~ ^[0-9]+$ ]] || fail "$k: '${v[$k]}' is not decimal"
+done
+# Nothing else than "key: value" lines.
+if grep -v -E '^[a-z-]+: [0-9]+$' "$stats"; then
+    fail "lines above are not 'key: decimal'"
+fi
+
+assert_eq 20490 "${v[write-data-bytes]}" "write-data-bytes"
+assert_eq $((8192 + 16384)) "${v[write-zero-bytes]}" "write-zero-bytes"
+assert_eq $((8192 + 65536)) "${v[zero-bytes]}" "zero-bytes"
+assert_eq $((2 * 65536 + 16384)) "${v[zero-skipped-bytes]}" "zero-skipped-bytes"
+[ "${v[requests-avoided]}" -ge 3 ] ||
+    fail "requests-avoided: ${v[requests-avoided]}, expected >= 3 (three" \
+         "skipped zero requests and a read answered from the map)"
+assert_eq 32768 "${v[read-bytes]}" "read-bytes"
+assert_eq 32768 "${v[read-map-bytes]}" "read-map-bytes"
+assert_eq 0 "${v[plugin-read-bytes]}" "plugin-read-bytes (the only read was of known-zero blocks)"
+assert_eq 0 "${v[scan-bytes]}" "scan-bytes"
+assert_eq 0 "${v[read-cache-bytes]}" "read-cache-bytes"
+[ "${v[map-runs]}" -ge 3 ] || fail "map-runs: ${v[map-runs]}, expected >= 3"
+[ "${v[map-memory]}" -gt 0 ] || fail "map-memory: 0"
+
+# -D sparsebackup.stats=1 prints the same at unload (nbdkit_debug, -v).
+assert_contains "$server_log" "write-data-bytes.*20490"
+
+echo "$0: OK"
