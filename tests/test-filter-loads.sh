@@ -15,7 +15,7 @@ echo "$version" | grep -Eq '^sparsebackup [0-9]+\.[0-9]+' ||
     { echo "$version"; fail "filter version missing"; }
 
 # The debug flag exists: nbdkit warns about unknown -D flags.
-nbdkit -v -D sparsebackup.verbose=1 --filter=sparsebackup memory 1M \
+nbdkit -U - -v -D sparsebackup.verbose=1 --filter=sparsebackup memory 1M \
     --run 'nbdinfo "$uri" >/dev/null' 2>"$tmp/err"
 if grep -q 'unknown debug flag\|debug flag.*not found' "$tmp/err"; then
     cat "$tmp/err"; fail "-D sparsebackup.verbose is not a debug flag"

@@ -10,7 +10,7 @@ requires_filter sparsebackup
 refused ()
 {
     local kv=$1 key=${1%%=*} value=${1#*=} status=0
-    nbdkit --filter=sparsebackup null 1M "$kv" --run true \
+    nbdkit -U - --filter=sparsebackup null 1M "$kv" --run true \
            >$tmp/out 2>$tmp/err || status=$?
     cat $tmp/out $tmp/err
     [ $status -ne 0 ] || fail "$kv was accepted"
@@ -26,7 +26,7 @@ refused ()
 # accepted KEY=VALUE...: nbdkit starts and serves.
 accepted ()
 {
-    nbdkit --filter=sparsebackup null 1M "$@" --run 'nbdinfo --size "$uri"' \
+    nbdkit -U - --filter=sparsebackup null 1M "$@" --run 'nbdinfo --size "$uri"' \
            >$tmp/out 2>$tmp/err ||
         { cat $tmp/out $tmp/err; fail "$* was refused"; }
     assert_eq 1048576 "$(cat $tmp/out)" "size with $*"

@@ -20,7 +20,7 @@ for spelling in "--filter=sparsebackup" "--filter sparsebackup"; do
 done
 
 # An option argument that happens to say "qcow2" is not the plugin name.
-out=$(nbdkit -e qcow2 memory 1M --run 'nbdinfo --json "$uri"')
+out=$(nbdkit -U - -e qcow2 memory 1M --run 'nbdinfo --json "$uri"')
 echo "$out" | grep -q '"export-name": "qcow2"' ||
     fail "-e qcow2 was rewritten"
 
