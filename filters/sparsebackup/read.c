@@ -1,0 +1,366 @@
+/* nbdkit-sparsebackup-filter: the read side.
+ *
+ * - extents: answered from the block map; unknown ranges are asked of the
+ *   plugin once (a large range, never REQ_ONE) or, by policy, scanned.
+ * - scanning: blocks are read from the plugin in large chunks, every
+ *   block is tested for zeroes, the map learns, and the data is kept in
+ *   the scan cache for the client's following read.
+ * - pread: known-zero blocks are answered without calling the plugin,
+ *   cached data from the cache, the rest from the plugin in as few
+ *   requests as possible; what was read teaches the map.
+ * - cache (NBD_CMD_CACHE): scans ahead into the scan cache.
+ */
+
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <inttypes.h>
+#include <string.h>
+#include <errno.h>
+
+#include <nbdkit-filter.h>
+
+#include "sparsebackup.h"
+#include "zerodetect.h"
+
+/* Extents of unknown ranges are asked of the plugin at least this far. */
+#define EXTENTS_AHEAD (64 * 1024 * 1024)
+
+/* Teach the map what BUF (LEN bytes read from disk offset OFFSET after
+ * map snapshot SNAP) holds.  Returns in *FIRST and *LAST the range of the
+ * buffer covered by data blocks (*FIRST == *LAST if none).
+ */
+static void
+learn_buffer (struct sb_export *ex, uint64_t snap,
+              const char *buf, size_t len, uint64_t offset,
+              size_t *first, size_t *last)
+{
+  size_t p, n;
+  bool zero;
+  size_t f = len, l = 0;
+
+  for (p = 0; p < len; p += n) {
+    n = zero_run (buf, len, p, offset, ex->blksize, &zero);
+    if (zero)
+      blockmap_learn_zero (ex->bm, snap, offset + p, n);
+    else {
+      blockmap_learn_data (ex->bm, snap, offset + p, n);
+      if (p < f) f = p;
+      l = p + n;
+    }
+  }
+  if (first) *first = f < l ? f : 0;
+  if (last) *last = f < l ? l : 0;
+}
+
+/* Scan [START, END) (START block aligned, END block aligned or the size).
+ * Reads into a buffer, learns, and caches the data blocks.
+ */
+static int
+scan_range (nbdkit_next *next, struct sb_export *ex,
+            uint64_t start, uint64_t end, int *err)
+{
+  uint64_t pos;
+  char *buf;
+  size_t bufsize = min_u64 (ex->scan_chunk, end - start);
+
+  buf = malloc (bufsize);
+  if (buf == NULL) {
+    *err = errno;
+    nbdkit_error ("sparsebackup: scan buffer: %m");
+    return -1;
+  }
+
+  for (pos = start; pos < end; ) {
+    uint32_t n = min_u64 (bufsize, end - pos);
+    uint64_t csnap = ex->sc ? scancache_snapshot (ex->sc) : 0;
+    uint64_t snap = blockmap_snapshot (ex->bm);
+    size_t first, last;
+
+    if (next->pread (next, buf, n, pos, 0, err) == -1) {
+      free (buf);
+      return -1;
+    }
+    STAT_ADD (scan_bytes, n);
+    STAT_ADD (plugin_read_bytes, n);
+    learn_buffer (ex, snap, buf, n, pos, &first, &last);
+    if (ex->sc && first < last)
+      scancache_insert (ex->sc, csnap, pos + first, buf + first,
+                        last - first);
+    VERBOSE ("scan %" PRIu32 "@%" PRIu64 ": data in [%zu, %zu)",
+             n, pos, first, last);
+    pos += n;
+  }
+
+  free (buf);
+  return 0;
+}
+
+/* Ask the plugin about the unknown range starting at POS and learn.
+ * Sets *QUERIED_END to where the map will not learn more by asking again.
+ */
+static int
+query_plugin (nbdkit_next *next, struct sb_export *ex,
+              uint64_t pos, uint64_t end, uint64_t *queried_end, int *err)
+{
+  const uint32_t bs = ex->blksize;
+  uint64_t qs = round_down (pos, bs);
+  uint64_t qlen = max_u64 (end - qs, EXTENTS_AHEAD);
+  uint64_t answered = qs;
+  struct nbdkit_extents *exts;
+  uint64_t snap;
+  size_t i;
+
+  qlen = min_u64 (qlen, ex->size - qs);
+  qlen = min_u64 (qlen, UINT32_MAX & ~(uint64_t) (bs - 1));
+
+  exts = nbdkit_extents_new (qs, ex->size);
+  if (exts == NULL) {
+    *err = errno;
+    return -1;
+  }
+  snap = blockmap_snapshot (ex->bm);
+  STAT_ADD (extents_calls, 1);
+  if (next->extents (next, qlen, qs, 0, exts, err) == -1) {
+    nbdkit_extents_free (exts);
+    return -1;
+  }
+  for (i = 0; i < nbdkit_extents_count (exts); ++i) {
+    const struct nbdkit_extent e = nbdkit_get_extent (exts, i);
+    if (e.type & NBDKIT_EXTENT_ZERO)
+      blockmap_learn_zero (ex->bm, snap, e.offset, e.length);
+    else
+      /* HOLE without ZERO is data as far as a copy is concerned. */
+      blockmap_learn_allocated (ex->bm, e.offset, e.length);
+    answered = e.offset + e.length;
+  }
+  VERBOSE ("extents: asked the plugin %" PRIu64 "@%" PRIu64 ", %zu extent(s) "
+           "up to %" PRIu64, qlen, qs, nbdkit_extents_count (exts), answered);
+  nbdkit_extents_free (exts);
+
+  *queried_end = max_u64 (answered, round_up (pos + 1, bs));
+  return 0;
+}
+
+int
+sb_extents (nbdkit_next *next, void *handle,
+            uint32_t count, uint64_t offset, uint32_t flags,
+            struct nbdkit_extents *extents, int *err)
+{
+  struct sb_handle *h = handle;
+  struct sb_export *ex = h->ex;
+  const uint32_t bs = ex->blksize;
+  const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  const uint64_t end = min_u64 (round_up (offset + count, bs), ex->size);
+  uint64_t pos = offset;
+  uint64_t budget = ex->scan_max;
+  uint64_t queried_end = 0;
+  bool scan_unknown, scan_allocated;
+  int64_t first_type = -1;
+  int can_extents;
+
+  can_extents = next->can_extents (next);
+  if (can_extents == -1) {
+    *err = EIO;
+    return -1;
+  }
+  scan_unknown =
+    cfg_scan == SCAN_ALWAYS || (cfg_scan == SCAN_AUTO && !can_extents);
+  scan_allocated = cfg_scan == SCAN_ALWAYS;
+
+  while (pos < end) {
+    uint64_t run;
+    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+    uint32_t type;
+
+    if (run == 0)               /* cannot happen below the size */
+      break;
+
+    if (st == BM_UNKNOWN && can_extents && pos >= queried_end) {
+      if (query_plugin (next, ex, pos, end, &queried_end, err) == -1)
+        return -1;
+      continue;
+    }
+
+    if ((st == BM_UNKNOWN && scan_unknown) ||
+        (st == BM_ALLOCATED && scan_allocated)) {
+      uint64_t s = round_down (pos, bs);
+      uint64_t target = min_u64 (round_up (pos + run, bs), ex->size);
+      uint64_t n = round_down (min_u64 (budget, ex->scan_chunk), bs);
+
+      if (n > 0) {
+        n = min_u64 (n, target - s);
+        if (scan_range (next, ex, s, s + n, err) == -1)
+          return -1;
+        budget -= min_u64 (budget, n);
+        continue;
+      }
+      /* Budget spent: answer what is known so far. */
+      if (first_type != -1)
+        break;
+      /* Nothing answered yet (cannot happen, scan-max >= block size):
+       * report as data to make progress.
+       */
+    }
+
+    type = st == BM_ZERO ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0;
+    if (req_one && first_type != -1 && type != first_type)
+      break;
+    if (nbdkit_add_extent (extents, pos, run, type) == -1) {
+      *err = errno;
+      return -1;
+    }
+    if (first_type == -1)
+      first_type = type;
+    pos += run;
+  }
+
+  VERBOSE ("extents %" PRIu32 "@%" PRIu64 "%s: answered up to %" PRIu64
+           ", scanned %" PRIu64,
+           count, offset, req_one ? " req_one" : "", pos,
+           ex->scan_max - budget);
+  return 0;
+}
+
+/* Read [OFFSET, OFFSET+COUNT) from the plugin into BUF and learn. */
+static int
+read_plugin (nbdkit_next *next, struct sb_export *ex,
+             char *buf, uint32_t count, uint64_t offset, uint32_t flags,
+             int *err)
+{
+  uint64_t snap = blockmap_snapshot (ex->bm);
+
+  if (next->pread (next, buf, count, offset, flags, err) == -1)
+    return -1;
+  STAT_ADD (plugin_read_bytes, count);
+  learn_buffer (ex, snap, buf, count, offset, NULL, NULL);
+  return 0;
+}
+
+int
+sb_pread (nbdkit_next *next, void *handle,
+          void *buf, uint32_t count, uint64_t offset,
+          uint32_t flags, int *err)
+{
+  struct sb_handle *h = handle;
+  struct sb_export *ex = h->ex;
+  char *b = buf;
+  const uint64_t end = offset + count;
+  uint64_t pos = offset;
+  uint64_t gap_start = offset, gap_len = 0;
+  bool plugin_called = false;
+
+  STAT_ADD (read_bytes, count);
+
+#define FLUSH_GAP()                                                     \
+  do {                                                                  \
+    if (gap_len > 0) {                                                  \
+      if (read_plugin (next, ex, b + (gap_start - offset), gap_len,    \
+                       gap_start, flags, err) == -1)                    \
+        return -1;                                                      \
+      plugin_called = true;                                             \
+      gap_len = 0;                                                      \
+    }                                                                   \
+  } while (0)
+
+  while (pos < end) {
+    uint64_t run, p, pend;
+    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+
+    if (run == 0)               /* cannot happen below the size */
+      run = end - pos;
+
+    if (st == BM_ZERO) {
+      FLUSH_GAP ();
+      memset (b + (pos - offset), 0, run);
+      STAT_ADD (read_map_bytes, run);
+      pos += run;
+      continue;
+    }
+
+    for (p = pos, pend = pos + run; p < pend; ) {
+      size_t got = 0, uncached = pend - p;
+
+      if (ex->sc)
+        got = scancache_read (ex->sc, b + (p - offset), p, pend - p, true,
+                              &uncached);
+      if (got > 0) {
+        FLUSH_GAP ();
+        STAT_ADD (read_cache_bytes, got);
+        p += got;
+      }
+      else {
+        if (gap_len == 0)
+          gap_start = p;
+        gap_len += uncached;
+        p += uncached;
+      }
+    }
+    pos = pend;
+  }
+  FLUSH_GAP ();
+#undef FLUSH_GAP
+
+  if (!plugin_called && count > 0)
+    STAT_ADD (requests_avoided, 1);
+  return 0;
+}
+
+int
+sb_cache (nbdkit_next *next, void *handle,
+          uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct sb_handle *h = handle;
+  struct sb_export *ex = h->ex;
+  const uint32_t bs = ex->blksize;
+  uint64_t pos = round_down (offset, bs);
+  const uint64_t end = min_u64 (round_up (offset + count, bs), ex->size);
+  uint64_t budget;
+
+  if (ex->sc == NULL) {
+    /* Nowhere to keep scanned data: let the plugin cache if it can. */
+    int r = next->can_cache (next);
+    if (r == -1) {
+      *err = EIO;
+      return -1;
+    }
+    if (r == NBDKIT_CACHE_NONE)
+      return 0;
+    return next->cache (next, count, offset, flags, err);
+  }
+
+  /* Scanning more than the cache holds would only evict what was read. */
+  budget = round_down (cfg_scan_cache, bs);
+  while (pos < end && budget > 0) {
+    uint64_t run, p, pend;
+    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+
+    if (run == 0)
+      break;
+    if (st == BM_ZERO) {
+      pos += run;
+      continue;
+    }
+    for (p = pos, pend = pos + run; p < pend && budget > 0; ) {
+      size_t uncached = pend - p;
+      size_t got = scancache_read (ex->sc, NULL, p, pend - p, false,
+                                   &uncached);
+      if (got > 0)
+        p += got;
+      else {
+        uint64_t s = round_down (p, bs);
+        uint64_t e = min_u64 (round_up (p + uncached, bs), ex->size);
+        e = min_u64 (e, s + budget);
+        if (scan_range (next, ex, s, e, err) == -1)
+          return -1;
+        budget -= e - s;
+        p = e;
+      }
+    }
+    pos = pend;
+  }
+  VERBOSE ("cache %" PRIu32 "@%" PRIu64 ": scanned ahead", count, offset);
+  return 0;
+}
