@@ -1,8 +1,10 @@
-# Shared timing helpers for the benchmark scripts (bench/bench-*.sh).
-# Source it after tests/functions.sh (which gives $tmp, start_nbdkit, ...):
+# Shared set-up and timing helpers for the benchmark scripts
+# (bench/bench-*.sh).  Source it first; it sources tests/functions.sh
+# (which gives $tmp, start_nbdkit, requires, fail, allocated, ...; and
+# set -e -u -o pipefail), with $srcdir the tests directory, so that a
+# benchmark can also source e.g. "$srcdir/test-read-lib.sh":
 #
-#   source "$abs_top_srcdir/tests/functions.sh"
-#   source "$abs_top_srcdir/bench/bench-functions.sh"
+#   source "$(dirname "$0")/bench-functions.sh"
 #   need nbdcopy qemu-nbd
 #   t=$(time1 nbdcopy src.img "$uri")          # seconds of one run
 #   m=$(timeit 5 nbdcopy src.img "$uri")       # median of 5 runs
@@ -11,6 +13,11 @@
 # Everything a timed command prints on stdout goes to stderr, so that
 # $(time1 ...) and $(timeit ...) capture the number only.  Do not start
 # servers inside $(...): a subshell does not run the exit cleanup.
+
+: "${abs_top_srcdir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+: "${abs_top_builddir:=$abs_top_srcdir}"
+srcdir="$abs_top_srcdir/tests"
+source "$srcdir/functions.sh"
 
 # need CMD...: skip the benchmark (exit 77) unless every CMD is on $PATH.
 need ()
@@ -71,4 +78,40 @@ ratio ()
 {
     awk -v a="$1" -v b="$2" \
         'BEGIN {if (b == 0) print "inf"; else printf "%.3f\n", a / b}'
+}
+
+# elapsed T0 [T1]: seconds from T0 to T1 (default: now), as printed by now.
+elapsed ()
+{
+    awk -v a="$1" -v b="${2:-$(now)}" 'BEGIN {printf "%.3f\n", b - a}'
+}
+
+# start_qemu_nbd QEMU-NBD-ARGS...: start qemu-nbd in the background on a
+# private Unix socket and wait until it listens.  Sets $uri and
+# $qemu_pid.  The server is killed at exit; call stop_qemu_nbd (in the
+# same shell) to stop it earlier.  (Not --fork: a daemonised qemu-nbd
+# takes about a second to exit on SIGTERM.)
+start_qemu_nbd ()
+{
+    local sock="$tmp/qemu-nbd.sock" i
+    rm -f "$sock"
+    qemu-nbd -k "$sock" "$@" &
+    qemu_pid=$!
+    cleanup_fn "kill $qemu_pid 2>/dev/null"
+    for (( i = 0; i < 1000; i++ )); do
+        [ ! -S "$sock" ] || break
+        kill -0 "$qemu_pid" 2>/dev/null ||
+            fail "qemu-nbd $* exited during start-up"
+        sleep 0.01
+    done
+    [ -S "$sock" ] || fail "qemu-nbd $* did not create $sock"
+    uri="nbd+unix:///?socket=$sock"
+}
+
+# stop_qemu_nbd: stop the server started by start_qemu_nbd and wait for
+# it to exit.
+stop_qemu_nbd ()
+{
+    kill "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
 }

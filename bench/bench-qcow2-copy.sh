@@ -26,11 +26,7 @@
 # Takes about 2-3 minutes with the defaults on 2 cores; scale down with
 # e.g. BENCH_SIZE=1G BENCH_DATA=64M BENCH_COMP_DATA=32M BENCH_CHAIN_DATA=8M.
 set -euo pipefail
-
-: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
-srcdir="$abs_top_srcdir/tests"
-source "$srcdir/functions.sh"
+source "$(dirname "$0")/bench-functions.sh"
 requires nbdkit --version
 requires nbdcopy --version
 requires qemu-img --version
@@ -46,15 +42,6 @@ comp_data=$(numfmt --from=iec "${BENCH_COMP_DATA:-160M}")
 cluster=$(numfmt --from=iec "${BENCH_CLUSTER:-64K}")
 runs=${BENCH_RUNS:-3}
 iec () { numfmt --to=iec "$1"; }
-
-now () { date +%s.%N; }
-elapsed () { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-median ()
-{
-    printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END {
-        if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2
-        printf "%.3f", m }'
-}
 
 # mk_raw FILE SIZE DATA SEED KIND: a sparse raw file of SIZE bytes with
 # DATA bytes in pieces of 64K..2M (64K aligned) at pseudo-random places;
@@ -136,7 +123,7 @@ qemu-img convert -f qcow2 -O raw "$tmp/top.qcow2" "$tmp/chain.raw"
 mk_raw "$tmp/comp.raw" "$size" "$comp_data" 4 text
 qemu-img convert -c -f raw -O qcow2 -o cluster_size="$cluster" \
     "$tmp/comp.raw" "$tmp/comp.qcow2"
-echo "images built in $(elapsed "$t0" "$(now)") s:"
+echo "images built in $(elapsed "$t0") s:"
 echo "  sparse:     $(iec $size) virtual, $(iec $data) random data," \
      "file $(iec "$(stat -c %s "$tmp/sparse.qcow2")")"
 echo "  chain:      sparse + 2 overlays, each $(iec $chain_data) data" \
@@ -156,17 +143,9 @@ m_filter ()
 m_plugin ()    { nbdkit -U - qcow2 file="$1" --run "nbdcopy \"\$uri\" '$2'"; }
 m_qemu_nbd ()
 {
-    local sock=$tmp/qemu-nbd.sock i qpid
-    rm -f "$sock"
-    qemu-nbd -r -f qcow2 -e 4 -t -k "$sock" "$1" &
-    qpid=$!
-    for (( i = 0; i < 1000; i++ )); do
-        [ -S "$sock" ] && break
-        sleep 0.01
-    done
-    nbdcopy "nbd+unix:///?socket=$sock" "$2"
-    kill "$qpid"
-    wait "$qpid" 2>/dev/null || true
+    start_qemu_nbd -r -f qcow2 -e 4 -t "$1"
+    nbdcopy "$uri" "$2"
+    stop_qemu_nbd
 }
 methods=(m_qemu_img m_filter m_plugin m_qemu_nbd)
 labels=("qemu-img convert" "nbdkit+sparsebackup" "nbdkit qcow2" "qemu-nbd+nbdcopy")
@@ -183,10 +162,8 @@ for img in sparse chain comp; do
         for m in "${methods[@]}"; do
             out=$tmp/out.raw
             rm -f "$out"
-            t0=$(now)
-            $m "$src" "$out"
-            t1=$(now)
-            times[$m]+="$(elapsed "$t0" "$t1") "
+            t=$(time1 $m "$src" "$out")
+            times[$m]+="$t "
             if [ "$run" -eq 0 ]; then
                 cmp "$ref" "$out" || fail "$img: $m: output differs"
                 alloc[$img.$m]=$(allocated "$out")
@@ -203,10 +180,15 @@ done
 rm -f "$tmp/out.raw"
 
 echo
-echo "median seconds (ratio to qemu-img convert); all outputs identical (cmp)"
-printf '%-12s' image
-for l in "${labels[@]}"; do printf ' %22s' "$l"; done
-echo
+# header TITLE: a table's title and column headings.
+header ()
+{
+    echo "$1"
+    printf '%-12s' image
+    for l in "${labels[@]}"; do printf ' %22s' "$l"; done
+    echo
+}
+header "median seconds (ratio to qemu-img convert); all outputs identical (cmp)"
 for img in sparse chain comp; do
     printf '%-12s' "$img"
     base=${med[$img.m_qemu_img]}
@@ -217,10 +199,7 @@ for img in sparse chain comp; do
     echo
 done
 echo
-echo "bytes allocated by the output file"
-printf '%-12s' image
-for l in "${labels[@]}"; do printf ' %22s' "$l"; done
-echo
+header "bytes allocated by the output file"
 for img in sparse chain comp; do
     printf '%-12s' "$img"
     for m in "${methods[@]}"; do printf ' %22s' "$(iec "${alloc[$img.$m]}")"; done

@@ -9,19 +9,11 @@
 #
 #   make -C bench bench        or
 #   abs_top_builddir=$PWD bash bench/bench-read-qemu-img.sh
-set -e
-set -u
-set -o pipefail
-
-: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
-srcdir="$abs_top_srcdir/tests"
-source "$srcdir/functions.sh"
+set -euo pipefail
+source "$(dirname "$0")/bench-functions.sh"
 source "$srcdir/test-read-lib.sh"
-requires nbdkit --version
 requires qemu-img --version
 requires_plugin file
-requires_filter sparsebackup
 
 size=$(numfmt --from=iec "${BENCH_SIZE:-4G}")
 data=$(numfmt --from=iec "${BENCH_DATA:-200M}")
@@ -40,26 +32,17 @@ PY
 echo "source: $(numfmt --to=iec $size) virtual, $(numfmt --to=iec $data) of data in $((data / chunk)) pieces"
 mk_sparse $tmp/src.img $size $layout
 
-# now: seconds since the epoch with nanoseconds.
-now () { date +%s.%N; }
-
 # time_convert NBDKIT-ARGS...: one timed qemu-img convert through a fresh
 # server; sets $secs.
 time_convert ()
 {
     start_nbdkit "$@"
     rm -f $tmp/out.img
-    local t0 t1
-    t0=$(now)
-    qemu-img convert -f raw "$uri" -O raw $tmp/out.img
-    t1=$(now)
+    secs=$(time1 qemu-img convert -f raw "$uri" -O raw $tmp/out.img)
     stop_nbdkit
     # cmp of two 4G files takes seconds: check the first copy of each kind.
     if [ "$i" -eq 0 ]; then cmp $tmp/src.img $tmp/out.img || fail "copy differs"; fi
-    secs=$(echo "$t1 - $t0" | bc -l)
 }
-
-median () { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 plain=(); filt=()
 for (( i = 0; i < runs; i++ )); do
@@ -72,5 +55,5 @@ done
 mp=$(median "${plain[@]}"); mf=$(median "${filt[@]}")
 echo "qemu-img convert without the filter: ${plain[*]}  median ${mp} s"
 echo "qemu-img convert with the filter:    ${filt[*]}  median ${mf} s"
-printf 'ratio with/without: %.3f (goal <= 0.5)\n' "$(echo "$mf / $mp" | bc -l)"
+echo "ratio with/without: $(ratio "$mf" "$mp") (goal <= 0.5)"
 echo "copy allocates $(allocated $tmp/out.img) bytes"

@@ -12,21 +12,13 @@
 #
 #   make -C bench bench        or
 #   abs_top_builddir=$PWD bash bench/bench-read-thick.sh
-set -e
-set -u
-set -o pipefail
-
-: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
-srcdir="$abs_top_srcdir/tests"
-source "$srcdir/functions.sh"
+set -euo pipefail
+source "$(dirname "$0")/bench-functions.sh"
 source "$srcdir/test-read-lib.sh"
-requires nbdkit --version
 requires nbdcopy --version
 requires_plugin file
 requires_filter stats
 requires_filter log
-requires_filter sparsebackup
 
 size=$(numfmt --from=iec "${BENCH_SIZE:-1G}")
 pct=${BENCH_DATA_PCT:-5}
@@ -46,18 +38,11 @@ data=$((ndata * chunk))
 echo "source: thick $(numfmt --to=iec $size), $(numfmt --to=iec $data) of data ($pct%) in $ndata pieces"
 mk_thick $tmp/src.img $size $layout
 
-now () { date +%s.%N; }
-median () { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-
 # copy: one timed nbdcopy from $uri; sets $secs.
 copy ()
 {
     rm -f $tmp/out.img
-    local t0 t1
-    t0=$(now)
-    nbdcopy "$uri" $tmp/out.img
-    t1=$(now)
-    secs=$(echo "$t1 - $t0" | bc -l)
+    secs=$(time1 nbdcopy "$uri" $tmp/out.img)
 }
 
 # One server per cold copy: stats above, (filter), log below.
@@ -111,9 +96,9 @@ printf '%-34s %10.3f %14s %14s\n' "with scan=always (median of $runs)" "$mf" "$(
 printf '%-34s %10.3f %14s %14s\n' "same server, 1st copy" "$w1" "" "$(h $p1)"
 printf '%-34s %10.3f %14s %14s\n' "same server, 2nd copy (map warm)" "$w2" "" "$(h $p2)"
 echo "same server, both copies: $(h $c12) to the client"
-printf 'ratio time with/without: %.3f\n' "$(echo "$mf / $mp" | bc -l)"
+echo "ratio time with/without: $(ratio "$mf" "$mp")"
 printf 'ratio bytes to client with/without: %.4f (data is %.4f of the file)\n' \
        "$(echo "$c_filt / $c_plain" | bc -l)" "$(echo "$data / $size" | bc -l)"
-printf 'ratio warm/cold copy time: %.3f\n' "$(echo "$w2 / $w1" | bc -l)"
+echo "ratio warm/cold copy time: $(ratio "$w2" "$w1")"
 echo "--- filter statistics (same server, two copies):"
 cat $tmp/sb.txt 2>/dev/null || echo "(no statsfile written)"

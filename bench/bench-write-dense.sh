@@ -8,14 +8,8 @@
 #
 #   make -C bench bench        or
 #   abs_top_builddir=$PWD bash bench/bench-write-dense.sh
-set -e
-set -u
-set -o pipefail
-
-: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
-source "$abs_top_srcdir/tests/functions.sh"
-source "$abs_top_srcdir/bench/bench-functions.sh"
+set -euo pipefail
+source "$(dirname "$0")/bench-functions.sh"
 need nbdkit nbdcopy
 requires_plugin file
 requires_filter sparsebackup

@@ -15,14 +15,8 @@
 #
 #   make -C bench bench        or
 #   abs_top_builddir=$PWD bash bench/bench-write-sparse.sh
-set -e
-set -u
-set -o pipefail
-
-: "${abs_top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
-source "$abs_top_srcdir/tests/functions.sh"
-source "$abs_top_srcdir/bench/bench-functions.sh"
+set -euo pipefail
+source "$(dirname "$0")/bench-functions.sh"
 need nbdkit nbdcopy qemu-nbd python3
 requires_plugin file
 requires_filter sparsebackup
@@ -73,28 +67,6 @@ echo "copy: nbdcopy --no-extents -S 0 (plain writes of every byte); $runs runs e
 
 copy_cmd=(nbdcopy --no-extents -S 0)
 
-# Each method: start a server on a fresh target, set $uri; stop it.
-qpid=
-start_qemu_nbd ()
-{
-    sock="$tmp/qemu.sock"
-    rm -f "$sock" "$tmp/qemu.pid"
-    qemu-nbd -f raw --discard=unmap --detect-zeroes=unmap -e 8 \
-        -k "$sock" --pid-file="$tmp/qemu.pid" --fork "$tgt"
-    qpid=$(cat "$tmp/qemu.pid")
-    cleanup_fn "kill $qpid 2>/dev/null"
-    uri="nbd+unix:///?socket=$sock"
-}
-stop_qemu_nbd ()
-{
-    kill "$qpid" 2>/dev/null || true
-    local i
-    for (( i = 0; i < 100; i++ )); do
-        kill -0 "$qpid" 2>/dev/null || break
-        sleep 0.1
-    done
-}
-
 methods=(filter plain qemu-nbd)
 declare -A label times alloc
 label[filter]="nbdkit --filter=sparsebackup file"
@@ -108,7 +80,8 @@ for (( i = 0; i < runs; i++ )); do
         case "$m" in
             filter)   start_nbdkit --filter=sparsebackup file "$tgt" ;;
             plain)    start_nbdkit file "$tgt" ;;
-            qemu-nbd) start_qemu_nbd ;;
+            qemu-nbd) start_qemu_nbd -f raw --discard=unmap \
+                          --detect-zeroes=unmap -e 8 "$tgt" ;;
         esac
         secs=$(time1 "${copy_cmd[@]}" "$src" "$uri")
         case "$m" in

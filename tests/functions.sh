@@ -17,13 +17,6 @@ set -o pipefail
 : "${abs_top_srcdir:=$abs_top_builddir}"
 export PATH="$abs_top_builddir:$PATH"
 
-# nbdsh runs "python3" from $PATH.  Where another python3 (pyenv, a venv)
-# comes first and lacks the nbd module, prefer Debian's.
-if ! python3 -c 'import nbd' 2>/dev/null &&
-        /usr/bin/python3 -c 'import nbd' 2>/dev/null; then
-    export PATH="$abs_top_builddir:/usr/bin:$PATH"
-fi
-
 # Never let the system's locale change tools' messages.
 export LC_ALL=C
 
@@ -50,6 +43,25 @@ _run_cleanup ()
 trap _run_cleanup EXIT
 trap 'exit 130' INT TERM
 
+# $nbd_python: a python3 that has libnbd's nbd module (python3-libnbd),
+# empty if there is none.  nbdsh runs "python3" from $PATH: where another
+# python3 (pyenv, a venv) comes first and lacks the module, put this one
+# first on $PATH (as $tmp/pybin/python3, so that nothing else changes).
+nbd_python=
+for _p in python3 /usr/bin/python3 /bin/python3 /usr/local/bin/python3; do
+    if _p=$(command -v "$_p") && "$_p" -c 'import nbd' >/dev/null 2>&1; then
+        nbd_python=$_p
+        break
+    fi
+done
+unset _p
+if [ -n "$nbd_python" ] &&
+        [ "$nbd_python" != "$(command -v python3 || true)" ]; then
+    mkdir -p "$tmp/pybin"
+    ln -sf "$nbd_python" "$tmp/pybin/python3"
+    export PATH="$tmp/pybin:$PATH"
+fi
+
 # Skip the test (exit 77) with a printed reason.
 skip ()
 {
@@ -74,6 +86,13 @@ requires ()
     if [ $# -gt 1 ] && ! "$@" >/dev/null 2>&1; then
         skip "'$*' failed"
     fi
+}
+
+# requires_nbdsh: skip unless nbdsh works (python3 has the nbd module).
+requires_nbdsh ()
+{
+    requires nbdsh --version
+    [ -n "$nbd_python" ] || skip "python3 cannot import nbd"
 }
 
 # requires_plugin NAME / requires_filter NAME: skip unless the nbdkit

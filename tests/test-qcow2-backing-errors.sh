@@ -4,26 +4,9 @@
 # names, unsupported formats, loops (self and two-image), a missing
 # backing file; backing=false serves such images (unallocated = zero).
 source "${srcdir:-.}/functions.sh"
-requires qemu-img --version
-requires qemu-io --version
-requires nbdcopy --version
-requires python3 --version
-requires_plugin qcow2
-
-srcdir_abs=$(cd "${srcdir:-.}" && pwd)
-craft () { python3 "$srcdir_abs/qcow2-craft.py" "$@"; }
+source "${srcdir:-.}/qcow2-lib.sh"
+requires_qcow2 nbdcopy python3
 cd "$tmp"
-
-open_error ()
-{
-    local img=$1 re=$2 rc=0
-    shift 2
-    nbdkit -U - qcow2 file="$img" "$@" --run true 2>err || rc=$?
-    if [ "$rc" -eq 0 ]; then fail "$img: accepted"; fi
-    if [ "$rc" -ge 128 ]; then cat err >&2; fail "$img: killed by a signal"; fi
-    echo "$img: $(cat err)"
-    assert_contains err "$re"
-}
 
 qemu-img create -q -f qcow2 base.qcow2 4M
 qemu-io -f qcow2 -c 'write -P 0x11 0 1M' base.qcow2 >/dev/null
@@ -37,7 +20,7 @@ open_error nofmt.qcow2 "backing file 'base.qcow2' has no recorded backing format
 # ... but backing=false serves it.
 nbdkit -U - qcow2 file=nofmt.qcow2 backing=false --run 'nbdcopy "$uri" o.raw'
 assert_eq "00 22" "$(for o in 0 $((2*1024*1024)); do
-    od -An -tx1 -j $o -N 1 o.raw; done | xargs)" "backing=false content"
+    bytes_at o.raw $o; done | xargs)" "backing=false content"
 
 # Protocol and json: names.
 cp top.qcow2 p.qcow2
@@ -55,7 +38,7 @@ cp base.qcow2 'd/a:b.qcow2'
 cp top.qcow2 c.qcow2
 qemu-img rebase -u -b 'd/a:b.qcow2' -F qcow2 c.qcow2
 nbdkit -U - qcow2 file=c.qcow2 --run 'nbdcopy "$uri" c.raw'
-assert_eq "11" "$(od -An -tx1 -j 0 -N 1 c.raw | xargs)" "a:b backing"
+assert_eq "11" "$(bytes_at c.raw 0)" "a:b backing"
 
 # Unsupported backing format.
 cp top.qcow2 f.qcow2

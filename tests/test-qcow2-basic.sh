@@ -5,16 +5,9 @@
 # `qemu-img map` (see qcow2-check.py); a few bytes are also checked
 # against the written patterns directly.
 source "${srcdir:-.}/functions.sh"
-requires qemu-img --version
-requires qemu-io --version
-requires nbdcopy --version
-requires nbdinfo --version
-requires python3 --version
-requires_plugin qcow2
+source "${srcdir:-.}/qcow2-lib.sh"
+requires_qcow2 nbdcopy nbdinfo python3
 requires_filter offset
-
-srcdir_abs=$(cd "${srcdir:-.}" && pwd)
-check () { python3 "$srcdir_abs/qcow2-check.py" --tmp "$tmp" "$@"; }
 
 for compat in 0.10 1.1; do
     for cs in 512 4k 64k 2M; do
@@ -38,13 +31,13 @@ done
 for compat in 0.10 1.1; do
     img="$tmp/v$compat-64k.qcow2"
     nbdkit -U - qcow2 file="$img" --run "nbdcopy \"\$uri\" $tmp/out.raw"
-    assert_eq "ab ab" "$(od -An -tx1 -j 65534 -N 2 "$tmp/out.raw" | xargs)" \
+    assert_eq "ab ab" "$(bytes_at "$tmp/out.raw" 65534 2)" \
         "pattern at 64K-2 ($compat)"
-    assert_eq "00" "$(od -An -tx1 -j 65536 -N 1 "$tmp/out.raw" | xargs)" \
+    assert_eq "00" "$(bytes_at "$tmp/out.raw" 65536)" \
         "zero after 64K ($compat)"
-    assert_eq "cd cd" "$(od -An -tx1 -j 1000000 -N 2 "$tmp/out.raw" | xargs)" \
+    assert_eq "cd cd" "$(bytes_at "$tmp/out.raw" 1000000 2)" \
         "unaligned write ($compat)"
-    assert_eq "77" "$(od -An -tx1 -j 8388607 -N 1 "$tmp/out.raw" | xargs)" \
+    assert_eq "77" "$(bytes_at "$tmp/out.raw" 8388607)" \
         "last byte ($compat)"
 done
 

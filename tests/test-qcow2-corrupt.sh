@@ -4,38 +4,9 @@
 # at start-up or on the read / extents request that meets the bad
 # metadata, and nbdkit never dies by a signal.
 source "${srcdir:-.}/functions.sh"
-requires qemu-img --version
-requires qemu-io --version
-requires nbdcopy --version
-requires nbdinfo --version
-requires python3 --version
-requires_plugin qcow2
-
-srcdir_abs=$(cd "${srcdir:-.}" && pwd)
-craft () { python3 "$srcdir_abs/qcow2-craft.py" "$@"; }
+source "${srcdir:-.}/qcow2-lib.sh"
+requires_qcow2 nbdcopy nbdinfo python3
 cd "$tmp"
-
-# Check the status of a command that must fail cleanly.
-failed_cleanly ()
-{
-    local rc=$1 what=$2
-    if [ "$rc" -eq 0 ]; then fail "$what: succeeded"; fi
-    if [ "$rc" -ge 128 ]; then cat err >&2; fail "$what: killed by a signal"; fi
-    if grep -E -q 'Sanitizer|runtime error|Assertion|core dumped' err; then
-        cat err >&2; fail "$what: crash report"
-    fi
-}
-
-# open_error IMAGE REGEXP [PARAMS...]: nbdkit refuses to start.
-open_error ()
-{
-    local img=$1 re=$2 rc=0
-    shift 2
-    nbdkit -U - qcow2 file="$img" "$@" --run true 2>err || rc=$?
-    failed_cleanly $rc "open $img"
-    echo "$img: $(cat err)"
-    assert_contains err "$re"
-}
 
 # read_error IMAGE REGEXP [nomap]: starts, but reading and mapping the
 # disk fail with the message (with nomap, only reading: the data of

@@ -4,21 +4,18 @@
 # right content; the plugin is read-only and advertises multi-conn,
 # extents and the cluster size as preferred block size; -D qcow2.verbose.
 source "${srcdir:-.}/functions.sh"
-requires qemu-img --version
-requires qemu-io --version
-requires nbdcopy --version
-requires nbdinfo --version
-requires_plugin qcow2
+source "${srcdir:-.}/qcow2-lib.sh"
+requires_qcow2 nbdcopy nbdinfo
 cd "$tmp"
 
+# bad REGEXP PARAMS...: nbdkit qcow2 PARAMS refuses to start (cleanly),
+# with a message matching REGEXP.
 bad ()
 {
     local re=$1 rc=0
     shift
     nbdkit -U - qcow2 "$@" --run true 2>err || rc=$?
-    if [ "$rc" -eq 0 ] || [ "$rc" -ge 128 ]; then
-        cat err >&2; fail "qcow2 $*: status $rc"
-    fi
+    failed_cleanly $rc "qcow2 $*"
     echo "$*: $(cat err)"
     assert_contains err "$re"
 }

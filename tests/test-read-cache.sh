@@ -10,13 +10,10 @@
 # the filter's statistics say.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires_nbdsh
 requires_plugin file
 requires_filter log
-requires_filter sparsebackup
 
-K=1024; M=$((1024 * 1024))
 size=$((8 * M))
 layout="$M:$((64 * K)) $((3 * M)):$((128 * K)) $((5 * M + 64 * K)):$((64 * K)) $((7 * M)):$((64 * K))"
 mk_thick $tmp/thick.img $size $layout

@@ -4,34 +4,15 @@
 #   source "${srcdir:-.}/functions.sh"
 #   source "${srcdir:-.}/test-read-lib.sh"
 #
-# Not a test itself (it is only in EXTRA_DIST).
+# Not a test itself (it is only in EXTRA_DIST).  (requires_nbdsh, the
+# python3 that has the nbd module, data_bytes and allocated are in
+# functions.sh.)
 
-# nbdsh is "python3 -mnbd": the first python3 on $PATH must have the libnbd
-# bindings.  When a private Python (pyenv, venv) comes first, fall back to
-# the system interpreter that python3-libnbd was installed for.
-_read_fix_nbdsh ()
-{
-    python3 -c 'import nbd' 2>/dev/null && return 0
-    local p
-    for p in /usr/bin/python3 /bin/python3; do
-        if [ -x "$p" ] && "$p" -c 'import nbd' 2>/dev/null; then
-            mkdir -p "$tmp/pybin"
-            ln -sf "$p" "$tmp/pybin/python3"
-            PATH="$tmp/pybin:$PATH"
-            export PATH
-            return 0
-        fi
-    done
-    return 0
-}
-_read_fix_nbdsh
+# Every read-side test (and bench-read-*.sh) needs nbdkit and the filter.
+requires nbdkit --version
+requires_filter sparsebackup
 
-# requires_nbdsh: skip unless nbdsh works (with base:allocation).
-requires_nbdsh ()
-{
-    requires nbdsh --version
-    python3 -c 'import nbd' 2>/dev/null || skip "python3 cannot import nbd"
-}
+K=1024; M=$((1024 * 1024))
 
 # mk_sparse FILE SIZE [OFF:LEN ...]: a sparse file of SIZE bytes whose
 # only data (pseudo-random, the same for the same offset, no all-zero 512-byte piece) is at the given ranges;

@@ -11,14 +11,11 @@
 # log shows no Read touching a zero region.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires nbdinfo --version
 requires_nbdsh
 requires_plugin file
 requires_filter log
-requires_filter sparsebackup
 
-K=1024; M=$((1024 * 1024))
 size=$((4 * M))
 layout="$((128 * K)):$((64 * K)) $M:$((256 * K)) $((3 * M + 64 * K)):$((64 * K))"
 mk_sparse $tmp/sparse.img $size $layout

@@ -9,13 +9,10 @@
 # - qemu-img map through the filter shows the exact zero/data layout.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires qemu-img --version
 requires_plugin file
 requires_filter stats
-requires_filter sparsebackup
 
-K=1024; M=$((1024 * 1024))
 size=$((16 * M))
 layout="$((64 * K)):$((64 * K)) $((3 * M)):$((512 * K)) $((7 * M + 4 * K)):$((8 * K)) $((12 * M)):$((1 * M)) $((size - 128 * K)):$((128 * K))"
 data=$((64 * K + 512 * K + 8 * K + M + 128 * K))

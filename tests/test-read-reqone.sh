@@ -5,16 +5,12 @@
 # The checks are in test-read-reqone.c.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires_plugin file
 requires_filter noextents
-requires_filter sparsebackup
 
 prog=./test-read-reqone
 [ -x $prog ] || prog="$abs_top_builddir/tests/test-read-reqone"
 [ -x $prog ] || skip "test-read-reqone is not built (run make check)"
-
-K=1024; M=$((1024 * 1024))
 
 # run_case NAME SIZE LAYOUT NBDKIT-ARGS...
 run_case ()

@@ -15,15 +15,11 @@
 # wrapper preloads libasan into nbdkit, and dd aborts under it.)
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires nbdinfo --version
 requires_nbdsh
 requires dd --version
 requires_plugin eval
 requires_plugin file
-requires_filter sparsebackup
-
-K=1024; M=$((1024 * 1024))
 
 # ---- Part 1
 size=$M

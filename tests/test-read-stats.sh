@@ -14,14 +14,11 @@
 # The filter's own statistics agree.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
-requires nbdkit --version
 requires nbdcopy --version
 requires_plugin file
 requires_filter stats
 requires_filter log
-requires_filter sparsebackup
 
-K=1024; M=$((1024 * 1024))
 size=$((32 * M))
 layout="$M:$((256 * K)) $((9 * M)):$((256 * K)) $((20 * M + 64 * K)):$((256 * K)) $((size - 256 * K)):$((256 * K))"
 data=$M

@@ -10,26 +10,15 @@
 #   ...
 #   EOF
 
-# requires_nbdpy: find a python3 that has libnbd's nbd module.  nbdsh
-# runs `python3 -m nbd` with whatever python3 comes first on $PATH, which
-# may be a python (pyenv, virtualenv) without the module: put the right
-# one first on $PATH for this test.  Also writes the helper module wlib.py
+# requires_nbdpy: skip unless there is a python3 that has libnbd's nbd
+# module (functions.sh finds it, $nbd_python, and puts it first on $PATH
+# as python3); set $nbdpy to it.  Also writes the helper module wlib.py
 # into $tmp and puts $tmp on PYTHONPATH.
 requires_nbdpy ()
 {
-    local p found=
-    for p in python3 /usr/bin/python3 /usr/local/bin/python3; do
-        if command -v "$p" >/dev/null 2>&1 &&
-           "$p" -c 'import nbd' >/dev/null 2>&1; then
-            found=$(command -v "$p")
-            break
-        fi
-    done
-    [ -n "$found" ] || skip "no python3 with libnbd's nbd module (python3-libnbd)"
-    nbdpy="$found"
-    mkdir -p "$tmp/pybin"
-    ln -sf "$nbdpy" "$tmp/pybin/python3"
-    export PATH="$tmp/pybin:$PATH"
+    [ -n "$nbd_python" ] ||
+        skip "no python3 with libnbd's nbd module (python3-libnbd)"
+    nbdpy="$nbd_python"
     export PYTHONPATH="$tmp${PYTHONPATH:+:$PYTHONPATH}"
     export PYTHONDONTWRITEBYTECODE=1
     _write_wlib > "$tmp/wlib.py"

@@ -1,0 +1,70 @@
+# Helpers shared by the qcow2 plugin tests (tests/test-qcow2-*.sh).
+# Source it after functions.sh:
+#
+#   source "${srcdir:-.}/functions.sh"
+#   source "${srcdir:-.}/qcow2-lib.sh"
+#   requires_qcow2                  # qemu-img, qemu-io, the qcow2 plugin
+#
+# Not a test itself (it is only in EXTRA_DIST).  The helpers that write
+# a file (err) write it in the current directory: the tests
+# cd "$tmp" first.
+
+# The directory of qcow2-check.py / qcow2-craft.py, absolute, so that
+# the tests may cd elsewhere.
+qcow2_srcdir=$(cd "${srcdir:-.}" && pwd)
+
+# requires_qcow2 [CMD...]: skip unless qemu-img, qemu-io, each CMD (e.g.
+# nbdcopy, nbdinfo, python3) and nbdkit's qcow2 plugin are available.
+requires_qcow2 ()
+{
+    local c
+    for c in qemu-img qemu-io "$@"; do
+        requires "$c" --version
+    done
+    requires_plugin qcow2
+}
+
+# check IMAGE [ARGS...]: the plugin's content and map of IMAGE equal
+# qemu's (see qcow2-check.py for the options).
+check ()
+{
+    python3 "$qcow2_srcdir/qcow2-check.py" --tmp "$tmp" "$@"
+}
+
+# craft IMAGE OP ARGS...: patch IMAGE in place (see qcow2-craft.py).
+craft ()
+{
+    python3 "$qcow2_srcdir/qcow2-craft.py" "$@"
+}
+
+# bytes_at FILE OFFSET [COUNT]: the COUNT (default 1) bytes of FILE at
+# OFFSET in hex, separated by spaces ("ab cd").
+bytes_at ()
+{
+    od -An -tx1 -j "$2" -N "${3:-1}" "$1" | xargs
+}
+
+# failed_cleanly STATUS WHAT: a command that must fail (its stderr in
+# ./err) failed with status STATUS, not by a signal and without a crash
+# report from the sanitizers or an assertion.
+failed_cleanly ()
+{
+    local rc=$1 what=$2
+    if [ "$rc" -eq 0 ]; then fail "$what: succeeded"; fi
+    if [ "$rc" -ge 128 ]; then cat err >&2; fail "$what: killed by a signal"; fi
+    if grep -E -q 'Sanitizer|runtime error|Assertion|core dumped' err; then
+        cat err >&2; fail "$what: crash report"
+    fi
+}
+
+# open_error IMAGE REGEXP [PARAMS...]: nbdkit qcow2 file=IMAGE PARAMS
+# refuses to start (cleanly), with a message matching REGEXP.
+open_error ()
+{
+    local img=$1 re=$2 rc=0
+    shift 2
+    nbdkit -U - qcow2 file="$img" "$@" --run true 2>err || rc=$?
+    failed_cleanly $rc "open $img"
+    echo "$img: $(cat err)"
+    assert_contains err "$re"
+}
