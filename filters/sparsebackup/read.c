@@ -178,6 +178,13 @@ sb_extents (nbdkit_next *next, void *handle,
     if (run == 0)               /* cannot happen below the size */
       break;
 
+    /* REQ_ONE: one extent is answered; do not ask the plugin or scan
+     * for a second one the client will not see.
+     */
+    if (req_one && first_type != -1 &&
+        (st == BM_UNKNOWN || (st == BM_ALLOCATED && scan_allocated)))
+      break;
+
     if (st == BM_UNKNOWN && can_extents && pos >= queried_end) {
       if (query_plugin (next, ex, pos, end, &queried_end, err) == -1)
         return -1;

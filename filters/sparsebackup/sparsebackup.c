@@ -46,7 +46,8 @@ struct sb_stats stats;
  * stay alive until their last connection closes.
  */
 static pthread_mutex_t exports_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct sb_export *exports = NULL;
+static struct sb_export *exports = NULL;  /* all maps, retired ones too */
+static uint64_t export_clock = 0;         /* for least recently used */
 
 /* ---- Configuration ---------------------------------------------------- */
 
@@ -331,21 +332,101 @@ export_free (struct sb_export *ex)
   free (ex);
 }
 
+/* Drop a reference (exports_lock held).  A retired map is freed with its
+ * last reference; others stay for later connections.
+ */
+static void
+export_unref (struct sb_export *ex)
+{
+  struct sb_export **pp;
+
+  ex->refs--;
+  if (!ex->retired || ex->refs > 0)
+    return;
+  for (pp = &exports; *pp != NULL; pp = &(*pp)->next) {
+    if (*pp == ex) {
+      *pp = ex->next;
+      break;
+    }
+  }
+  export_free (ex);
+}
+
 static void
 sparsebackup_close (void *handle)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
 
-  if (ex) {
+  if (h->ex) {
     pthread_mutex_lock (&exports_lock);
-    ex->refs--;
-    if (ex->retired && ex->refs == 0)
-      export_free (ex);
+    export_unref (h->ex);
     pthread_mutex_unlock (&exports_lock);
   }
   free (h->exportname);
   free (h);
+}
+
+/* ---- Changes: every map sees every change ----------------------------
+ *
+ * The plugin may serve one disk under several export names (most plugins
+ * ignore the name), and a disk that changed size has an old map still in
+ * use by old connections.  A write, trim or zero through any of them can
+ * change what another map describes, so every change is applied to every
+ * map in the list: writes and trims clear zero state (rounded outward)
+ * and are recorded as in flight in every map before they are issued, and
+ * every scan cache drops the range.  Zero knowledge is only ever learnt
+ * by the map of the connection that saw it.
+ */
+
+void
+change_begin (struct sb_change *c, struct sb_export *own,
+              uint64_t offset, uint64_t count,
+              bool track, enum bm_state newstate)
+{
+  struct sb_export *ex;
+
+  c->n = 0;
+  c->track = track;
+  pthread_mutex_lock (&exports_lock);
+  for (ex = exports; ex != NULL && c->n < MAX_EXPORTS; ex = ex->next) {
+    ex->refs++;
+    c->e[c->n].ex = ex;
+    c->e[c->n].sc_ticket =
+      ex->sc ? scancache_invalidate_begin (ex->sc, offset, count) : 0;
+    c->e[c->n].bm_ticket =
+      track ? blockmap_write_begin (ex->bm, offset, count,
+                                    ex == own ? newstate : BM_UNKNOWN) : 0;
+    c->n++;
+  }
+  pthread_mutex_unlock (&exports_lock);
+}
+
+void
+change_end (struct sb_change *c, bool ok)
+{
+  unsigned i;
+
+  for (i = 0; i < c->n; ++i) {
+    struct sb_export *ex = c->e[i].ex;
+    if (c->track)
+      blockmap_write_end (ex->bm, c->e[i].bm_ticket, ok);
+    if (ex->sc)
+      scancache_invalidate_end (ex->sc, c->e[i].sc_ticket);
+  }
+  pthread_mutex_lock (&exports_lock);
+  for (i = 0; i < c->n; ++i)
+    export_unref (c->e[i].ex);
+  pthread_mutex_unlock (&exports_lock);
+  c->n = 0;
+}
+
+void
+change_forget (struct sb_change *c, uint64_t offset, uint64_t count)
+{
+  unsigned i;
+
+  for (i = 0; i < c->n; ++i)
+    blockmap_forget (c->e[i].ex->bm, offset, count);
 }
 
 /* The block size of the map for this plugin. */
@@ -402,21 +483,51 @@ sparsebackup_prepare (nbdkit_next *next, void *handle, int readonly)
 
   pthread_mutex_lock (&exports_lock);
   for (pp = &exports; (ex = *pp) != NULL; pp = &ex->next) {
-    if (strcmp (ex->name, h->exportname) == 0) {
+    if (!ex->retired && strcmp (ex->name, h->exportname) == 0) {
       if (ex->size == (uint64_t) size && ex->blksize == blksize)
         goto found;
       /* The export changed size (or the plugin its preferred block
-       * size): retire the old map, connections using it keep it.
+       * size): retire the old map.  Connections using it keep it, and it
+       * stays in the list until they close so that it sees every change.
        */
       VERBOSE ("export '%s' changed from size %" PRIu64 ", block size "
                "%" PRIu32 " to size %" PRIi64 ", block size %" PRIu32
                ": new map", ex->name, ex->size, ex->blksize, size, blksize);
-      *pp = ex->next;
       ex->retired = true;
-      if (ex->refs == 0)
+      if (ex->refs == 0) {
+        *pp = ex->next;
         export_free (ex);
+      }
       break;
     }
+  }
+
+  /* Bound the number of maps (and of scan caches): forget the least
+   * recently used map that no connection uses; refuse when all are busy.
+   */
+  for (;;) {
+    struct sb_export **victim = NULL;
+    unsigned n = 0;
+
+    for (pp = &exports; (ex = *pp) != NULL; pp = &ex->next) {
+      n++;
+      if (ex->refs == 0 &&
+          (victim == NULL || ex->last_used < (*victim)->last_used))
+        victim = pp;
+    }
+    if (n < MAX_EXPORTS)
+      break;
+    if (victim == NULL) {
+      nbdkit_error ("sparsebackup: cannot serve export '%s': %d export "
+                    "maps are in use at once (the limit)",
+                    h->exportname, MAX_EXPORTS);
+      errno = EBUSY;
+      goto out;
+    }
+    ex = *victim;
+    *victim = ex->next;
+    VERBOSE ("export '%s': map dropped (least recently used)", ex->name);
+    export_free (ex);
   }
 
   ex = calloc (1, sizeof *ex);
@@ -448,6 +559,7 @@ sparsebackup_prepare (nbdkit_next *next, void *handle, int readonly)
 
  found:
   ex->refs++;
+  ex->last_used = ++export_clock;
   h->ex = ex;
   r = 0;
   goto out;

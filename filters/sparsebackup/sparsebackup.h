@@ -70,9 +70,40 @@ struct sb_export {
   uint32_t scan_chunk;          /* bytes per scanning read */
   struct blockmap *bm;
   struct scancache *sc;         /* NULL if sparsebackup-scan-cache=0 */
-  unsigned refs;                /* connections using it (global lock) */
+  unsigned refs;                /* connections and changes using it */
   bool retired;                 /* replaced by a map of another size */
+  uint64_t last_used;           /* export_clock at the last connection */
 };
+
+/* At most this many maps (export names, plus retired maps still in use)
+ * exist at once.
+ */
+#define MAX_EXPORTS 16
+
+/* A change (write, trim, zero) as seen by every map; see sparsebackup.c. */
+struct sb_change {
+  unsigned n;
+  bool track;
+  struct {
+    struct sb_export *ex;
+    uint64_t bm_ticket;
+    uint64_t sc_ticket;
+  } e[MAX_EXPORTS];
+};
+
+/* Before a change of [OFFSET, OFFSET+COUNT) through export OWN: every scan
+ * cache drops the range; if TRACK, every map also clears its zero state
+ * and records the change as in flight (OWN's blocks become NEWSTATE, the
+ * others' BM_UNKNOWN).  After it, change_end with OK = false if it failed
+ * (tracked blocks become unknown).  change_forget makes a range unknown
+ * in every map (a failed untracked change, such as a zero request).
+ */
+extern void change_begin (struct sb_change *c, struct sb_export *own,
+                          uint64_t offset, uint64_t count,
+                          bool track, enum bm_state newstate);
+extern void change_end (struct sb_change *c, bool ok);
+extern void change_forget (struct sb_change *c,
+                           uint64_t offset, uint64_t count);
 
 /* Per-connection handle. */
 struct sb_handle {

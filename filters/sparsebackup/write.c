@@ -7,11 +7,12 @@
  * never costs more plugin calls than it has runs.
  *
  * Map protocol (shared/notes/nbd-sparseness-rules.md):
- *  - writes and trims: blockmap_write_begin before, blockmap_write_end
- *    after (a failed request leaves its blocks unknown);
- *  - zero requests: snapshot before, blockmap_learn_zero (inward) after
- *    success, blockmap_forget on failure.
- * The scan cache is invalidated before any of them is issued.
+ *  - writes and trims: change_begin (tracked) before, change_end after,
+ *    in every map (a failed request leaves its blocks unknown);
+ *  - zero requests: snapshot before, blockmap_learn_zero (inward) in the
+ *    connection's own map after success, change_forget (every map) on
+ *    failure.
+ * Every scan cache drops the range before any of them is issued.
  */
 
 #include <config.h>
@@ -33,19 +34,6 @@
  */
 #define ZERO_BUF_SIZE (1024 * 1024)
 static char zero_buf[ZERO_BUF_SIZE];
-
-static uint64_t
-cache_begin (struct sb_export *ex, uint64_t offset, uint64_t count)
-{
-  return ex->sc ? scancache_invalidate_begin (ex->sc, offset, count) : 0;
-}
-
-static void
-cache_end (struct sb_export *ex, uint64_t ticket)
-{
-  if (ex->sc)
-    scancache_invalidate_end (ex->sc, ticket);
-}
 
 /* Flush if the plugin can: durability owed for a FUA request whose
  * pieces did not all carry FUA.
@@ -70,20 +58,22 @@ write_data (nbdkit_next *next, struct sb_export *ex,
             const void *buf, uint32_t count, uint64_t offset,
             uint32_t flags, int *err)
 {
-  uint64_t ticket;
+  struct sb_change c;
   int r;
 
-  ticket = blockmap_write_begin (ex->bm, offset, count, BM_DATA);
+  change_begin (&c, ex, offset, count, true, BM_DATA);
   r = next->pwrite (next, buf, count, offset, flags, err);
-  blockmap_write_end (ex->bm, ticket, r == 0);
+  change_end (&c, r == 0);
   if (r == 0)
     STAT_ADD (write_data_bytes, count);
   return r;
 }
 
-/* A zero request passed to the plugin (next->can_zero > NONE). */
+/* A zero request passed to the plugin (next->can_zero > NONE).  C is
+ * the caller's untracked change covering the range.
+ */
 static int
-zero_request (nbdkit_next *next, struct sb_export *ex,
+zero_request (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
               uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   uint64_t snap;
@@ -97,8 +87,10 @@ zero_request (nbdkit_next *next, struct sb_export *ex,
   }
   else if (!((flags & NBDKIT_FLAG_FAST_ZERO) &&
              (*err == ENOTSUP || *err == EOPNOTSUPP)))
-    /* Failed: contents undefined (a fast-zero refusal changed nothing). */
-    blockmap_forget (ex->bm, offset, count);
+    /* Failed: contents undefined (a fast-zero refusal changed nothing),
+     * in every map that may describe the same disk.
+     */
+    change_forget (c, offset, count);
   return r;
 }
 
@@ -107,6 +99,7 @@ enum piece_kind { PIECE_NONE, PIECE_DATA, PIECE_ZERO, PIECE_SKIP };
 struct split {
   nbdkit_next *next;
   struct sb_export *ex;
+  struct sb_change *change;     /* untracked change of the whole write */
   const char *buf;
   uint64_t offset;              /* disk offset of buf[0] */
   uint32_t piece_flags;         /* FUA or 0 */
@@ -132,7 +125,7 @@ issue (struct split *s, int *err)
     s->data_pieces++;
     break;
   case PIECE_ZERO:
-    r = zero_request (s->next, s->ex, s->len, off,
+    r = zero_request (s->next, s->ex, s->change, s->len, off,
                       s->zero_flags | s->piece_flags, err);
     if (r == 0)
       STAT_ADD (write_zero_bytes, s->len);
@@ -175,14 +168,15 @@ sb_pwrite (nbdkit_next *next, void *handle,
   struct sb_handle *h = handle;
   struct sb_export *ex = h->ex;
   const bool fua = flags & NBDKIT_FLAG_FUA;
-  uint64_t cticket;
+  struct sb_change c;
   int can_fua, can_zero;
   struct split s;
   size_t pos, len;
   bool zero;
   int r = -1;
 
-  cticket = cache_begin (ex, offset, count);
+  /* Scan caches drop the range first; the pieces track themselves. */
+  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
 
   if (cfg_detect_zeroes == DZ_OFF || count == 0) {
     r = write_data (next, ex, buf, count, offset, flags, err);
@@ -206,6 +200,7 @@ sb_pwrite (nbdkit_next *next, void *handle,
   memset (&s, 0, sizeof s);
   s.next = next;
   s.ex = ex;
+  s.change = &c;
   s.buf = buf;
   s.offset = offset;
   s.kind = PIECE_NONE;
@@ -219,13 +214,16 @@ sb_pwrite (nbdkit_next *next, void *handle,
         goto out;
     }
     else {
-      /* A zero run is skipped if every block it touches is known zero,
-       * else zeroed with one request (or written, if the plugin has no
-       * native zero: a zero request would become the same write anyway).
+      /* A zero run is skipped if every block it touches is known zero
+       * (only under detect-zeroes=unmap: "on" promises allocation, which
+       * a known-zero hole does not have), else zeroed with one request
+       * (or written, if the plugin has no native zero: a zero request
+       * would become the same write anyway).
        */
       enum piece_kind k;
 
-      if (blockmap_is_zero (ex->bm, offset + pos, len))
+      if (cfg_detect_zeroes == DZ_UNMAP &&
+          blockmap_is_zero (ex->bm, offset + pos, len))
         k = PIECE_SKIP;
       else if (can_zero == NBDKIT_ZERO_NATIVE)
         k = PIECE_ZERO;
@@ -249,7 +247,7 @@ sb_pwrite (nbdkit_next *next, void *handle,
   r = 0;
 
  out:
-  cache_end (ex, cticket);
+  change_end (&c, true);
   return r;
 }
 
@@ -257,7 +255,7 @@ sb_pwrite (nbdkit_next *next, void *handle,
  * not known to be zero already (all of it if PROVISION).
  */
 static int
-emulate_zero (nbdkit_next *next, struct sb_export *ex,
+emulate_zero (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
               uint32_t count, uint64_t offset, uint32_t flags,
               bool provision, int *err)
 {
@@ -293,7 +291,7 @@ emulate_zero (nbdkit_next *next, struct sb_export *ex,
       uint64_t snap = blockmap_snapshot (ex->bm);
 
       if (next->pwrite (next, zero_buf, n, pos, wflags, err) == -1) {
-        blockmap_forget (ex->bm, pos, n);
+        change_forget (c, pos, n);
         return -1;
       }
       blockmap_learn_zero (ex->bm, snap, pos, n);
@@ -323,7 +321,7 @@ sb_zero (nbdkit_next *next, void *handle,
   const bool provision =
     !(flags & NBDKIT_FLAG_MAY_TRIM) && cfg_no_hole == NH_HONOUR;
   uint32_t zflags;
-  uint64_t cticket;
+  struct sb_change c;
   int can_zero, r;
 
   if (!provision && blockmap_is_zero (ex->bm, offset, count)) {
@@ -361,18 +359,18 @@ sb_zero (nbdkit_next *next, void *handle,
   if ((flags & NBDKIT_FLAG_MAY_TRIM) || cfg_no_hole == NH_IGNORE)
     zflags |= NBDKIT_FLAG_MAY_TRIM;
 
-  cticket = cache_begin (ex, offset, count);
+  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
   if (can_zero > NBDKIT_ZERO_NONE) {
     VERBOSE ("zero %" PRIu32 "@%" PRIu64 ": passed down%s%s%s",
              count, offset,
              zflags & NBDKIT_FLAG_MAY_TRIM ? " may_trim" : "",
              zflags & NBDKIT_FLAG_FUA ? " fua" : "",
              zflags & NBDKIT_FLAG_FAST_ZERO ? " fast" : "");
-    r = zero_request (next, ex, count, offset, zflags, err);
+    r = zero_request (next, ex, &c, count, offset, zflags, err);
   }
   else
-    r = emulate_zero (next, ex, count, offset, flags, provision, err);
-  cache_end (ex, cticket);
+    r = emulate_zero (next, ex, &c, count, offset, flags, provision, err);
+  change_end (&c, true);
   return r;
 }
 
@@ -382,15 +380,13 @@ sb_trim (nbdkit_next *next, void *handle,
 {
   struct sb_handle *h = handle;
   struct sb_export *ex = h->ex;
-  uint64_t cticket, ticket;
+  struct sb_change c;
   int r;
 
   /* A trim leaves the contents undefined: never known zero. */
-  cticket = cache_begin (ex, offset, count);
-  ticket = blockmap_write_begin (ex->bm, offset, count, BM_UNKNOWN);
+  change_begin (&c, ex, offset, count, true, BM_UNKNOWN);
   r = next->trim (next, count, offset, flags, err);
-  blockmap_write_end (ex->bm, ticket, r == 0);
-  cache_end (ex, cticket);
+  change_end (&c, r == 0);
   VERBOSE ("trim %" PRIu32 "@%" PRIu64 ": passed down, blocks unknown",
            count, offset);
   return r;
