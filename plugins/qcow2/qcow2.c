@@ -27,6 +27,7 @@
 
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "qcow2.h"
 
@@ -64,9 +65,6 @@
 /* L2 tables are cached in slices of at most this many bytes. */
 #define MAX_SLICE_BYTES 4096
 
-/* zstd frames may not ask for a larger window (bounds memory). */
-#define ZSTD_WINDOW_LOG_MAX 22
-
 struct err {
   char *buf;
   size_t len;
@@ -75,19 +73,39 @@ struct err {
 /* One cached slice of an L2 table (entries in host byte order). */
 struct l2slot {
   uint64_t key;                 /* host offset of the slice */
-  uint64_t stamp;               /* LRU clock at last use */
   int32_t next;                 /* next slot in the hash chain, -1 = end */
-  uint64_t *data;               /* NULL = slot unused */
+  int32_t newer, older;         /* LRU list neighbours, -1 = none */
+  uint64_t *data;               /* NULL = slot never used */
 };
 
+/* The slots are used in order (0 .. nused-1), then the least recently
+ * used one is recycled: lookups, hits and evictions are O(1) whatever
+ * the cache size, so the lock is held for a few dozen instructions plus
+ * the copy of the entries asked for.
+ */
 struct l2cache {
   pthread_mutex_t lock;
   uint32_t nslots;
+  uint32_t nused;
   uint32_t nbuckets;            /* power of 2 */
   struct l2slot *slots;
   int32_t *buckets;
-  uint64_t clock;
+  int32_t newest, oldest;       /* LRU list ends, -1 = empty */
   uint64_t hits, misses;
+};
+
+/* Scratch space for reading compressed clusters.  Each request that
+ * meets compressed clusters takes one from the pool of its layer and
+ * gives it back at the end, so the buffers and decompression contexts
+ * are reused instead of being set up again for every request.
+ */
+struct scratch {
+  struct scratch *next;         /* in the pool */
+  uint8_t *cbuf;                /* compressed data (2 clusters) */
+  uint8_t *obuf;                /* one cluster, for partial reads; lazy */
+  ZSTD_DCtx *zctx;              /* lazy */
+  z_stream zs;
+  bool zs_ok;                   /* zs initialized */
 };
 
 struct layer {
@@ -115,6 +133,10 @@ struct layer {
   char *data_name;
   bool cache_ok;
   struct l2cache cache;
+  bool pool_ok;                 /* pool_lock initialized */
+  pthread_mutex_t pool_lock;
+  struct scratch *pool;         /* free scratch spaces */
+  uint32_t pool_n, pool_max;
 
   struct layer *backing;
 };
@@ -385,6 +407,7 @@ cache_init (struct l2cache *c, uint64_t bytes, uint32_t slice_bytes)
   if (n > (UINT32_C(1) << 20))
     n = UINT32_C(1) << 20;
   c->nslots = n;
+  c->nused = 0;
   c->nbuckets = 1;
   while (c->nbuckets < c->nslots)
     c->nbuckets <<= 1;
@@ -397,9 +420,7 @@ cache_init (struct l2cache *c, uint64_t bytes, uint32_t slice_bytes)
   }
   for (i = 0; i < c->nbuckets; ++i)
     c->buckets[i] = -1;
-  for (i = 0; i < c->nslots; ++i)
-    c->slots[i].next = -1;
-  c->clock = 0;
+  c->newest = c->oldest = -1;
   c->hits = c->misses = 0;
   if (pthread_mutex_init (&c->lock, NULL) != 0) {
     free (c->slots);
@@ -414,7 +435,7 @@ cache_free (struct l2cache *c)
 {
   uint32_t i;
 
-  for (i = 0; i < c->nslots; ++i)
+  for (i = 0; i < c->nused; ++i)
     free (c->slots[i].data);
   free (c->slots);
   free (c->buckets);
@@ -428,54 +449,91 @@ cache_bucket (const struct l2cache *c, uint64_t key)
     & (c->nbuckets - 1);
 }
 
-/* Called with the lock held. */
+/* The LRU list (called with the lock held). */
+static void
+lru_unlink (struct l2cache *c, int32_t i)
+{
+  struct l2slot *s = &c->slots[i];
+
+  if (s->newer != -1)
+    c->slots[s->newer].older = s->older;
+  else
+    c->newest = s->older;
+  if (s->older != -1)
+    c->slots[s->older].newer = s->newer;
+  else
+    c->oldest = s->newer;
+}
+
+static void
+lru_push (struct l2cache *c, int32_t i)
+{
+  struct l2slot *s = &c->slots[i];
+
+  s->newer = -1;
+  s->older = c->newest;
+  if (c->newest != -1)
+    c->slots[c->newest].newer = i;
+  else
+    c->oldest = i;
+  c->newest = i;
+}
+
+/* Find KEY and make it the most recently used (lock held). */
 static struct l2slot *
 cache_find (struct l2cache *c, uint64_t key)
 {
   int32_t i;
 
-  for (i = c->buckets[cache_bucket (c, key)]; i != -1; i = c->slots[i].next)
-    if (c->slots[i].data && c->slots[i].key == key)
+  for (i = c->buckets[cache_bucket (c, key)]; i != -1; i = c->slots[i].next) {
+    if (c->slots[i].key == key) {
+      if (c->newest != i) {
+        lru_unlink (c, i);
+        lru_push (c, i);
+      }
       return &c->slots[i];
+    }
+  }
   return NULL;
 }
 
-/* Called with the lock held.  Takes ownership of DATA. */
+/* Store the slice KEY (SLICE_BYTES bytes at DATA) in a free or recycled
+ * slot (lock held).  Return NULL if out of memory.
+ */
 static struct l2slot *
-cache_insert (struct l2cache *c, uint64_t key, uint64_t *data)
+cache_insert (struct l2cache *c, uint64_t key, const uint64_t *data,
+              uint32_t slice_bytes)
 {
-  uint32_t i, victim = 0;
-  uint64_t oldest = UINT64_MAX;
   struct l2slot *s;
+  int32_t victim;
   int32_t *pp;
 
-  for (i = 0; i < c->nslots; ++i) {
-    if (c->slots[i].data == NULL) {
-      victim = i;
-      break;
-    }
-    if (c->slots[i].stamp < oldest) {
-      oldest = c->slots[i].stamp;
-      victim = i;
-    }
+  if (c->nused < c->nslots) {
+    victim = c->nused;
+    s = &c->slots[victim];
+    s->data = malloc (slice_bytes);
+    if (s->data == NULL)
+      return NULL;
+    c->nused++;
   }
-  s = &c->slots[victim];
-  if (s->data) {
-    /* Unlink the evicted slice from its hash chain. */
+  else {
+    victim = c->oldest;
+    s = &c->slots[victim];
+    /* Unlink the evicted slice from its hash chain and the LRU list. */
     for (pp = &c->buckets[cache_bucket (c, s->key)]; *pp != -1;
          pp = &c->slots[*pp].next) {
-      if (*pp == (int32_t) victim) {
+      if (*pp == victim) {
         *pp = s->next;
         break;
       }
     }
-    free (s->data);
+    lru_unlink (c, victim);
   }
   s->key = key;
-  s->data = data;
-  s->stamp = ++c->clock;
+  memcpy (s->data, data, slice_bytes);
   s->next = c->buckets[cache_bucket (c, key)];
   c->buckets[cache_bucket (c, key)] = victim;
+  lru_push (c, victim);
   return s;
 }
 
@@ -494,14 +552,12 @@ l2_get (struct layer *l, uint64_t l2off, uint32_t idx, uint32_t n,
   size_t words = (size_t) n * l->entry_words;
   size_t skip = (size_t) first * l->entry_words;
   struct l2slot *s;
-  uint64_t *data;
-  uint8_t *raw;
+  uint64_t data[MAX_SLICE_BYTES / 8];
   uint32_t i;
 
   pthread_mutex_lock (&c->lock);
   s = cache_find (c, key);
   if (s) {
-    s->stamp = ++c->clock;
     c->hits++;
     memcpy (out, s->data + skip, words * sizeof (uint64_t));
     pthread_mutex_unlock (&c->lock);
@@ -516,27 +572,18 @@ l2_get (struct layer *l, uint64_t l2off, uint32_t idx, uint32_t n,
             "the end of the file (size 0x%" PRIx64 ")", l2off, l->io.size);
     return -1;
   }
-  data = malloc (l->slice_bytes);
-  if (data == NULL) {
-    seterr (e, l->name, "out of memory");
+  if (io_read (&l->io, l->name, data, l->slice_bytes, key, e) == -1)
     return -1;
-  }
-  if (io_read (&l->io, l->name, data, l->slice_bytes, key, e) == -1) {
-    free (data);
-    return -1;
-  }
-  raw = (uint8_t *) data;
   for (i = 0; i < l->slice_bytes / 8; ++i)
-    data[i] = be64 (raw + 8 * i);
+    data[i] = be64 ((const uint8_t *) &data[i]);
+  memcpy (out, data + skip, words * sizeof (uint64_t));
 
+  /* Cache it unless another thread did meanwhile.  If there is no
+   * memory for a new slot the slice is simply not cached.
+   */
   pthread_mutex_lock (&c->lock);
-  s = cache_find (c, key);
-  if (s)                        /* another thread loaded it meanwhile */
-    free (data);
-  else
-    s = cache_insert (c, key, data);
-  s->stamp = ++c->clock;
-  memcpy (out, s->data + skip, words * sizeof (uint64_t));
+  if (cache_find (c, key) == NULL)
+    cache_insert (c, key, data, l->slice_bytes);
   pthread_mutex_unlock (&c->lock);
   return 0;
 }
@@ -793,107 +840,192 @@ walk (struct layer *l, uint64_t offset, uint64_t count,
  * Reading.
  */
 
-struct read_ctx {
-  uint8_t *buf;                 /* corresponds to guest offset BASE */
-  uint64_t base;
-  uint8_t *cbuf;                /* compressed data (2 clusters) */
-  uint8_t *obuf;                /* decompressed cluster */
-  uint64_t ocluster;            /* cstart of the cluster in obuf */
-  bool ovalid;
-  ZSTD_DCtx *zctx;
-};
+/* A layer keeps at most this many bytes of compressed-cluster scratch
+ * space for reuse (counting a rough 256 KiB for the decompression
+ * context), and at least 2 scratch spaces.
+ */
+#define POOL_BYTES (64 * 1024 * 1024)
 
-static int layer_read (struct layer *l, uint8_t *buf, uint64_t count,
-                       uint64_t offset, struct err *e);
-
-static int
-decompress (struct layer *l, struct read_ctx *c, const struct run *r,
-            struct err *e)
+static void
+scratch_free (struct scratch *s)
 {
-  uint64_t inlen = min64 (r->csize, l->io.size - r->host);
+  if (s == NULL)
+    return;
+  free (s->cbuf);
+  free (s->obuf);
+  ZSTD_freeDCtx (s->zctx);
+  if (s->zs_ok)
+    inflateEnd (&s->zs);
+  free (s);
+}
 
-  if (c->cbuf == NULL) {
-    c->cbuf = malloc (2 * l->cluster_size);
-    c->obuf = malloc (l->cluster_size);
-    if (c->cbuf == NULL || c->obuf == NULL) {
+static struct scratch *
+scratch_get (struct layer *l, struct err *e)
+{
+  struct scratch *s;
+
+  pthread_mutex_lock (&l->pool_lock);
+  s = l->pool;
+  if (s) {
+    l->pool = s->next;
+    l->pool_n--;
+  }
+  pthread_mutex_unlock (&l->pool_lock);
+  if (s)
+    return s;
+
+  s = calloc (1, sizeof *s);
+  if (s)
+    s->cbuf = malloc (2 * l->cluster_size);
+  if (s == NULL || s->cbuf == NULL) {
+    free (s);
+    seterr (e, l->name, "out of memory");
+    return NULL;
+  }
+  return s;
+}
+
+static void
+scratch_put (struct layer *l, struct scratch *s)
+{
+  pthread_mutex_lock (&l->pool_lock);
+  if (l->pool_n < l->pool_max) {
+    s->next = l->pool;
+    l->pool = s;
+    l->pool_n++;
+    s = NULL;
+  }
+  pthread_mutex_unlock (&l->pool_lock);
+  scratch_free (s);
+}
+
+/* Inflate the INLEN bytes of s->cbuf (raw deflate, 4 KiB window, as
+ * QEMU writes them) into exactly one cluster at OUT.  Extra input after
+ * the end of the stream is allowed (the stored size is rounded up to
+ * sectors).
+ */
+static int
+inflate_cluster (struct layer *l, struct scratch *s, const struct run *r,
+                 size_t inlen, uint8_t *out, struct err *e)
+{
+  z_stream *zs = &s->zs;
+  int zr;
+
+  if (!s->zs_ok) {
+    memset (zs, 0, sizeof *zs);
+    if (inflateInit2 (zs, -12) != Z_OK) {
+      seterr (e, l->name, "zlib: inflateInit2 failed");
+      return -1;
+    }
+    s->zs_ok = true;
+  }
+  else if (inflateReset (zs) != Z_OK) {
+    seterr (e, l->name, "zlib: inflateReset failed");
+    return -1;
+  }
+  zs->next_in = s->cbuf;
+  zs->avail_in = inlen;
+  zs->next_out = out;
+  zs->avail_out = l->cluster_size;
+  zr = inflate (zs, Z_FINISH);
+  if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) ||
+      zs->avail_out != 0) {
+    seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
+            " (guest offset 0x%" PRIx64 ") is corrupt: zlib %s",
+            r->host, r->cstart,
+            zs->avail_out != 0 && zr >= 0 ? "data too short" :
+            zs->msg ? zs->msg : "error");
+    return -1;
+  }
+  return 0;
+}
+
+/* Decompress the zstd frames at the start of the INLEN bytes of s->cbuf
+ * into exactly one cluster at OUT.  Like QEMU, accept one frame or
+ * several consecutive ones filling the cluster together, and ignore
+ * what follows them (the stored size is rounded up to sectors).
+ *
+ * Each frame is decoded in one shot into its place in OUT: the output
+ * buffer is its own history, so no window buffer is needed whatever
+ * window size the frame header declares (a frame compressed without a
+ * known content size declares a large one), and the memory used is the
+ * fixed decompression context.  A frame decoding to more than the room
+ * left in the cluster is an error.
+ */
+static int
+zstd_cluster (struct layer *l, struct scratch *s, const struct run *r,
+              size_t inlen, uint8_t *out, struct err *e)
+{
+  const uint8_t *in = s->cbuf;
+  size_t in_pos = 0, out_pos = 0, out_size = l->cluster_size;
+
+  if (s->zctx == NULL) {
+    s->zctx = ZSTD_createDCtx ();
+    if (s->zctx == NULL) {
       seterr (e, l->name, "out of memory");
       return -1;
     }
   }
-  if (inlen > 2 * l->cluster_size)      /* cannot happen: bounded by nsec */
-    inlen = 2 * l->cluster_size;
-  if (io_read (&l->io, l->name, c->cbuf, inlen, r->host, e) == -1)
-    return -1;
+  while (out_pos < out_size) {
+    size_t fsize, n;
 
-  if (l->compression == COMPRESSION_ZLIB) {
-    z_stream s;
-    int zr;
-
-    memset (&s, 0, sizeof s);
-    if (inflateInit2 (&s, -12) != Z_OK) {
-      seterr (e, l->name, "zlib: inflateInit2 failed");
-      return -1;
-    }
-    s.next_in = c->cbuf;
-    s.avail_in = inlen;
-    s.next_out = c->obuf;
-    s.avail_out = l->cluster_size;
-    zr = inflate (&s, Z_FINISH);
-    inflateEnd (&s);
-    if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) ||
-        s.avail_out != 0) {
-      seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
-              " (guest offset 0x%" PRIx64 ") is corrupt: zlib %s",
-              r->host, r->cstart,
-              s.avail_out != 0 && zr >= 0 ? "data too short" :
-              s.msg ? s.msg : "error");
-      return -1;
-    }
-  }
-  else {
-    ZSTD_inBuffer in = { c->cbuf, inlen, 0 };
-    ZSTD_outBuffer out = { c->obuf, l->cluster_size, 0 };
-    size_t zr = 1;
-
-    if (c->zctx == NULL) {
-      c->zctx = ZSTD_createDCtx ();
-      if (c->zctx == NULL) {
-        seterr (e, l->name, "out of memory");
-        return -1;
-      }
-      ZSTD_DCtx_setParameter (c->zctx, ZSTD_d_windowLogMax,
-                              ZSTD_WINDOW_LOG_MAX);
-    }
-    else
-      ZSTD_DCtx_reset (c->zctx, ZSTD_reset_session_only);
-    while (out.pos < out.size) {
-      size_t in_pos = in.pos, out_pos = out.pos;
-      zr = ZSTD_decompressStream (c->zctx, &out, &in);
-      if (ZSTD_isError (zr)) {
-        seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
-                " (guest offset 0x%" PRIx64 ") is corrupt: zstd: %s",
-                r->host, r->cstart, ZSTD_getErrorName (zr));
-        return -1;
-      }
-      if ((zr == 0 && out.pos < out.size) ||
-          (in.pos == in_pos && out.pos == out_pos)) {
+    fsize = ZSTD_findFrameCompressedSize (in + in_pos, inlen - in_pos);
+    if (ZSTD_isError (fsize)) {
+      if (in_pos > 0)           /* something after the frame(s) */
         seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
                 " (guest offset 0x%" PRIx64 ") is corrupt: zstd data "
-                "too short", r->host, r->cstart);
-        return -1;
-      }
-    }
-    if (zr != 0) {
-      seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
-              " (guest offset 0x%" PRIx64 ") is corrupt: zstd data "
-              "larger than a cluster", r->host, r->cstart);
+                "too short (0x%zx of 0x%zx bytes)",
+                r->host, r->cstart, out_pos, out_size);
+      else
+        seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
+                " (guest offset 0x%" PRIx64 ") is corrupt: zstd: %s",
+                r->host, r->cstart, ZSTD_getErrorName (fsize));
       return -1;
     }
+    n = ZSTD_decompressDCtx (s->zctx, out + out_pos, out_size - out_pos,
+                             in + in_pos, fsize);
+    if (ZSTD_isError (n)) {
+      if (ZSTD_getErrorCode (n) == ZSTD_error_dstSize_tooSmall)
+        seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
+                " (guest offset 0x%" PRIx64 ") is corrupt: zstd data "
+                "larger than a cluster (0x%zx bytes)",
+                r->host, r->cstart, out_size);
+      else
+        seterr (e, l->name, "compressed cluster at offset 0x%" PRIx64
+                " (guest offset 0x%" PRIx64 ") is corrupt: zstd: %s",
+                r->host, r->cstart, ZSTD_getErrorName (n));
+      return -1;
+    }
+    in_pos += fsize;            /* fsize > 0: the loop ends */
+    out_pos += n;
   }
-  c->ocluster = r->cstart;
-  c->ovalid = true;
   return 0;
 }
+
+/* Decompress the cluster of run R into OUT (cluster_size bytes). */
+static int
+decompress (struct layer *l, struct scratch *s, const struct run *r,
+            uint8_t *out, struct err *e)
+{
+  uint64_t inlen = min64 (r->csize, l->io.size - r->host);
+
+  if (inlen > 2 * l->cluster_size)      /* cannot happen: bounded by nsec */
+    inlen = 2 * l->cluster_size;
+  if (io_read (&l->io, l->name, s->cbuf, inlen, r->host, e) == -1)
+    return -1;
+  if (l->compression == COMPRESSION_ZLIB)
+    return inflate_cluster (l, s, r, inlen, out, e);
+  return zstd_cluster (l, s, r, inlen, out, e);
+}
+
+struct read_ctx {
+  uint8_t *buf;                 /* corresponds to guest offset BASE */
+  uint64_t base;
+  struct scratch *s;            /* taken at the first compressed cluster */
+};
+
+static int layer_read (struct layer *l, uint8_t *buf, uint64_t count,
+                       uint64_t offset, struct err *e);
 
 static int
 read_run (struct layer *l, const struct run *r, void *opaque, struct err *e)
@@ -915,11 +1047,26 @@ read_run (struct layer *l, const struct run *r, void *opaque, struct err *e)
     memset (dst, 0, r->len);
     return 0;
   case RUN_COMPRESSED:
-    if (!c->ovalid || c->ocluster != r->cstart) {
-      if (decompress (l, c, r, e) == -1)
+    if (c->s == NULL) {
+      c->s = scratch_get (l, e);
+      if (c->s == NULL)
         return -1;
     }
-    memcpy (dst, c->obuf + (r->offset - r->cstart), r->len);
+    /* A whole cluster is decompressed straight into the caller's
+     * buffer; only part of one goes through a bounce buffer.
+     */
+    if (r->offset == r->cstart && r->len == l->cluster_size)
+      return decompress (l, c->s, r, dst, e);
+    if (c->s->obuf == NULL) {
+      c->s->obuf = malloc (l->cluster_size);
+      if (c->s->obuf == NULL) {
+        seterr (e, l->name, "out of memory");
+        return -1;
+      }
+    }
+    if (decompress (l, c->s, r, c->s->obuf, e) == -1)
+      return -1;
+    memcpy (dst, c->s->obuf + (r->offset - r->cstart), r->len);
     return 0;
   }
   seterr (e, l->name, "internal error: bad run type");
@@ -947,13 +1094,12 @@ layer_read (struct layer *l, uint8_t *buf, uint64_t count, uint64_t offset,
   if (l->raw)
     return io_read (&l->io, l->name, buf, count, offset, e);
 
-  memset (&c, 0, sizeof c);
   c.buf = buf;
   c.base = offset;
+  c.s = NULL;
   r = walk (l, offset, count, read_run, &c, e);
-  free (c.cbuf);
-  free (c.obuf);
-  ZSTD_freeDCtx (c.zctx);
+  if (c.s)
+    scratch_put (l, c.s);
   return r == -1 ? -1 : 0;
 }
 
@@ -1112,6 +1258,14 @@ layer_free (struct layer *l)
       l->data.close (l->data.opaque);
     if (l->cache_ok)
       cache_free (&l->cache);
+    if (l->pool_ok) {
+      while (l->pool) {
+        struct scratch *s = l->pool;
+        l->pool = s->next;
+        scratch_free (s);
+      }
+      pthread_mutex_destroy (&l->pool_lock);
+    }
     free (l->l1);
     free (l->name);
     free (l->data_name);
@@ -1548,6 +1702,14 @@ open_qcow2 (const struct qcow2_options *o, struct layer *l,
     goto out;
   }
   l->cache_ok = true;
+  if (pthread_mutex_init (&l->pool_lock, NULL) != 0) {
+    seterr (e, l->name, "pthread_mutex_init failed");
+    goto out;
+  }
+  l->pool_ok = true;
+  l->pool_max = POOL_BYTES / (3 * l->cluster_size + 256 * 1024);
+  if (l->pool_max < 2)
+    l->pool_max = 2;
 
   /* External data file. */
   if (incompat & INCOMPAT_DATA_FILE) {
