@@ -175,20 +175,19 @@ sb_pwrite (nbdkit_next *next, void *handle,
   bool zero;
   int r = -1;
 
-  /* Scan caches drop the range first; the pieces track themselves. */
-  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
-
-  if (cfg_detect_zeroes == DZ_OFF || count == 0) {
-    r = write_data (next, ex, buf, count, offset, flags, err);
-    goto out;
-  }
+  /* Unsplit writes (write_data tracks the change in every map). */
+  if (cfg_detect_zeroes == DZ_OFF || count == 0)
+    return write_data (next, ex, buf, count, offset, flags, err);
 
   len = zero_run (buf, count, 0, offset, ex->blksize, &zero);
-  if (len == count && !zero) {
+  if (len == count && !zero)
     /* All data: the same single write. */
-    r = write_data (next, ex, buf, count, offset, flags, err);
-    goto out;
-  }
+    return write_data (next, ex, buf, count, offset, flags, err);
+
+  /* Split: every scan cache drops the whole range first (zero pieces are
+   * not tracked writes); data pieces track themselves.
+   */
+  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
 
   can_fua = next->can_fua (next);
   can_zero = next->can_zero (next);
