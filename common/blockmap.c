@@ -28,26 +28,24 @@
  * resets the whole map to "unknown", which needs no memory and is always
  * safe.
  *
- * Zero knowledge and concurrent writes
- * ------------------------------------
- * GEN is a generation counter, returned by blockmap_snapshot.  It is
- * incremented whenever a write ends (blockmap_write_end) and whenever
- * zero knowledge is added (blockmap_learn_zero).  Writes that have begun
- * but not ended are kept in the INFLIGHT array.  Writes that ended, and
- * zero knowledge that was added, are recorded as events (generation +
- * block range) in two bounded rings, one for each kind, so that frequent
- * zero learning never pushes out the record of writes.  When a ring
- * overwrites an event, its generation is remembered in the ring's
- * LOST_GEN so that a question about "after SNAP" that the ring can no
- * longer answer is answered conservatively:
+ * Memory budget
+ * -------------
+ * A client that writes alternating data and zero blocks makes one run
+ * per block.  The map never holds more than its budget: when an edit
+ * takes it over, the runs of two neighbouring chunks at a rotating
+ * cursor are replaced by one UNKNOWN run (knowledge is forgotten, which
+ * is always safe; nothing becomes ZERO), until it is back under 3/4 of
+ * the budget.  FORGOTTEN counts the bytes that lost their state.
  *
- *  - blockmap_learn_zero (SNAP) refuses blocks touched by any write in
- *    flight or any write event newer than SNAP, and refuses everything if
- *    a write event newer than SNAP has been lost.
- *  - blockmap_learn_data (SNAP) turns ZERO into DATA except on blocks
- *    where zero knowledge was added after SNAP (that knowledge is newer
- *    than the caller's read).  If such events were lost it turns ZERO
- *    into DATA anyway: DATA is always a safe thing to believe.
+ * Zero knowledge and concurrent changes
+ * -------------------------------------
+ * The map keeps no record of changes itself: the disk's change tracker
+ * (changes.h) does.  Learners pass their snapshot, and the parts of the
+ * range that the tracker reports unchanged are edited inside the
+ * tracker's callback, so no change can begin between the check and the
+ * edit (lock order: tracker, then map).  A change calls blockmap_change
+ * after changes_begin, so a learner either sees the change in flight or
+ * edited the map before the change cleared it.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -63,6 +61,9 @@
 #include <pthread.h>
 
 #include "blockmap.h"
+#include "changes.h"
+#include "ispowerof2.h"
+#include "minmax.h"
 
 #define MIN_BLKSIZE 512
 #define MAX_BLKSIZE (64 * 1024 * 1024)
@@ -75,15 +76,8 @@
  */
 #define MERGE_THRESHOLD (CHUNK_CAP / 2)
 
-/* Completed writes and zero knowledge remembered for the race checks.
- * A learner whose snapshot is older than the last WRITE_RING_SIZE writes
- * is refused.
- */
-#define WRITE_RING_SIZE 4096
-#define ZERO_RING_SIZE 2048
-
-/* Tickets of writes that could not be recorded (out of memory). */
-#define TICKET_UNTRACKED (UINT64_C (1) << 63)
+/* The smallest memory budget accepted. */
+#define MIN_BUDGET (64 * 1024)
 
 #define STATE_BITS 8
 #define STATE_FIELD ((UINT64_C (1) << STATE_BITS) - 1)
@@ -104,25 +98,6 @@ struct range {
   uint64_t first, end;
 };
 
-struct inflight {
-  uint64_t ticket;
-  struct range r;
-};
-
-struct event {
-  uint64_t gen;
-  struct range r;
-};
-
-/* Events in increasing generation order; the oldest are overwritten. */
-struct ring {
-  struct event *ev;
-  size_t size;                  /* capacity */
-  size_t next;                  /* slot of the next event */
-  size_t len;                   /* events stored (<= size) */
-  uint64_t lost_gen;            /* newest event overwritten */
-};
-
 struct blockmap {
   pthread_mutex_t lock;
 
@@ -138,16 +113,13 @@ struct blockmap {
   struct chunk *spare;          /* preallocated for the next split */
   uint64_t nruns;
 
-  /* Race tracking. */
-  uint64_t gen;
-  uint64_t next_ticket;
-  struct inflight *inflight;
-  size_t ninflight, inflight_cap;
-  uint64_t untracked;           /* writes in flight we could not record */
-  struct ring writes;           /* writes that ended */
-  struct ring zeroes;           /* zero knowledge added */
-  struct event write_ev[WRITE_RING_SIZE];
-  struct event zero_ev[ZERO_RING_SIZE];
+  /* The disk's change tracker (not owned). */
+  struct changes *changes;
+
+  /* Memory budget. */
+  uint64_t budget;
+  uint64_t evict_cursor;        /* block where the next eviction starts */
+  uint64_t forgotten;           /* bytes forgotten for the budget */
 };
 
 /*----------------------------------------------------------------------
@@ -636,129 +608,57 @@ bytes_not_in (const struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
 }
 
 /*----------------------------------------------------------------------
- * Race tracking.
+ * The memory budget.
  */
 
+static uint64_t
+memory_used (const struct blockmap *bm)
+{
+  return sizeof *bm
+    + bm->chunks_cap * sizeof bm->chunks[0]
+    + (bm->nchunks + (bm->spare != NULL)) * sizeof (struct chunk);
+}
+
+/* Called after every edit that may have grown the map (lock held). */
 static void
-push_event (struct ring *ring, uint64_t gen, struct range r)
+enforce_budget (struct blockmap *bm)
 {
-  struct event *ev = &ring->ev[ring->next];
+  const uint64_t target = bm->budget / 4 * 3;
 
-  if (ring->len == ring->size)
-    ring->lost_gen = ev->gen;   /* overwriting the oldest event */
-  else
-    ring->len++;
-  ev->gen = gen;
-  ev->r = r;
-  ring->next = (ring->next + 1) % ring->size;
-}
+  if (memory_used (bm) <= bm->budget)
+    return;
+  while (memory_used (bm) > target && bm->nchunks > 1) {
+    struct pos p;
+    uint64_t a, b;
 
-/* A growable list of ranges, with room for a few on the stack. */
-struct rangelist {
-  struct range *v;
-  size_t n, cap;
-  struct range local[16];
-};
-
-static void
-rangelist_init (struct rangelist *l)
-{
-  l->v = l->local;
-  l->n = 0;
-  l->cap = sizeof l->local / sizeof l->local[0];
-}
-
-static void
-rangelist_free (struct rangelist *l)
-{
-  if (l->v != l->local)
-    free (l->v);
-}
-
-/* Add the part of X inside R, if any.  Returns -1 if out of memory. */
-static int
-rangelist_add_clipped (struct rangelist *l, struct range x, struct range r)
-{
-  if (x.end <= r.first || x.first >= r.end)
-    return 0;
-  if (x.first < r.first)
-    x.first = r.first;
-  if (x.end > r.end)
-    x.end = r.end;
-  if (l->n == l->cap) {
-    size_t cap = l->cap * 2;
-    struct range *v;
-
-    if (l->v == l->local) {
-      v = malloc (cap * sizeof *v);
-      if (v != NULL)
-        memcpy (v, l->local, l->n * sizeof *v);
-    }
-    else
-      v = realloc (l->v, cap * sizeof *v);
-    if (v == NULL)
-      return -1;
-    l->v = v;
-    l->cap = cap;
-  }
-  l->v[l->n++] = x;
-  return 0;
-}
-
-static int
-compare_range (const void *av, const void *bv)
-{
-  const struct range *a = av, *b = bv;
-
-  return a->first < b->first ? -1 : a->first > b->first;
-}
-
-/* Collect the ranges of events newer than SNAP overlapping R. */
-static int
-collect_events (const struct ring *ring, uint64_t snap, struct range r,
-                struct rangelist *l)
-{
-  size_t i, slot = ring->next;
-
-  /* Newest first; generations decrease going backwards. */
-  for (i = 0; i < ring->len; i++) {
-    const struct event *ev;
-
-    slot = (slot + ring->size - 1) % ring->size;
-    ev = &ring->ev[slot];
-    if (ev->gen <= snap)
+    if (bm->evict_cursor >= bm->nblocks)
+      bm->evict_cursor = 0;
+    p = find (bm, bm->evict_cursor);
+    if (p.c + 1 >= bm->nchunks)
+      p.c--;                    /* the last two chunks */
+    a = p.c == 0 ? 0 : ent_start (bm->chunks[p.c]->e[0]);
+    b = p.c + 2 < bm->nchunks ?
+      ent_start (bm->chunks[p.c + 2]->e[0]) : bm->nblocks;
+    bm->forgotten += bytes_not_in (bm, a, b, BM_UNKNOWN);
+    if (set_uniform (bm, a, b, BM_UNKNOWN) == -1) {
+      bm->forgotten += bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
+      reset_unknown (bm);
       break;
-    if (rangelist_add_clipped (l, ev->r, r) == -1)
-      return -1;
+    }
+    bm->evict_cursor = b;
   }
-  return 0;
 }
 
-/* Sort the list and turn it into the gaps it leaves in R. */
-static int
-complement (struct rangelist *l, struct range r, struct rangelist *gaps)
+/* Set blocks [A, B) to ST; on failure to allocate forget everything
+ * (the edit must not be lost).  Lock held.
+ */
+static void
+set_or_reset (struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
 {
-  uint64_t cur = r.first;
-  size_t i;
-
-  qsort (l->v, l->n, sizeof l->v[0], compare_range);
-  for (i = 0; i < l->n && cur < r.end; i++) {
-    if (l->v[i].first > cur) {
-      struct range g = { cur, l->v[i].first };
-
-      if (rangelist_add_clipped (gaps, g, r) == -1)
-        return -1;
-    }
-    if (l->v[i].end > cur)
-      cur = l->v[i].end;
-  }
-  if (cur < r.end) {
-    struct range g = { cur, r.end };
-
-    if (rangelist_add_clipped (gaps, g, r) == -1)
-      return -1;
-  }
-  return 0;
+  if (set_uniform (bm, a, b, st) == -1)
+    reset_unknown (bm);
+  else
+    enforce_budget (bm);
 }
 
 /*----------------------------------------------------------------------
@@ -766,13 +666,15 @@ complement (struct rangelist *l, struct range r, struct rangelist *gaps)
  */
 
 struct blockmap *
-blockmap_new (uint64_t size, uint32_t blksize)
+blockmap_new (uint64_t size, uint32_t blksize, struct changes *changes,
+              uint64_t budget)
 {
   struct blockmap *bm;
   int err;
 
   if (blksize < MIN_BLKSIZE || blksize > MAX_BLKSIZE ||
-      (blksize & (blksize - 1)) != 0 || size > MAX_SIZE) {
+      !is_power_of_2 (blksize) || size > MAX_SIZE || changes == NULL ||
+      budget < MIN_BUDGET) {
     errno = EINVAL;
     return NULL;
   }
@@ -788,8 +690,10 @@ blockmap_new (uint64_t size, uint32_t blksize)
   }
   bm->size = size;
   bm->blksize = blksize;
-  bm->blkshift = __builtin_ctz (blksize);
+  bm->blkshift = log_2_bits (blksize);
   bm->nblocks = (size >> bm->blkshift) + ((size & (blksize - 1)) != 0);
+  bm->changes = changes;
+  bm->budget = budget;
 
   bm->chunks_cap = 4;
   bm->chunks = malloc (bm->chunks_cap * sizeof bm->chunks[0]);
@@ -802,11 +706,6 @@ blockmap_new (uint64_t size, uint32_t blksize)
   bm->chunks[0]->n = 1;
   bm->chunks[0]->e[0] = mkent (0, BM_UNKNOWN);
   bm->nruns = 1;
-  bm->next_ticket = 1;
-  bm->writes.ev = bm->write_ev;
-  bm->writes.size = WRITE_RING_SIZE;
-  bm->zeroes.ev = bm->zero_ev;
-  bm->zeroes.size = ZERO_RING_SIZE;
   return bm;
 
  err:
@@ -829,7 +728,6 @@ blockmap_free (struct blockmap *bm)
     free (bm->chunks);
   }
   free (bm->spare);
-  free (bm->inflight);
   pthread_mutex_destroy (&bm->lock);
   free (bm);
 }
@@ -841,9 +739,31 @@ blockmap_blksize (const struct blockmap *bm)
 }
 
 uint64_t
-blockmap_size (const struct blockmap *bm)
+blockmap_size (struct blockmap *bm)
 {
-  return bm->size;
+  uint64_t size;
+
+  pthread_mutex_lock (&bm->lock);
+  size = bm->size;
+  pthread_mutex_unlock (&bm->lock);
+  return size;
+}
+
+int
+blockmap_resize (struct blockmap *bm, uint64_t size)
+{
+  if (size > MAX_SIZE) {
+    errno = EINVAL;
+    return -1;
+  }
+  pthread_mutex_lock (&bm->lock);
+  bm->forgotten += bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
+  reset_unknown (bm);
+  bm->size = size;
+  bm->nblocks = (size >> bm->blkshift) + ((size & (bm->blksize - 1)) != 0);
+  bm->evict_cursor = 0;
+  pthread_mutex_unlock (&bm->lock);
+  return 0;
 }
 
 enum bm_state
@@ -854,21 +774,19 @@ blockmap_lookup (struct blockmap *bm, uint64_t offset, uint64_t limit,
   uint64_t end;
   unsigned st;
 
+  pthread_mutex_lock (&bm->lock);
   if (offset >= bm->size || limit == 0) {
+    pthread_mutex_unlock (&bm->lock);
     *run = 0;
     return BM_UNKNOWN;
   }
-  if (limit > bm->size - offset)
-    limit = bm->size - offset;
-
-  pthread_mutex_lock (&bm->lock);
+  limit = MIN (limit, bm->size - offset);
   p = find (bm, offset >> bm->blkshift);
   st = ent_state (ent_at (bm, p));
-  end = run_end (bm, p);
+  end = blocks_to_bytes (bm, 0, run_end (bm, p));
   pthread_mutex_unlock (&bm->lock);
 
-  end = blocks_to_bytes (bm, 0, end);
-  *run = end - offset < limit ? end - offset : limit;
+  *run = MIN (end - offset, limit);
   return st & BM_STATE_MASK;
 }
 
@@ -879,18 +797,36 @@ blockmap_is_zero (struct blockmap *bm, uint64_t offset, uint64_t count)
   struct pos p;
   bool ret;
 
-  if (count == 0)
-    return offset <= bm->size;
-  /* Anything outside the export is not known to be zero. */
-  if (offset >= bm->size || count > bm->size - offset)
-    return false;
-  round_outward (bm, offset, count, &r);
-
   pthread_mutex_lock (&bm->lock);
-  p = find (bm, r.first);
-  ret = ent_state (ent_at (bm, p)) == BM_ZERO && run_end (bm, p) >= r.end;
+  if (count == 0)
+    ret = offset <= bm->size;
+  /* Anything outside the export is not known to be zero. */
+  else if (offset >= bm->size || count > bm->size - offset)
+    ret = false;
+  else {
+    round_outward (bm, offset, count, &r);
+    p = find (bm, r.first);
+    ret = ent_state (ent_at (bm, p)) == BM_ZERO && run_end (bm, p) >= r.end;
+  }
   pthread_mutex_unlock (&bm->lock);
   return ret;
+}
+
+/* Apply TABLE to the blocks touched by a byte range (rounded outward),
+ * lock held.  Failure to allocate only loses what would be learnt, except
+ * when LOSSLESS, where the map is reset instead.
+ */
+static void
+transform_bytes (struct blockmap *bm, uint64_t offset, uint64_t count,
+                 const unsigned *table, bool lossless)
+{
+  struct range r;
+
+  if (!round_outward (bm, offset, count, &r))
+    return;
+  if (transform (bm, r.first, r.end, table) == -1 && lossless)
+    reset_unknown (bm);
+  enforce_budget (bm);
 }
 
 void
@@ -900,13 +836,25 @@ blockmap_learn_allocated (struct blockmap *bm, uint64_t offset, uint64_t count)
     [BM_UNKNOWN] = BM_ALLOCATED, [BM_ALLOCATED] = BM_ALLOCATED,
     [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
   };
-  struct range r;
 
-  if (!round_outward (bm, offset, count, &r))
-    return;
   pthread_mutex_lock (&bm->lock);
-  /* Failure to allocate only loses information. */
-  transform (bm, r.first, r.end, table);
+  transform_bytes (bm, offset, count, table, false);
+  pthread_mutex_unlock (&bm->lock);
+}
+
+/* changes_unchanged callback of blockmap_learn_data: ZERO -> DATA. */
+static void
+zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
+{
+  static const unsigned table[4] = {
+    [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_DATA,
+  };
+  struct blockmap *bm = opaque;
+
+  pthread_mutex_lock (&bm->lock);
+  /* A block seen to hold data must not stay ZERO. */
+  transform_bytes (bm, offset, count, table, true);
   pthread_mutex_unlock (&bm->lock);
 }
 
@@ -918,194 +866,119 @@ blockmap_learn_data (struct blockmap *bm, uint64_t snap,
     [BM_UNKNOWN] = BM_DATA, [BM_ALLOCATED] = BM_DATA,
     [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
   };
-  static const unsigned zero_to_data[4] = {
-    [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_DATA,
-  };
   struct range r;
-  struct rangelist newer, gaps;
-  size_t i;
+  bool some_zero = false;
 
-  if (!round_outward (bm, offset, count, &r))
-    return;
-
-  rangelist_init (&newer);
-  rangelist_init (&gaps);
   pthread_mutex_lock (&bm->lock);
+  if (round_outward (bm, offset, count, &r)) {
+    transform_bytes (bm, offset, count, weak_to_data, false);
+    some_zero = bytes_not_in (bm, r.first, r.end, BM_ZERO) !=
+      blocks_to_bytes (bm, r.first, r.end);
+  }
+  pthread_mutex_unlock (&bm->lock);
 
-  transform (bm, r.first, r.end, weak_to_data);
-
-  /* Nothing more to do unless some block is ZERO. */
-  if (bytes_not_in (bm, r.first, r.end, BM_ZERO) ==
-      blocks_to_bytes (bm, r.first, r.end))
-    goto out;
-
-  /* ZERO -> DATA except where zero knowledge was added after SNAP.  If
-   * we cannot tell (events lost, or out of memory), replace it anyway:
-   * believing DATA is always safe, believing ZERO is not.
+  /* ZERO stays where a change since SNAP may have made it so: that
+   * knowledge is newer than the caller's read.
    */
-  if (bm->zeroes.lost_gen > snap ||
-      collect_events (&bm->zeroes, snap, r, &newer) == -1) {
-    if (transform (bm, r.first, r.end, zero_to_data) == -1)
-      goto forget;
-  }
-  else if (complement (&newer, r, &gaps) == -1) {
-    if (transform (bm, r.first, r.end, zero_to_data) == -1)
-      goto forget;
-  }
-  else {
-    for (i = 0; i < gaps.n; i++)
-      if (transform (bm, gaps.v[i].first, gaps.v[i].end, zero_to_data) == -1)
-        goto forget;
-  }
-  goto out;
-
- forget:
-  /* A block seen to hold data must not stay ZERO. */
-  reset_unknown (bm);
- out:
-  pthread_mutex_unlock (&bm->lock);
-  rangelist_free (&newer);
-  rangelist_free (&gaps);
+  if (some_zero)
+    changes_unchanged (bm->changes, snap, 0, offset, count,
+                       zero_to_data_cb, bm);
 }
 
-uint64_t
-blockmap_snapshot (struct blockmap *bm)
-{
-  uint64_t gen;
+struct learn_zero {
+  struct blockmap *bm;
+  bool contents;
+  uint64_t learnt;
+};
 
-  pthread_mutex_lock (&bm->lock);
-  gen = bm->gen;
-  pthread_mutex_unlock (&bm->lock);
-  return gen;
-}
-
-uint64_t
-blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
-                     uint64_t offset, uint64_t count)
+/* changes_unchanged callback of blockmap_learn_zero. */
+static void
+learn_zero_cb (void *opaque, uint64_t offset, uint64_t count)
 {
+  static const unsigned weak_to_zero[4] = {
+    [BM_UNKNOWN] = BM_ZERO, [BM_ALLOCATED] = BM_ZERO,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
+  };
+  struct learn_zero *l = opaque;
+  struct blockmap *bm = l->bm;
   struct range r;
-  struct rangelist conflicts, gaps;
-  uint64_t learnt = 0, gen = 0;
-  size_t i;
+  uint64_t before;
 
   if (!round_inward (bm, offset, count, &r))
-    return 0;
-
-  rangelist_init (&conflicts);
-  rangelist_init (&gaps);
+    return;
   pthread_mutex_lock (&bm->lock);
-
-  /* Refuse everything if we cannot tell which writes intervened. */
-  if (bm->untracked > 0 || bm->writes.lost_gen > snap || snap > bm->gen)
-    goto out;
-  /* Nothing to learn if it is all known already. */
-  if (bytes_not_in (bm, r.first, r.end, BM_ZERO) == 0)
-    goto out;
-
-  for (i = 0; i < bm->ninflight; i++)
-    if (rangelist_add_clipped (&conflicts, bm->inflight[i].r, r) == -1)
-      goto out;
-  if (collect_events (&bm->writes, snap, r, &conflicts) == -1)
-    goto out;
-  if (complement (&conflicts, r, &gaps) == -1)
-    goto out;
-
-  for (i = 0; i < gaps.n; i++) {
-    uint64_t n = bytes_not_in (bm, gaps.v[i].first, gaps.v[i].end, BM_ZERO);
-
-    if (n == 0)
-      continue;
-    if (set_uniform (bm, gaps.v[i].first, gaps.v[i].end, BM_ZERO) == -1)
-      continue;
-    if (gen == 0)
-      gen = ++bm->gen;
-    push_event (&bm->zeroes, gen, gaps.v[i]);
-    learnt += n;
+  before = bytes_not_in (bm, r.first, r.end, BM_ZERO);
+  if (before > 0) {
+    if (l->contents) {
+      if (set_uniform (bm, r.first, r.end, BM_ZERO) == 0)
+        l->learnt += before;
+    }
+    else if (transform (bm, r.first, r.end, weak_to_zero) == 0)
+      l->learnt += before - bytes_not_in (bm, r.first, r.end, BM_ZERO);
+    enforce_budget (bm);
   }
-
- out:
   pthread_mutex_unlock (&bm->lock);
-  rangelist_free (&conflicts);
-  rangelist_free (&gaps);
-  return learnt;
 }
 
 uint64_t
-blockmap_write_begin (struct blockmap *bm, uint64_t offset, uint64_t count,
-                      enum bm_state newstate)
+blockmap_learn_zero (struct blockmap *bm, uint64_t snap, uint64_t except,
+                     uint64_t offset, uint64_t count, bool contents)
 {
+  struct learn_zero l = { .bm = bm, .contents = contents, .learnt = 0 };
   struct range r;
-  uint64_t ticket;
+  bool known;
+
+  /* Nothing to learn if it is all known already. */
+  pthread_mutex_lock (&bm->lock);
+  known = !round_inward (bm, offset, count, &r) ||
+    bytes_not_in (bm, r.first, r.end, BM_ZERO) == 0;
+  pthread_mutex_unlock (&bm->lock);
+  if (known)
+    return 0;
+
+  changes_unchanged (bm->changes, snap, except, offset, count,
+                     learn_zero_cb, &l);
+  return l.learnt;
+}
+
+void
+blockmap_change (struct blockmap *bm, uint64_t offset, uint64_t count,
+                 enum bm_state newstate)
+{
+  static const unsigned zero_to_unknown[4] = {
+    [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_UNKNOWN,
+  };
+  struct range out, in;
   unsigned st = newstate & BM_STATE_MASK;
+  bool has_in;
 
   /* Only blockmap_learn_zero makes blocks ZERO. */
   if (st == BM_ZERO)
     st = BM_UNKNOWN;
-
   pthread_mutex_lock (&bm->lock);
-  ticket = bm->next_ticket++;
-  if (bm->next_ticket == TICKET_UNTRACKED)
-    bm->next_ticket = 1;
-
-  if (round_outward (bm, offset, count, &r)) {
-    /* Record the write first, so that no learner can miss it. */
-    if (bm->ninflight == bm->inflight_cap) {
-      size_t cap = bm->inflight_cap ? bm->inflight_cap * 2 : 16;
-      struct inflight *v = realloc (bm->inflight, cap * sizeof *v);
-
-      if (v != NULL) {
-        bm->inflight = v;
-        bm->inflight_cap = cap;
-      }
-    }
-    if (bm->ninflight < bm->inflight_cap) {
-      bm->inflight[bm->ninflight].ticket = ticket;
-      bm->inflight[bm->ninflight].r = r;
-      bm->ninflight++;
-    }
-    else {
-      /* Out of memory: learn_zero refuses everything until it ends. */
-      bm->untracked++;
-      ticket |= TICKET_UNTRACKED;
-    }
-
-    if (set_uniform (bm, r.first, r.end, st) == -1)
-      reset_unknown (bm);
-  }
-  pthread_mutex_unlock (&bm->lock);
-  return ticket;
-}
-
-void
-blockmap_write_end (struct blockmap *bm, uint64_t ticket, bool ok)
-{
-  size_t i;
-
-  pthread_mutex_lock (&bm->lock);
-  if (ticket & TICKET_UNTRACKED) {
-    if (bm->untracked > 0)
-      bm->untracked--;
-    /* The range is unknown: older snapshots may no longer learn. */
-    bm->writes.lost_gen = ++bm->gen;
-    if (!ok)
-      reset_unknown (bm);
+  if (!round_outward (bm, offset, count, &out))
+    goto out;
+  if (st != BM_UNKNOWN) {
+    set_or_reset (bm, out.first, out.end, st);
     goto out;
   }
-
-  for (i = 0; i < bm->ninflight; i++)
-    if (bm->inflight[i].ticket == ticket)
-      break;
-  if (i < bm->ninflight) {
-    struct range r = bm->inflight[i].r;
-
-    bm->inflight[i] = bm->inflight[bm->ninflight - 1];
-    bm->ninflight--;
-    push_event (&bm->writes, ++bm->gen, r);
-    if (!ok && set_uniform (bm, r.first, r.end, BM_UNKNOWN) == -1)
-      reset_unknown (bm);
-  }
-  /* else: an empty range, or a ticket ended twice: nothing to do. */
+  /* Blocks only partly covered keep the data of the rest of the block:
+   * they only lose ZERO.
+   */
+  has_in = round_inward (bm, offset, count, &in);
+  if (!has_in)
+    in.first = in.end = out.end;
+  if (out.first < in.first &&
+      transform (bm, out.first, in.first, zero_to_unknown) == -1)
+    reset_unknown (bm);
+  if (in.end < out.end &&
+      transform (bm, MAX (in.end, out.first), out.end, zero_to_unknown) == -1)
+    reset_unknown (bm);
+  if (has_in)
+    set_or_reset (bm, in.first, in.end, BM_UNKNOWN);
+  else
+    enforce_budget (bm);
  out:
   pthread_mutex_unlock (&bm->lock);
 }
@@ -1115,11 +988,9 @@ blockmap_forget (struct blockmap *bm, uint64_t offset, uint64_t count)
 {
   struct range r;
 
-  if (!round_outward (bm, offset, count, &r))
-    return;
   pthread_mutex_lock (&bm->lock);
-  if (set_uniform (bm, r.first, r.end, BM_UNKNOWN) == -1)
-    reset_unknown (bm);
+  if (round_outward (bm, offset, count, &r))
+    set_or_reset (bm, r.first, r.end, BM_UNKNOWN);
   pthread_mutex_unlock (&bm->lock);
 }
 
@@ -1132,10 +1003,9 @@ blockmap_get_stats (struct blockmap *bm, struct blockmap_stats *stats)
   memset (stats, 0, sizeof *stats);
   pthread_mutex_lock (&bm->lock);
   stats->runs = bm->nruns;
-  stats->memory = sizeof *bm
-    + bm->chunks_cap * sizeof bm->chunks[0]
-    + (bm->nchunks + (bm->spare != NULL)) * sizeof (struct chunk)
-    + bm->inflight_cap * sizeof bm->inflight[0];
+  stats->memory = memory_used (bm);
+  stats->budget = bm->budget;
+  stats->forgotten = bm->forgotten;
   for (c = 0; c < bm->nchunks; c++) {
     const struct chunk *ch = bm->chunks[c];
 
@@ -1153,7 +1023,7 @@ blockmap_get_stats (struct blockmap *bm, struct blockmap_stats *stats)
 int
 blockmap_check (struct blockmap *bm)
 {
-  size_t c, i;
+  size_t c;
   uint32_t k;
   uint64_t runs = 0, prev_start = 0;
   unsigned prev_state = 0;
@@ -1187,10 +1057,6 @@ blockmap_check (struct blockmap *bm)
   }
   if (runs != bm->nruns)
     goto out;
-  for (i = 0; i < bm->ninflight; i++)
-    if (bm->inflight[i].r.first >= bm->inflight[i].r.end ||
-        bm->inflight[i].r.end > bm->nblocks)
-      goto out;
   ret = 0;
  out:
   pthread_mutex_unlock (&bm->lock);

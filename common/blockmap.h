@@ -9,17 +9,23 @@
  * stored as runs of equal state, so a 1 TiB disk with 100 000 extents costs
  * a few MiB.
  *
- * Zero knowledge follows the mirror rules of
- * shared/notes/nbd-sparseness-rules.md:
- *  - before a write or trim is issued, blockmap_write_begin() clears the
- *    zero state of every block it touches (rounded outward);
- *  - zero knowledge is only ever added through blockmap_learn_zero(),
- *    rounded inward, and only if no write touching those blocks was in
- *    flight or finished after the learner's snapshot (blockmap_snapshot());
- *  - on error, blockmap_write_end(..., false) makes the blocks unknown.
+ * Memory is bounded by a budget given at creation: stored as runs of
+ * equal state, a 1 TiB disk with 100 000 extents costs about 1 MiB; a
+ * map that would grow past its budget forgets (makes unknown) the
+ * knowledge of whole chunks of runs until it is back under 3/4 of it.
  *
- * The state is kept in a small integer so that a persistent "dirty" bit for
- * changed-block tracking can join it later (BM_FLAG_* bits above the state).
+ * Zero knowledge follows the rules of doc/design.md ("The map
+ * protocol"), with the disk's change tracker (changes.h):
+ *  - a change (write, zero request, trim) calls changes_begin and then
+ *    blockmap_change, which takes every block it touches (rounded
+ *    outward) out of BM_ZERO, before it is issued;
+ *  - zero knowledge is only ever added through blockmap_learn_zero,
+ *    rounded inward, and only on the parts that the tracker reports
+ *    unchanged since the learner's snapshot (changes_snapshot);
+ *  - on error, blockmap_forget makes the blocks unknown.
+ *
+ * Changed-block tracking does not live here: it hangs off the change
+ * tracker, at its own granularity.
  *
  * Pure C: no nbdkit headers.
  */
@@ -37,23 +43,34 @@ enum bm_state {
   BM_ZERO      = 3,   /* known to read as zero */
 };
 #define BM_STATE_MASK 3u
-/* Reserved for changed-block tracking: bits above BM_STATE_MASK. */
 
 struct blockmap;
+struct changes;
 
 /* Create a map for an export of SIZE bytes with blocks of BLKSIZE bytes
- * (a power of 2, 512 .. 64 MiB).  The last block may be partial.  Every
- * block starts BM_UNKNOWN.  Returns NULL and sets errno on failure.
+ * (a power of 2, 512 .. 64 MiB), whose learners ask CHANGES (not owned,
+ * must outlive the map) about concurrent changes, using at most BUDGET
+ * bytes of memory (at least 64 KiB).  The last block may be partial.
+ * Every block starts BM_UNKNOWN.  Returns NULL and sets errno on failure.
  */
-extern struct blockmap *blockmap_new (uint64_t size, uint32_t blksize);
+extern struct blockmap *blockmap_new (uint64_t size, uint32_t blksize,
+                                      struct changes *changes,
+                                      uint64_t budget);
 extern void blockmap_free (struct blockmap *bm);
 
 extern uint32_t blockmap_blksize (const struct blockmap *bm);
-extern uint64_t blockmap_size (const struct blockmap *bm);
+extern uint64_t blockmap_size (struct blockmap *bm);
+
+/* The disk changed size: forget everything, the map now covers SIZE
+ * bytes.  Bracket it with changes_begin/end over the whole disk so that
+ * no learner from before can teach the new map.
+ */
+extern int blockmap_resize (struct blockmap *bm, uint64_t size);
 
 /* The state of the block containing OFFSET, and in *RUN the number of bytes
  * from OFFSET (up to at most LIMIT bytes, and never past the end) that
- * share that state.  *RUN > 0 whenever OFFSET < size and LIMIT > 0.
+ * share that state.  *RUN > 0 whenever OFFSET < size and LIMIT > 0; past
+ * the end *RUN is 0 and the state BM_UNKNOWN.
  */
 extern enum bm_state blockmap_lookup (struct blockmap *bm, uint64_t offset,
                                       uint64_t limit, uint64_t *run);
@@ -65,59 +82,50 @@ extern enum bm_state blockmap_lookup (struct blockmap *bm, uint64_t offset,
 extern bool blockmap_is_zero (struct blockmap *bm,
                               uint64_t offset, uint64_t count);
 
-/* Set blocks to BM_ALLOCATED or BM_DATA (never BM_ZERO: use
- * blockmap_learn_zero), rounded outward.  Only blocks whose state is
- * "weaker" change: UNKNOWN -> ALLOCATED/DATA, ALLOCATED -> DATA; a block
- * already ZERO or DATA is left alone by blockmap_learn_allocated, while
- * blockmap_learn_data (contents seen non-zero, with SNAP from
- * blockmap_snapshot taken before the read) replaces ZERO only if no write
- * intervened, i.e. except on blocks whose zero knowledge was added (by
- * blockmap_learn_zero) after SNAP, which is newer than the read.  If the
- * map can no longer tell (it remembers a bounded number of events), ZERO
- * is replaced: DATA is always safe to believe.  Use these for
- * information from the plugin or from reads.
+/* What the plugin's extents call data: UNKNOWN blocks touched (rounded
+ * outward) become BM_ALLOCATED; others are left alone.
  */
 extern void blockmap_learn_allocated (struct blockmap *bm,
                                       uint64_t offset, uint64_t count);
+
+/* Contents seen non-zero by a read issued after SNAP: the blocks touched
+ * (rounded outward) become BM_DATA, except that a BM_ZERO block stays
+ * ZERO where a change since SNAP touched it (that knowledge is newer than
+ * the read).
+ */
 extern void blockmap_learn_data (struct blockmap *bm, uint64_t snap,
                                  uint64_t offset, uint64_t count);
 
-/* A snapshot of the map's write generation.  Take it BEFORE issuing the
- * request (zero request, read, extents) whose result will teach the map.
- *
- * A zero request is not a "write" for this map: do not wrap it in
- * blockmap_write_begin/end (its own ticket would then block it from
- * learning).  Take a snapshot, issue it, then on success call
- * blockmap_learn_zero (snap, ...), on failure blockmap_forget (...).
- */
-extern uint64_t blockmap_snapshot (struct blockmap *bm);
-
-/* Mark the blocks fully inside [OFFSET, OFFSET+COUNT) (rounded inward; a
+/* The blocks fully inside [OFFSET, OFFSET+COUNT) (rounded inward; a
  * partial last block of the export counts as full when the range reaches
- * the end) as BM_ZERO, unless a write touching them was in flight or ended
- * after SNAP.  Returns the number of bytes newly marked (for statistics).
- * Blocks not touched by such writes are still learnt.  The map remembers
- * the last 4096 completed writes: a SNAP older than that learns nothing.
+ * the end) read as zero according to a request issued after SNAP: they
+ * become BM_ZERO where no change other than EXCEPT (the caller's own zero
+ * request, or 0) touched them since SNAP.  CONTENTS is true when the
+ * request saw the contents (a read) or made them (a successful zero
+ * request): then BM_DATA becomes ZERO too.  From the plugin's extents
+ * (CONTENTS false) a BM_DATA block stays DATA: a layer below that caches
+ * writes may report zero over data it holds, and believing data is
+ * always safe.  Returns the number of bytes newly marked.
  */
 extern uint64_t blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
-                                     uint64_t offset, uint64_t count);
+                                     uint64_t except,
+                                     uint64_t offset, uint64_t count,
+                                     bool contents);
 
-/* Writes and trims.  Call blockmap_write_begin before issuing the request:
- * every block touched (rounded outward) leaves BM_ZERO and becomes NEWSTATE
- * (BM_DATA for a write, BM_UNKNOWN for a trim or anything whose result is
- * undefined).  Then call blockmap_write_end with the ticket, and OK = false
- * if the request failed, which makes the blocks BM_UNKNOWN.  NEWSTATE
- * BM_ZERO is treated as BM_UNKNOWN.  Every ticket must be ended exactly
- * once (an unknown ticket is ignored); while a write is in flight no
- * block it touches can become BM_ZERO.
+/* A change is about to be issued (after changes_begin).  NEWSTATE is
+ * BM_DATA for a write: every block touched (rounded outward) becomes
+ * DATA.  It is BM_UNKNOWN for a trim, a zero request or anything whose
+ * result is undefined (BM_ZERO is treated as BM_UNKNOWN): blocks fully
+ * covered become UNKNOWN, blocks only partly covered keep the data of
+ * the rest of the block and only lose ZERO.
  */
-extern uint64_t blockmap_write_begin (struct blockmap *bm,
-                                      uint64_t offset, uint64_t count,
-                                      enum bm_state newstate);
-extern void blockmap_write_end (struct blockmap *bm, uint64_t ticket,
-                                bool ok);
+extern void blockmap_change (struct blockmap *bm,
+                             uint64_t offset, uint64_t count,
+                             enum bm_state newstate);
 
-/* Set a range unconditionally to BM_UNKNOWN (rounded outward). */
+/* Set a range unconditionally to BM_UNKNOWN (rounded outward), e.g. after
+ * a failed change.
+ */
 extern void blockmap_forget (struct blockmap *bm,
                              uint64_t offset, uint64_t count);
 
@@ -125,6 +133,8 @@ extern void blockmap_forget (struct blockmap *bm,
 struct blockmap_stats {
   uint64_t runs;              /* number of runs stored */
   uint64_t memory;            /* bytes allocated for the map */
+  uint64_t budget;            /* the most it may use */
+  uint64_t forgotten;         /* bytes whose state was forgotten for it */
   uint64_t bytes[4];          /* bytes in each enum bm_state */
 };
 extern void blockmap_get_stats (struct blockmap *bm,

@@ -5,19 +5,22 @@
 #ifndef SPARSEBACKUP_MINMAX_H
 #define SPARSEBACKUP_MINMAX_H
 
-#define SB_MIN(a, b)                                    \
-  __extension__ ({                                      \
-    __auto_type sb_min_a_ = (a);                        \
-    __auto_type sb_min_b_ = (b);                        \
-    sb_min_a_ < sb_min_b_ ? sb_min_a_ : sb_min_b_;      \
+#define SB_CAT_(a, b) a##b
+#define SB_CAT(a, b) SB_CAT_ (a, b)
+
+/* Unique names for the temporaries, so that MIN (MIN (a, b), c) does not
+ * shadow.
+ */
+#define SB_MINMAX_(a, b, op, n)                                         \
+  __extension__ ({                                                      \
+    __auto_type SB_CAT (sb_mm_a_, n) = (a);                             \
+    __auto_type SB_CAT (sb_mm_b_, n) = (b);                             \
+    SB_CAT (sb_mm_a_, n) op SB_CAT (sb_mm_b_, n) ?                      \
+      SB_CAT (sb_mm_a_, n) : SB_CAT (sb_mm_b_, n);                      \
   })
 
-#define SB_MAX(a, b)                                    \
-  __extension__ ({                                      \
-    __auto_type sb_max_a_ = (a);                        \
-    __auto_type sb_max_b_ = (b);                        \
-    sb_max_a_ > sb_max_b_ ? sb_max_a_ : sb_max_b_;      \
-  })
+#define SB_MIN(a, b) SB_MINMAX_ (a, b, <, __COUNTER__)
+#define SB_MAX(a, b) SB_MINMAX_ (a, b, >, __COUNTER__)
 
 #ifndef MIN
 #define MIN(a, b) SB_MIN (a, b)
