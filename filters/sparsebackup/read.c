@@ -29,11 +29,11 @@
 #define EXTENTS_AHEAD (64 * 1024 * 1024)
 
 /* Teach the map what BUF (LEN bytes read from disk offset OFFSET after
- * map snapshot SNAP) holds.  Returns in *FIRST and *LAST the range of the
- * buffer covered by data blocks (*FIRST == *LAST if none).
+ * changes_snapshot returned SNAP) holds.  Returns in *FIRST and *LAST the
+ * range of the buffer covered by data blocks (*FIRST == *LAST if none).
  */
 static void
-learn_buffer (struct sb_export *ex, uint64_t snap,
+learn_buffer (struct blockmap *bm, uint64_t snap,
               const char *buf, size_t len, uint64_t offset,
               size_t *first, size_t *last)
 {
@@ -42,11 +42,11 @@ learn_buffer (struct sb_export *ex, uint64_t snap,
   size_t f = len, l = 0;
 
   for (p = 0; p < len; p += n) {
-    n = zero_run (buf, len, p, offset, ex->blksize, &zero);
+    n = zero_run (buf, len, p, offset, disk.blksize, &zero);
     if (zero)
-      blockmap_learn_zero (ex->bm, snap, offset + p, n);
+      blockmap_learn_zero (bm, snap, 0, offset + p, n, true);
     else {
-      blockmap_learn_data (ex->bm, snap, offset + p, n);
+      blockmap_learn_data (bm, snap, offset + p, n);
       if (p < f) f = p;
       l = p + n;
     }
@@ -59,12 +59,12 @@ learn_buffer (struct sb_export *ex, uint64_t snap,
  * Reads into a buffer, learns, and caches the data blocks.
  */
 static int
-scan_range (nbdkit_next *next, struct sb_export *ex,
+scan_range (nbdkit_next *next, struct sb_handle *h,
             uint64_t start, uint64_t end, int *err)
 {
   uint64_t pos;
   char *buf;
-  size_t bufsize = min_u64 (ex->scan_chunk, end - start);
+  size_t bufsize = MIN ((uint64_t) disk.scan_chunk, end - start);
 
   buf = malloc (bufsize);
   if (buf == NULL) {
@@ -74,9 +74,8 @@ scan_range (nbdkit_next *next, struct sb_export *ex,
   }
 
   for (pos = start; pos < end; ) {
-    uint32_t n = min_u64 (bufsize, end - pos);
-    uint64_t csnap = ex->sc ? scancache_snapshot (ex->sc) : 0;
-    uint64_t snap = blockmap_snapshot (ex->bm);
+    uint32_t n = MIN ((uint64_t) bufsize, end - pos);
+    uint64_t snap = changes_snapshot (disk.changes);
     size_t first, last;
 
     if (next->pread (next, buf, n, pos, 0, err) == -1) {
@@ -85,9 +84,9 @@ scan_range (nbdkit_next *next, struct sb_export *ex,
     }
     STAT_ADD (scan_bytes, n);
     STAT_ADD (plugin_read_bytes, n);
-    learn_buffer (ex, snap, buf, n, pos, &first, &last);
-    if (ex->sc && first < last)
-      scancache_insert (ex->sc, csnap, pos + first, buf + first,
+    learn_buffer (h->bm, snap, buf, n, pos, &first, &last);
+    if (h->sc && first < last)
+      scancache_insert (h->sc, snap, pos + first, buf + first,
                         last - first);
     VERBOSE ("scan %" PRIu32 "@%" PRIu64 ": data in [%zu, %zu)",
              n, pos, first, last);
@@ -98,30 +97,32 @@ scan_range (nbdkit_next *next, struct sb_export *ex,
   return 0;
 }
 
-/* Ask the plugin about the unknown range starting at POS and learn.
- * Sets *QUERIED_END to where the map will not learn more by asking again.
- */
-static int
-query_plugin (nbdkit_next *next, struct sb_export *ex,
+int
+query_plugin (nbdkit_next *next, struct sb_handle *h,
               uint64_t pos, uint64_t end, uint64_t *queried_end, int *err)
 {
-  const uint32_t bs = ex->blksize;
+  const uint32_t bs = disk.blksize;
+  const uint64_t size = MIN (h->size, blockmap_size (h->bm));
   uint64_t qs = round_down (pos, bs);
-  uint64_t qlen = max_u64 (end - qs, EXTENTS_AHEAD);
+  uint64_t qlen = MAX (end - qs, (uint64_t) EXTENTS_AHEAD);
   uint64_t answered = qs;
   struct nbdkit_extents *exts;
   uint64_t snap;
   size_t i;
 
-  qlen = min_u64 (qlen, ex->size - qs);
-  qlen = min_u64 (qlen, UINT32_MAX & ~(uint64_t) (bs - 1));
+  if (qs >= size) {
+    *queried_end = end;
+    return 0;
+  }
+  qlen = MIN (qlen, size - qs);
+  qlen = MIN (qlen, (uint64_t) UINT32_MAX & ~(uint64_t) (bs - 1));
 
-  exts = nbdkit_extents_new (qs, ex->size);
+  exts = nbdkit_extents_new (qs, size);
   if (exts == NULL) {
     *err = errno;
     return -1;
   }
-  snap = blockmap_snapshot (ex->bm);
+  snap = changes_snapshot (disk.changes);
   STAT_ADD (extents_calls, 1);
   if (next->extents (next, qlen, qs, 0, exts, err) == -1) {
     nbdkit_extents_free (exts);
@@ -130,37 +131,47 @@ query_plugin (nbdkit_next *next, struct sb_export *ex,
   for (i = 0; i < nbdkit_extents_count (exts); ++i) {
     const struct nbdkit_extent e = nbdkit_get_extent (exts, i);
     if (e.type & NBDKIT_EXTENT_ZERO)
-      blockmap_learn_zero (ex->bm, snap, e.offset, e.length);
+      /* Never over blocks the map knows hold data: a caching layer
+       * below may report zero over data it has not written back.
+       */
+      blockmap_learn_zero (h->bm, snap, 0, e.offset, e.length, false);
     else
       /* HOLE without ZERO is data as far as a copy is concerned. */
-      blockmap_learn_allocated (ex->bm, e.offset, e.length);
+      blockmap_learn_allocated (h->bm, e.offset, e.length);
     answered = e.offset + e.length;
   }
   VERBOSE ("extents: asked the plugin %" PRIu64 "@%" PRIu64 ", %zu extent(s) "
            "up to %" PRIu64, qlen, qs, nbdkit_extents_count (exts), answered);
   nbdkit_extents_free (exts);
 
-  *queried_end = max_u64 (answered, round_up (pos + 1, bs));
+  *queried_end = MAX (answered, round_up (pos + 1, bs));
   return 0;
 }
 
 int
-sb_extents (nbdkit_next *next, void *handle,
-            uint32_t count, uint64_t offset, uint32_t flags,
-            struct nbdkit_extents *extents, int *err)
+sparsebackup_extents (nbdkit_next *next, void *handle,
+                      uint32_t count, uint64_t offset, uint32_t flags,
+                      struct nbdkit_extents *extents, int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
-  const uint32_t bs = ex->blksize;
+  const uint32_t bs = disk.blksize;
   const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  const uint64_t end = min_u64 (round_up (offset + count, bs), ex->size);
-  uint64_t pos = offset;
-  uint64_t budget = ex->scan_max;
+  uint64_t end, pos = offset;
+  uint64_t budget = disk.scan_max;
   uint64_t queried_end = 0;
   bool scan_unknown, scan_allocated;
   int64_t first_type = -1;
   int can_extents;
 
+  if (h->bm == NULL) {
+    STAT_ADD (passthrough_requests, 1);
+    return next->extents (next, count, offset, flags, extents, err);
+  }
+
+  /* Never past the request: nbdkit 1.32.5 asserts on a reply to a
+   * request of (nearly) 4 GiB whose first extent is longer than it.
+   */
+  end = MIN (offset + count, h->size);
   can_extents = next->can_extents (next);
   if (can_extents == -1) {
     *err = EIO;
@@ -172,11 +183,22 @@ sb_extents (nbdkit_next *next, void *handle,
 
   while (pos < end) {
     uint64_t run;
-    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
     uint32_t type;
 
-    if (run == 0)               /* cannot happen below the size */
+    if (run == 0) {
+      /* Past the end of the map (the disk shrank since this connection
+       * opened): data, which is always safe.
+       */
+      if (first_type != -1 && (req_one || first_type != 0))
+        break;
+      if (nbdkit_add_extent (extents, pos, end - pos, 0) == -1) {
+        *err = errno;
+        return -1;
+      }
+      pos = end;
       break;
+    }
 
     /* REQ_ONE: one extent is answered; do not ask the plugin or scan
      * for a second one the client will not see.
@@ -186,7 +208,7 @@ sb_extents (nbdkit_next *next, void *handle,
       break;
 
     if (st == BM_UNKNOWN && can_extents && pos >= queried_end) {
-      if (query_plugin (next, ex, pos, end, &queried_end, err) == -1)
+      if (query_plugin (next, h, pos, end, &queried_end, err) == -1)
         return -1;
       continue;
     }
@@ -194,21 +216,22 @@ sb_extents (nbdkit_next *next, void *handle,
     if ((st == BM_UNKNOWN && scan_unknown) ||
         (st == BM_ALLOCATED && scan_allocated)) {
       uint64_t s = round_down (pos, bs);
-      uint64_t target = min_u64 (round_up (pos + run, bs), ex->size);
-      uint64_t n = round_down (min_u64 (budget, ex->scan_chunk), bs);
+      uint64_t target = MIN (round_up (pos + run, bs), h->size);
+      uint64_t n = round_down (MIN (budget, (uint64_t) disk.scan_chunk), bs);
 
       if (n > 0) {
-        n = min_u64 (n, target - s);
-        if (scan_range (next, ex, s, s + n, err) == -1)
+        n = MIN (n, target - s);
+        if (scan_range (next, h, s, s + n, err) == -1)
           return -1;
-        budget -= min_u64 (budget, n);
+        budget -= MIN (budget, n);
         continue;
       }
       /* Budget spent: answer what is known so far. */
       if (first_type != -1)
         break;
-      /* Nothing answered yet (cannot happen, scan-max >= block size):
-       * report as data to make progress.
+      /* Nothing answered yet (can happen: a change raced the scan, or
+       * the scan of the first block was not learnt): report this run as
+       * data, which is always safe, to make progress.
        */
     }
 
@@ -227,32 +250,31 @@ sb_extents (nbdkit_next *next, void *handle,
   VERBOSE ("extents %" PRIu32 "@%" PRIu64 "%s: answered up to %" PRIu64
            ", scanned %" PRIu64,
            count, offset, req_one ? " req_one" : "", pos,
-           ex->scan_max - budget);
+           disk.scan_max - budget);
   return 0;
 }
 
 /* Read [OFFSET, OFFSET+COUNT) from the plugin into BUF and learn. */
 static int
-read_plugin (nbdkit_next *next, struct sb_export *ex,
+read_plugin (nbdkit_next *next, struct sb_handle *h,
              char *buf, uint32_t count, uint64_t offset, uint32_t flags,
              int *err)
 {
-  uint64_t snap = blockmap_snapshot (ex->bm);
+  uint64_t snap = changes_snapshot (disk.changes);
 
   if (next->pread (next, buf, count, offset, flags, err) == -1)
     return -1;
   STAT_ADD (plugin_read_bytes, count);
-  learn_buffer (ex, snap, buf, count, offset, NULL, NULL);
+  learn_buffer (h->bm, snap, buf, count, offset, NULL, NULL);
   return 0;
 }
 
 int
-sb_pread (nbdkit_next *next, void *handle,
-          void *buf, uint32_t count, uint64_t offset,
-          uint32_t flags, int *err)
+sparsebackup_pread (nbdkit_next *next, void *handle,
+                    void *buf, uint32_t count, uint64_t offset,
+                    uint32_t flags, int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
   char *b = buf;
   const uint64_t end = offset + count;
   uint64_t pos = offset;
@@ -260,11 +282,16 @@ sb_pread (nbdkit_next *next, void *handle,
   bool plugin_called = false;
 
   STAT_ADD (read_bytes, count);
+  if (h->bm == NULL) {
+    STAT_ADD (passthrough_requests, 1);
+    STAT_ADD (plugin_read_bytes, count);
+    return next->pread (next, buf, count, offset, flags, err);
+  }
 
 #define FLUSH_GAP()                                                     \
   do {                                                                  \
     if (gap_len > 0) {                                                  \
-      if (read_plugin (next, ex, b + (gap_start - offset), gap_len,    \
+      if (read_plugin (next, h, b + (gap_start - offset), gap_len,      \
                        gap_start, flags, err) == -1)                    \
         return -1;                                                      \
       plugin_called = true;                                             \
@@ -274,12 +301,11 @@ sb_pread (nbdkit_next *next, void *handle,
 
   while (pos < end) {
     uint64_t run, p, pend;
-    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
 
-    if (run == 0)               /* cannot happen below the size */
+    if (run == 0)               /* past the end of the map: the plugin */
       run = end - pos;
-
-    if (st == BM_ZERO) {
+    else if (st == BM_ZERO) {
       FLUSH_GAP ();
       memset (b + (pos - offset), 0, run);
       STAT_ADD (read_map_bytes, run);
@@ -290,8 +316,8 @@ sb_pread (nbdkit_next *next, void *handle,
     for (p = pos, pend = pos + run; p < pend; ) {
       size_t got = 0, uncached = pend - p;
 
-      if (ex->sc)
-        got = scancache_read (ex->sc, b + (p - offset), p, pend - p, true,
+      if (h->sc)
+        got = scancache_read (h->sc, b + (p - offset), p, pend - p, true,
                               &uncached);
       if (got > 0) {
         FLUSH_GAP ();
@@ -316,17 +342,14 @@ sb_pread (nbdkit_next *next, void *handle,
 }
 
 int
-sb_cache (nbdkit_next *next, void *handle,
-          uint32_t count, uint64_t offset, uint32_t flags, int *err)
+sparsebackup_cache (nbdkit_next *next, void *handle,
+                    uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
-  const uint32_t bs = ex->blksize;
-  uint64_t pos = round_down (offset, bs);
-  const uint64_t end = min_u64 (round_up (offset + count, bs), ex->size);
-  uint64_t budget;
+  const uint32_t bs = disk.blksize;
+  uint64_t pos, end, budget;
 
-  if (ex->sc == NULL) {
+  if (h->bm == NULL || h->sc == NULL) {
     /* Nowhere to keep scanned data: let the plugin cache if it can. */
     int r = next->can_cache (next);
     if (r == -1) {
@@ -338,11 +361,13 @@ sb_cache (nbdkit_next *next, void *handle,
     return next->cache (next, count, offset, flags, err);
   }
 
+  pos = round_down (offset, bs);
+  end = MIN (round_up (offset + count, bs), h->size);
   /* Scanning more than the cache holds would only evict what was read. */
   budget = round_down (cfg_scan_cache, bs);
   while (pos < end && budget > 0) {
     uint64_t run, p, pend;
-    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
 
     if (run == 0)
       break;
@@ -352,15 +377,16 @@ sb_cache (nbdkit_next *next, void *handle,
     }
     for (p = pos, pend = pos + run; p < pend && budget > 0; ) {
       size_t uncached = pend - p;
-      size_t got = scancache_read (ex->sc, NULL, p, pend - p, false,
+      size_t got = scancache_read (h->sc, NULL, p, pend - p, false,
                                    &uncached);
       if (got > 0)
         p += got;
       else {
         uint64_t s = round_down (p, bs);
-        uint64_t e = min_u64 (round_up (p + uncached, bs), ex->size);
-        e = min_u64 (e, s + budget);
-        if (scan_range (next, ex, s, e, err) == -1)
+        uint64_t e = MIN (round_up (p + uncached, bs), h->size);
+
+        e = MIN (e, s + budget);
+        if (scan_range (next, h, s, e, err) == -1)
           return -1;
         budget -= e - s;
         p = e;

@@ -8,12 +8,8 @@
 #include <pthread.h>
 
 #include "scancache.h"
-
-/* Completed modifications remembered for refusing stale inserts.  An
- * inserter whose snapshot is older than the oldest remembered one is
- * refused (it could have missed a modification).
- */
-#define LOG_SIZE 256
+#include "changes.h"
+#include "ispowerof2.h"
 
 struct entry {
   uint64_t offset;
@@ -23,16 +19,6 @@ struct entry {
   unsigned char *data;
   unsigned char *consumed;              /* bitmap, one bit per block */
   struct entry *prev, *next;            /* LRU list, head = most recent */
-};
-
-struct mod {
-  uint64_t ticket;
-  uint64_t start, end;
-};
-
-struct done {
-  uint64_t gen;
-  uint64_t start, end;
 };
 
 struct scancache {
@@ -45,23 +31,17 @@ struct scancache {
   struct entry *head, *tail;
   uint64_t used;
 
-  uint64_t gen;                         /* modifications completed */
-  uint64_t next_ticket;
-  struct mod *inflight;
-  size_t ninflight, inflight_alloc;
-  unsigned untracked;                   /* in flight, range unknown */
-  struct done log[LOG_SIZE];            /* ring: gens (gen-log_n, gen] */
-  size_t log_n;
+  struct changes *changes;              /* the disk's, not owned */
 
   struct scancache_stats st;
 };
 
 struct scancache *
-scancache_new (uint64_t capacity, uint32_t blksize)
+scancache_new (uint64_t capacity, uint32_t blksize, struct changes *changes)
 {
   struct scancache *sc;
 
-  if (capacity == 0 || blksize == 0 || (blksize & (blksize - 1)) != 0) {
+  if (capacity == 0 || !is_power_of_2 (blksize) || changes == NULL) {
     errno = EINVAL;
     return NULL;
   }
@@ -71,6 +51,7 @@ scancache_new (uint64_t capacity, uint32_t blksize)
   pthread_mutex_init (&sc->lock, NULL);
   sc->capacity = capacity;
   sc->blksize = blksize;
+  sc->changes = changes;
   return sc;
 }
 
@@ -92,7 +73,6 @@ scancache_free (struct scancache *sc)
   for (i = 0; i < sc->n; ++i)
     entry_free (sc->v[i]);
   free (sc->v);
-  free (sc->inflight);
   pthread_mutex_destroy (&sc->lock);
   free (sc);
 }
@@ -165,105 +145,56 @@ remove_lru (struct scancache *sc)
   sc->st.evicted++;
 }
 
-uint64_t
-scancache_snapshot (struct scancache *sc)
-{
-  uint64_t r;
-
-  pthread_mutex_lock (&sc->lock);
-  r = sc->gen;
-  pthread_mutex_unlock (&sc->lock);
-  return r;
-}
-
-uint64_t
-scancache_invalidate_begin (struct scancache *sc,
-                            uint64_t offset, uint64_t count)
-{
-  uint64_t ticket = 0;
-  uint64_t end = offset + count;
-
-  pthread_mutex_lock (&sc->lock);
-  if (sc->ninflight == sc->inflight_alloc) {
-    size_t nalloc = sc->inflight_alloc ? sc->inflight_alloc * 2 : 16;
-    struct mod *p = realloc (sc->inflight, nalloc * sizeof *p);
-    if (p) {
-      sc->inflight = p;
-      sc->inflight_alloc = nalloc;
-    }
-  }
-  if (sc->ninflight < sc->inflight_alloc) {
-    ticket = ++sc->next_ticket;
-    sc->inflight[sc->ninflight].ticket = ticket;
-    sc->inflight[sc->ninflight].start = offset;
-    sc->inflight[sc->ninflight].end = end;
-    sc->ninflight++;
-    remove_range (sc, offset, end);
-  }
-  else {
-    /* Out of memory: refuse every insert until this request is over. */
-    sc->untracked++;
-    remove_range (sc, 0, UINT64_MAX);
-  }
-  pthread_mutex_unlock (&sc->lock);
-  return ticket;
-}
-
 void
-scancache_invalidate_end (struct scancache *sc, uint64_t ticket)
+scancache_drop (struct scancache *sc, uint64_t offset, uint64_t count)
 {
-  uint64_t start = 0, end = UINT64_MAX;
-  size_t i;
-  struct done *d;
-
   pthread_mutex_lock (&sc->lock);
-  if (ticket == 0)
-    sc->untracked--;
-  else {
-    for (i = 0; i < sc->ninflight; ++i) {
-      if (sc->inflight[i].ticket == ticket) {
-        start = sc->inflight[i].start;
-        end = sc->inflight[i].end;
-        sc->inflight[i] = sc->inflight[sc->ninflight - 1];
-        sc->ninflight--;
-        break;
-      }
-    }
-  }
-  sc->gen++;
-  d = &sc->log[sc->gen % LOG_SIZE];
-  d->gen = sc->gen;
-  d->start = start;
-  d->end = end;
-  if (sc->log_n < LOG_SIZE)
-    sc->log_n++;
+  remove_range (sc, offset, count > UINT64_MAX - offset ?
+                UINT64_MAX : offset + count);
   pthread_mutex_unlock (&sc->lock);
 }
 
-/* May data read after SNAP be inserted over [START, END)?  Lock held. */
-static bool
-insert_allowed (struct scancache *sc, uint64_t snap,
-                uint64_t start, uint64_t end)
+struct insert {
+  struct scancache *sc;
+  struct entry *e;              /* set to NULL once linked */
+};
+
+/* changes_unchanged callback: link the entry if the whole of it is
+ * unchanged (tracker lock held, so no change can drop it before).
+ */
+static void
+insert_cb (void *opaque, uint64_t offset, uint64_t count)
 {
-  uint64_t g;
+  struct insert *ins = opaque;
+  struct scancache *sc = ins->sc;
+  struct entry *e = ins->e;
   size_t i;
 
-  if (sc->untracked > 0)
-    return false;
-  for (i = 0; i < sc->ninflight; ++i)
-    if (sc->inflight[i].start < end && start < sc->inflight[i].end)
-      return false;
-  if (snap > sc->gen)
-    return false;
-  /* Every completion after SNAP must still be in the log. */
-  if (sc->gen - snap > sc->log_n)
-    return false;
-  for (g = snap + 1; g <= sc->gen; ++g) {
-    const struct done *d = &sc->log[g % LOG_SIZE];
-    if (d->start < end && start < d->end)
-      return false;
+  if (e == NULL || offset != e->offset || count != e->len)
+    return;
+
+  pthread_mutex_lock (&sc->lock);
+  remove_range (sc, e->offset, e->offset + e->len);
+  while (sc->used + e->len > sc->capacity && sc->tail)
+    remove_lru (sc);
+  if (sc->n == sc->alloc) {
+    size_t nalloc = sc->alloc ? sc->alloc * 2 : 64;
+    struct entry **p = realloc (sc->v, nalloc * sizeof *p);
+    if (p == NULL)
+      goto out;
+    sc->v = p;
+    sc->alloc = nalloc;
   }
-  return true;
+  i = search (sc, e->offset);
+  memmove (&sc->v[i+1], &sc->v[i], (sc->n - i) * sizeof sc->v[0]);
+  sc->v[i] = e;
+  sc->n++;
+  sc->used += e->len;
+  lru_push_front (sc, e);
+  sc->st.inserted++;
+  ins->e = NULL;
+ out:
+  pthread_mutex_unlock (&sc->lock);
 }
 
 bool
@@ -271,8 +202,7 @@ scancache_insert (struct scancache *sc, uint64_t snap,
                   uint64_t offset, const void *data, size_t len)
 {
   struct entry *e;
-  size_t i;
-  bool ok = false;
+  struct insert ins;
 
   if (len > sc->capacity)
     len = sc->capacity & ~((uint64_t) sc->blksize - 1);
@@ -294,37 +224,16 @@ scancache_insert (struct scancache *sc, uint64_t snap,
   }
   memcpy (e->data, data, len);
 
+  ins.sc = sc;
+  ins.e = e;
+  changes_unchanged (sc->changes, snap, 0, offset, len, insert_cb, &ins);
+  if (ins.e == NULL)
+    return true;
   pthread_mutex_lock (&sc->lock);
-  if (!insert_allowed (sc, snap, offset, offset + len)) {
-    sc->st.refused++;
-    goto out;
-  }
-  remove_range (sc, offset, offset + len);
-  while (sc->used + len > sc->capacity && sc->tail)
-    remove_lru (sc);
-
-  if (sc->n == sc->alloc) {
-    size_t nalloc = sc->alloc ? sc->alloc * 2 : 64;
-    struct entry **p = realloc (sc->v, nalloc * sizeof *p);
-    if (p == NULL)
-      goto out;
-    sc->v = p;
-    sc->alloc = nalloc;
-  }
-  i = search (sc, offset);
-  memmove (&sc->v[i+1], &sc->v[i], (sc->n - i) * sizeof sc->v[0]);
-  sc->v[i] = e;
-  sc->n++;
-  sc->used += len;
-  lru_push_front (sc, e);
-  sc->st.inserted++;
-  ok = true;
-  e = NULL;
- out:
+  sc->st.refused++;
   pthread_mutex_unlock (&sc->lock);
-  if (e)
-    entry_free (e);
-  return ok;
+  entry_free (e);
+  return false;
 }
 
 /* Mark blocks of E fully inside [REL_S, REL_E) (relative to E) as read.

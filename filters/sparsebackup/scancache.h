@@ -9,12 +9,12 @@
  *   every block of it.
  * - Entries never overlap.  They start on a block boundary and end on a
  *   block boundary or at the end of the export.
- * - Coherent with writes: every write, zero or trim calls
- *   scancache_invalidate_begin before it is issued (overlapping entries
- *   are dropped) and scancache_invalidate_end after it finished.  An
- *   insert is refused if a modification overlapping it was in flight or
- *   finished after the inserter's scancache_snapshot (taken before the
- *   data was read), so stale data never enters the cache.
+ * - Coherent with changes: every write, zero or trim calls
+ *   scancache_drop (after changes_begin, before it is issued), which
+ *   drops overlapping entries.  An insert is refused unless the disk's
+ *   change tracker reports the whole range unchanged since the
+ *   inserter's changes_snapshot (taken before the data was read), so
+ *   stale data never enters the cache.
  * - Thread safe (one mutex).
  *
  * Pure C: no nbdkit headers.
@@ -27,24 +27,22 @@
 #include <stdint.h>
 
 struct scancache;
+struct changes;
 
-/* CAPACITY > 0 bytes, BLKSIZE a power of 2.  NULL + errno on failure. */
-extern struct scancache *scancache_new (uint64_t capacity, uint32_t blksize);
+/* CAPACITY > 0 bytes, BLKSIZE a power of 2, CHANGES the disk's change
+ * tracker (not owned).  NULL + errno on failure.
+ */
+extern struct scancache *scancache_new (uint64_t capacity, uint32_t blksize,
+                                        struct changes *changes);
 extern void scancache_free (struct scancache *sc);
 
-/* Take before reading data that will be inserted. */
-extern uint64_t scancache_snapshot (struct scancache *sc);
+/* Drop every entry overlapping [OFFSET, OFFSET+COUNT). */
+extern void scancache_drop (struct scancache *sc,
+                            uint64_t offset, uint64_t count);
 
-/* Bracket every modification of [OFFSET, OFFSET+COUNT).  Returns a ticket
- * to pass to scancache_invalidate_end.  Returns 0 (and the cache is
- * cleared) if the cache cannot track the request.
- */
-extern uint64_t scancache_invalidate_begin (struct scancache *sc,
-                                            uint64_t offset, uint64_t count);
-extern void scancache_invalidate_end (struct scancache *sc, uint64_t ticket);
-
-/* Copy LEN bytes of DATA (from disk offset OFFSET, block aligned) into
- * the cache.  Returns true if inserted.
+/* Copy LEN bytes of DATA (read from disk offset OFFSET, block aligned,
+ * after changes_snapshot returned SNAP) into the cache.  Returns true if
+ * inserted.
  */
 extern bool scancache_insert (struct scancache *sc, uint64_t snap,
                               uint64_t offset, const void *data, size_t len);

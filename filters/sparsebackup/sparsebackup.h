@@ -12,6 +12,10 @@
 #include <nbdkit-filter.h>
 
 #include "blockmap.h"
+#include "changes.h"
+#include "ispowerof2.h"
+#include "minmax.h"
+#include "rounding.h"
 #include "scancache.h"
 
 /* ---- Configuration (sparsebackup.c) -------------------------------- */
@@ -26,7 +30,7 @@ extern enum no_hole_mode cfg_no_hole;
 extern enum scan_mode cfg_scan;
 extern uint64_t cfg_scan_max;
 extern uint64_t cfg_scan_cache;
-extern const char *cfg_statsfile;
+extern uint64_t cfg_map_memory;
 
 /* Debug flags (-D sparsebackup.verbose=1, -D sparsebackup.stats=1). */
 extern int sparsebackup_debug_verbose;
@@ -38,7 +42,7 @@ extern int sparsebackup_debug_stats;
       nbdkit_debug ("sparsebackup: " fs, ##__VA_ARGS__);                \
   } while (0)
 
-/* ---- Statistics (atomic counters, sparsebackup.c) ------------------ */
+/* ---- Statistics (atomic counters, stats.c) ------------------------- */
 
 struct sb_stats {
   uint64_t write_data_bytes;
@@ -52,112 +56,95 @@ struct sb_stats {
   uint64_t plugin_read_bytes;
   uint64_t scan_bytes;
   uint64_t extents_calls;
+  uint64_t passthrough_requests;
 };
 extern struct sb_stats stats;
 
 #define STAT_ADD(field, n) \
   ((void) __atomic_fetch_add (&stats.field, (uint64_t) (n), __ATOMIC_RELAXED))
 
-/* ---- Per-export state (sparsebackup.c) ----------------------------- */
+/* sparsebackup-statsfile=: open (create) the file now, so that a bad
+ * path fails at start-up.  stats_close prints the summary line (always
+ * to the debug log) and, to the file, the summary and the counters;
+ * returns -1 if the file could not be written.
+ */
+extern int stats_open (const char *value);
+extern int stats_close (void);
 
-/* One per export name and size, shared by every connection to it. */
-struct sb_export {
-  struct sb_export *next;       /* list of live exports (global lock) */
-  char *name;
-  uint64_t size;
-  uint32_t blksize;
-  uint64_t scan_max;            /* cfg_scan_max, at least blksize */
-  uint32_t scan_chunk;          /* bytes per scanning read */
-  struct blockmap *bm;
+/* ---- The disk (sparsebackup.c) ------------------------------------ */
+
+/* One state for the disk the filter serves: the plugin's default export
+ * (export name "").  The change tracker exists from .get_ready on; the
+ * map and the scan cache are created by the first connection to the
+ * default export and are never replaced (a change of size resets them).
+ * Published with release/acquire atomics: read DISK_BM () and DISK_SC ().
+ */
+struct sb_disk {
+  struct changes *changes;      /* every change of every connection */
+  struct blockmap *bm;          /* NULL until created */
   struct scancache *sc;         /* NULL if sparsebackup-scan-cache=0 */
-  unsigned refs;                /* connections and changes using it */
-  bool retired;                 /* replaced by a map of another size */
-  uint64_t last_used;           /* export_clock at the last connection */
+  uint32_t blksize;
+  uint32_t scan_chunk;          /* bytes per scanning read */
+  uint64_t scan_max;            /* cfg_scan_max, at least blksize */
 };
+extern struct sb_disk disk;
 
-/* At most this many maps (export names, plus retired maps still in use)
- * exist at once.
- */
-#define MAX_EXPORTS 16
-
-/* A change (write, trim, zero) as seen by every map; see sparsebackup.c. */
+/* A change (write, zero request, trim) in flight; see doc/design.md. */
 struct sb_change {
-  unsigned n;
-  bool track;
-  struct {
-    struct sb_export *ex;
-    uint64_t bm_ticket;
-    uint64_t sc_ticket;
-  } e[MAX_EXPORTS];
+  uint64_t ticket;
+  uint64_t offset, count;
 };
 
-/* Before a change of [OFFSET, OFFSET+COUNT) through export OWN: every scan
- * cache drops the range; if TRACK, every map also clears its zero state
- * and records the change as in flight (OWN's blocks become NEWSTATE, the
- * others' BM_UNKNOWN).  After it, change_end with OK = false if it failed
- * (tracked blocks become unknown).  change_forget makes a range unknown
- * in every map (a failed untracked change, such as a zero request).
+/* Before a change of [OFFSET, OFFSET+COUNT) is issued: record it with
+ * the change tracker, take it out of the map's zero knowledge (its
+ * blocks become NEWSTATE if the change comes through a connection that
+ * uses the map, OWN, else BM_UNKNOWN) and drop it from the scan cache.
+ * Returns -1 with *ERR set if it must not be issued.  After it,
+ * change_end with OK = false if it failed (its blocks become unknown).
  */
-extern void change_begin (struct sb_change *c, struct sb_export *own,
-                          uint64_t offset, uint64_t count,
-                          bool track, enum bm_state newstate);
+extern int change_begin (struct sb_change *c, bool own,
+                         uint64_t offset, uint64_t count,
+                         enum bm_state newstate, int *err);
 extern void change_end (struct sb_change *c, bool ok);
-extern void change_forget (struct sb_change *c,
-                           uint64_t offset, uint64_t count);
 
 /* Per-connection handle. */
 struct sb_handle {
+  struct blockmap *bm;          /* set in .prepare; NULL: pass through */
+  struct scancache *sc;
+  uint64_t size;                /* of this connection's export */
   char *exportname;
-  struct sb_export *ex;         /* set in .prepare */
 };
-
-/* Helpers. */
-static inline uint64_t
-round_down (uint64_t x, uint32_t blksize)
-{
-  return x & ~((uint64_t) blksize - 1);
-}
-
-static inline uint64_t
-round_up (uint64_t x, uint32_t blksize)
-{
-  return (x + blksize - 1) & ~((uint64_t) blksize - 1);
-}
-
-static inline uint64_t
-min_u64 (uint64_t a, uint64_t b)
-{
-  return a < b ? a : b;
-}
-
-static inline uint64_t
-max_u64 (uint64_t a, uint64_t b)
-{
-  return a > b ? a : b;
-}
 
 /* ---- Write side (write.c) ------------------------------------------ */
 
-extern int sb_pwrite (nbdkit_next *next, void *handle,
+extern int sparsebackup_pwrite (nbdkit_next *next, void *handle,
                       const void *buf, uint32_t count, uint64_t offset,
                       uint32_t flags, int *err);
-extern int sb_zero (nbdkit_next *next, void *handle,
+extern int sparsebackup_zero (nbdkit_next *next, void *handle,
                     uint32_t count, uint64_t offset, uint32_t flags,
                     int *err);
-extern int sb_trim (nbdkit_next *next, void *handle,
+extern int sparsebackup_trim (nbdkit_next *next, void *handle,
                     uint32_t count, uint64_t offset, uint32_t flags,
                     int *err);
 
 /* ---- Read side (read.c) -------------------------------------------- */
 
-extern int sb_pread (nbdkit_next *next, void *handle,
+extern int sparsebackup_pread (nbdkit_next *next, void *handle,
                      void *buf, uint32_t count, uint64_t offset,
                      uint32_t flags, int *err);
-extern int sb_extents (nbdkit_next *next, void *handle,
+extern int sparsebackup_extents (nbdkit_next *next, void *handle,
                        uint32_t count, uint64_t offset, uint32_t flags,
                        struct nbdkit_extents *extents, int *err);
-extern int sb_cache (nbdkit_next *next, void *handle,
+extern int sparsebackup_cache (nbdkit_next *next, void *handle,
                      uint32_t count, uint64_t offset, uint32_t flags,
                      int *err);
+
+/* Ask the plugin's extents about the unknown range at POS (up to END, at
+ * least EXTENTS_AHEAD bytes ahead) and teach the map.  Sets *QUERIED_END
+ * to where asking again would not teach more.
+ */
+extern int query_plugin (nbdkit_next *next, struct sb_handle *h,
+                         uint64_t pos, uint64_t end, uint64_t *queried_end,
+                         int *err);
 
 #endif /* SPARSEBACKUP_FILTER_H */

@@ -6,13 +6,13 @@
  * and neighbouring pieces of the same kind are coalesced so that a write
  * never costs more plugin calls than it has runs.
  *
- * Map protocol (shared/notes/nbd-sparseness-rules.md):
- *  - writes and trims: change_begin (tracked) before, change_end after,
- *    in every map (a failed request leaves its blocks unknown);
- *  - zero requests: snapshot before, blockmap_learn_zero (inward) in the
- *    connection's own map after success, change_forget (every map) on
- *    failure.
- * Every scan cache drops the range before any of them is issued.
+ * Every request issued to the plugin that can change the disk is one
+ * change (change_begin before, change_end after; doc/design.md, "The map
+ * protocol"): a write makes its blocks DATA, a trim or a zero request
+ * makes them unknown, and a zero request that succeeded teaches the map
+ * ZERO for the blocks it fully covers, as long as no other change
+ * touched them meanwhile.  Connections that do not use the map (other
+ * export names) are passed through, their changes still tracked.
  */
 
 #include <config.h>
@@ -54,14 +54,15 @@ flush_if_possible (nbdkit_next *next, int *err)
 
 /* A write passed to the plugin. */
 static int
-write_data (nbdkit_next *next, struct sb_export *ex,
+write_data (nbdkit_next *next, struct sb_handle *h,
             const void *buf, uint32_t count, uint64_t offset,
             uint32_t flags, int *err)
 {
   struct sb_change c;
   int r;
 
-  change_begin (&c, ex, offset, count, true, BM_DATA);
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_DATA, err) == -1)
+    return -1;
   r = next->pwrite (next, buf, count, offset, flags, err);
   change_end (&c, r == 0);
   if (r == 0)
@@ -69,37 +70,91 @@ write_data (nbdkit_next *next, struct sb_export *ex,
   return r;
 }
 
-/* A zero request passed to the plugin (next->can_zero > NONE).  C is
- * the caller's untracked change covering the range.
+/* A request that leaves [OFFSET, OFFSET+COUNT) reading as zero: a zero
+ * request, or (WRITE_ZEROES) a write of zero_buf (COUNT <= its size).
+ * On success the map learns ZERO where no other change intervened.
  */
 static int
-zero_request (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
-              uint32_t count, uint64_t offset, uint32_t flags, int *err)
+zeroing (nbdkit_next *next, struct sb_handle *h, bool write_zeroes,
+         uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
+  struct sb_change c;
   uint64_t snap;
+  bool refused;
   int r;
 
-  snap = blockmap_snapshot (ex->bm);
-  r = next->zero (next, count, offset, flags, err);
-  if (r == 0) {
-    blockmap_learn_zero (ex->bm, snap, offset, count);
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN, err) == -1)
+    return -1;
+  /* After change_begin: a change that ended before this snapshot ended
+   * before the request was issued, which overwrites it.
+   */
+  snap = changes_snapshot (disk.changes);
+  if (write_zeroes)
+    r = next->pwrite (next, zero_buf, count, offset, flags, err);
+  else
+    r = next->zero (next, count, offset, flags, err);
+  if (r == 0 && h->bm) {
+    blockmap_learn_zero (h->bm, snap, c.ticket, offset, count, true);
     STAT_ADD (zero_bytes, count);
   }
-  else if (!((flags & NBDKIT_FLAG_FAST_ZERO) &&
-             (*err == ENOTSUP || *err == EOPNOTSUPP)))
-    /* Failed: contents undefined (a fast-zero refusal changed nothing),
-     * in every map that may describe the same disk.
-     */
-    change_forget (c, offset, count);
+  /* A fast-zero refusal changed nothing; any other failure leaves the
+   * contents undefined (the blocks become unknown).
+   */
+  refused = r == -1 && (flags & NBDKIT_FLAG_FAST_ZERO) &&
+    (*err == ENOTSUP || *err == EOPNOTSUPP);
+  change_end (&c, r == 0 || refused);
   return r;
+}
+
+/* The map does not know whether [OFFSET, OFFSET+COUNT) is zero: if part
+ * of it is unknown, ask the plugin's extents once for a large region
+ * (never per block) so that zeroing of space already zero can be
+ * skipped, on a fresh target too.  Failures only mean no skipping.
+ */
+static void
+learn_target (nbdkit_next *next, struct sb_handle *h,
+              uint32_t count, uint64_t offset)
+{
+  const uint64_t end = offset + count;
+  uint64_t pos = offset, run, queried_end;
+  int err;
+
+  while (pos < end) {
+    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
+
+    if (run == 0)
+      return;
+    if (st == BM_UNKNOWN) {
+      int r = next->can_extents (next);
+
+      if (r == 1)
+        query_plugin (next, h, pos, end, &queried_end, &err);
+      return;
+    }
+    if (st != BM_ZERO)
+      return;                   /* known not all zero */
+    pos += run;
+  }
+}
+
+/* Every block touched by the range is known zero, after asking the
+ * plugin if needed.
+ */
+static bool
+known_zero (nbdkit_next *next, struct sb_handle *h,
+            uint32_t count, uint64_t offset)
+{
+  if (blockmap_is_zero (h->bm, offset, count))
+    return true;
+  learn_target (next, h, count, offset);
+  return blockmap_is_zero (h->bm, offset, count);
 }
 
 enum piece_kind { PIECE_NONE, PIECE_DATA, PIECE_ZERO, PIECE_SKIP };
 
 struct split {
   nbdkit_next *next;
-  struct sb_export *ex;
-  struct sb_change *change;     /* untracked change of the whole write */
+  struct sb_handle *h;
   const char *buf;
   uint64_t offset;              /* disk offset of buf[0] */
   uint32_t piece_flags;         /* FUA or 0 */
@@ -120,13 +175,13 @@ issue (struct split *s, int *err)
   case PIECE_NONE:
     break;
   case PIECE_DATA:
-    r = write_data (s->next, s->ex, s->buf + s->start, s->len, off,
+    r = write_data (s->next, s->h, s->buf + s->start, s->len, off,
                     s->piece_flags, err);
     s->data_pieces++;
     break;
   case PIECE_ZERO:
-    r = zero_request (s->next, s->ex, s->change, s->len, off,
-                      s->zero_flags | s->piece_flags, err);
+    r = zeroing (s->next, s->h, false, s->len, off,
+                 s->zero_flags | s->piece_flags, err);
     if (r == 0)
       STAT_ADD (write_zero_bytes, s->len);
     s->zero_pieces++;
@@ -161,45 +216,39 @@ add_piece (struct split *s, enum piece_kind kind, size_t start, size_t len,
 }
 
 int
-sb_pwrite (nbdkit_next *next, void *handle,
-           const void *buf, uint32_t count, uint64_t offset,
-           uint32_t flags, int *err)
+sparsebackup_pwrite (nbdkit_next *next, void *handle,
+                     const void *buf, uint32_t count, uint64_t offset,
+                     uint32_t flags, int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
   const bool fua = flags & NBDKIT_FLAG_FUA;
-  struct sb_change c;
   int can_fua, can_zero;
   struct split s;
   size_t pos, len;
   bool zero;
-  int r = -1;
 
-  /* Unsplit writes (write_data tracks the change in every map). */
-  if (cfg_detect_zeroes == DZ_OFF || count == 0)
-    return write_data (next, ex, buf, count, offset, flags, err);
+  /* Unsplit writes. */
+  if (h->bm == NULL || cfg_detect_zeroes == DZ_OFF || count == 0) {
+    if (h->bm == NULL)
+      STAT_ADD (passthrough_requests, 1);
+    return write_data (next, h, buf, count, offset, flags, err);
+  }
 
-  len = zero_run (buf, count, 0, offset, ex->blksize, &zero);
+  len = zero_run (buf, count, 0, offset, disk.blksize, &zero);
   if (len == count && !zero)
     /* All data: the same single write. */
-    return write_data (next, ex, buf, count, offset, flags, err);
-
-  /* Split: every scan cache drops the whole range first (zero pieces are
-   * not tracked writes); data pieces track themselves.
-   */
-  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
+    return write_data (next, h, buf, count, offset, flags, err);
 
   can_fua = next->can_fua (next);
   can_zero = next->can_zero (next);
   if (can_fua == -1 || can_zero == -1) {
     *err = EIO;
-    goto out;
+    return -1;
   }
 
   memset (&s, 0, sizeof s);
   s.next = next;
-  s.ex = ex;
-  s.change = &c;
+  s.h = h;
   s.buf = buf;
   s.offset = offset;
   s.kind = PIECE_NONE;
@@ -207,10 +256,10 @@ sb_pwrite (nbdkit_next *next, void *handle,
   s.zero_flags = cfg_detect_zeroes == DZ_UNMAP ? NBDKIT_FLAG_MAY_TRIM : 0;
 
   for (pos = 0; pos < count; pos += len) {
-    len = zero_run (buf, count, pos, offset, ex->blksize, &zero);
+    len = zero_run (buf, count, pos, offset, disk.blksize, &zero);
     if (!zero) {
       if (add_piece (&s, PIECE_DATA, pos, len, err) == -1)
-        goto out;
+        return -1;
     }
     else {
       /* A zero run is skipped if every block it touches is known zero
@@ -222,39 +271,33 @@ sb_pwrite (nbdkit_next *next, void *handle,
       enum piece_kind k;
 
       if (cfg_detect_zeroes == DZ_UNMAP &&
-          blockmap_is_zero (ex->bm, offset + pos, len))
+          known_zero (next, h, len, offset + pos))
         k = PIECE_SKIP;
       else if (can_zero == NBDKIT_ZERO_NATIVE)
         k = PIECE_ZERO;
       else
         k = PIECE_DATA;
       if (add_piece (&s, k, pos, len, err) == -1)
-        goto out;
+        return -1;
     }
   }
   if (issue (&s, err) == -1)
-    goto out;
+    return -1;
 
   VERBOSE ("pwrite %" PRIu32 "@%" PRIu64 ": %u data, %u zero, %u skipped "
            "piece(s)", count, offset,
            s.data_pieces, s.zero_pieces, s.skip_pieces);
 
-  if (fua && (s.piece_flags == 0 || s.skip_pieces > 0)) {
-    if (flush_if_possible (next, err) == -1)
-      goto out;
-  }
-  r = 0;
-
- out:
-  change_end (&c, true);
-  return r;
+  if (fua && (s.piece_flags == 0 || s.skip_pieces > 0))
+    return flush_if_possible (next, err);
+  return 0;
 }
 
 /* The plugin cannot zero: write zero buffers over the parts of the range
  * not known to be zero already (all of it if PROVISION).
  */
 static int
-emulate_zero (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
+emulate_zero (nbdkit_next *next, struct sb_handle *h,
               uint32_t count, uint64_t offset, uint32_t flags,
               bool provision, int *err)
 {
@@ -274,7 +317,7 @@ emulate_zero (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
 
   while (pos < end) {
     uint64_t run;
-    enum bm_state st = blockmap_lookup (ex->bm, pos, end - pos, &run);
+    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
 
     if (run == 0)
       run = end - pos;
@@ -286,14 +329,11 @@ emulate_zero (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
     }
     while (run > 0) {
       /* scan_chunk respects the plugin's maximum request size. */
-      uint32_t n = min_u64 (run, min_u64 (ZERO_BUF_SIZE, ex->scan_chunk));
-      uint64_t snap = blockmap_snapshot (ex->bm);
+      uint32_t n = MIN (run, MIN ((uint64_t) ZERO_BUF_SIZE,
+                                  (uint64_t) disk.scan_chunk));
 
-      if (next->pwrite (next, zero_buf, n, pos, wflags, err) == -1) {
-        change_forget (c, pos, n);
+      if (zeroing (next, h, true, n, pos, wflags, err) == -1)
         return -1;
-      }
-      blockmap_learn_zero (ex->bm, snap, pos, n);
       STAT_ADD (write_data_bytes, n);
       pos += n;
       run -= n;
@@ -306,12 +346,34 @@ emulate_zero (nbdkit_next *next, struct sb_export *ex, struct sb_change *c,
   return 0;
 }
 
+/* A trim, or a zero request of a connection without the map, passed
+ * straight to the plugin: its blocks become unknown.
+ */
+static int
+plain_change (nbdkit_next *next, struct sb_handle *h, bool trim,
+              uint32_t count, uint64_t offset, uint32_t flags, int *err)
+{
+  struct sb_change c;
+  int r;
+
+  if (h->bm == NULL)
+    STAT_ADD (passthrough_requests, 1);
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN, err) == -1)
+    return -1;
+  if (trim)
+    r = next->trim (next, count, offset, flags, err);
+  else
+    r = next->zero (next, count, offset, flags, err);
+  change_end (&c, r == 0);
+  return r;
+}
+
 int
-sb_zero (nbdkit_next *next, void *handle,
-         uint32_t count, uint64_t offset, uint32_t flags, int *err)
+sparsebackup_zero (nbdkit_next *next, void *handle,
+                   uint32_t count, uint64_t offset, uint32_t flags,
+                   int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
   const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
   const bool fua = flags & NBDKIT_FLAG_FUA;
   /* NO_HOLE honoured: the range must end up provisioned, which a block
@@ -320,10 +382,12 @@ sb_zero (nbdkit_next *next, void *handle,
   const bool provision =
     !(flags & NBDKIT_FLAG_MAY_TRIM) && cfg_no_hole == NH_HONOUR;
   uint32_t zflags;
-  struct sb_change c;
-  int can_zero, r;
+  int can_zero;
 
-  if (!provision && blockmap_is_zero (ex->bm, offset, count)) {
+  if (h->bm == NULL)
+    return plain_change (next, h, false, count, offset, flags, err);
+
+  if (!provision && known_zero (next, h, count, offset)) {
     VERBOSE ("zero %" PRIu32 "@%" PRIu64 ": skipped, known zero",
              count, offset);
     STAT_ADD (zero_skipped_bytes, count);
@@ -354,39 +418,29 @@ sb_zero (nbdkit_next *next, void *handle,
     }
   }
 
+  if (can_zero == NBDKIT_ZERO_NONE)
+    return emulate_zero (next, h, count, offset, flags, provision, err);
+
   zflags = flags & (NBDKIT_FLAG_FUA | NBDKIT_FLAG_FAST_ZERO);
   if ((flags & NBDKIT_FLAG_MAY_TRIM) || cfg_no_hole == NH_IGNORE)
     zflags |= NBDKIT_FLAG_MAY_TRIM;
-
-  change_begin (&c, ex, offset, count, false, BM_UNKNOWN);
-  if (can_zero > NBDKIT_ZERO_NONE) {
-    VERBOSE ("zero %" PRIu32 "@%" PRIu64 ": passed down%s%s%s",
-             count, offset,
-             zflags & NBDKIT_FLAG_MAY_TRIM ? " may_trim" : "",
-             zflags & NBDKIT_FLAG_FUA ? " fua" : "",
-             zflags & NBDKIT_FLAG_FAST_ZERO ? " fast" : "");
-    r = zero_request (next, ex, &c, count, offset, zflags, err);
-  }
-  else
-    r = emulate_zero (next, ex, &c, count, offset, flags, provision, err);
-  change_end (&c, true);
-  return r;
+  VERBOSE ("zero %" PRIu32 "@%" PRIu64 ": passed down%s%s%s",
+           count, offset,
+           zflags & NBDKIT_FLAG_MAY_TRIM ? " may_trim" : "",
+           zflags & NBDKIT_FLAG_FUA ? " fua" : "",
+           zflags & NBDKIT_FLAG_FAST_ZERO ? " fast" : "");
+  return zeroing (next, h, false, count, offset, zflags, err);
 }
 
 int
-sb_trim (nbdkit_next *next, void *handle,
-         uint32_t count, uint64_t offset, uint32_t flags, int *err)
+sparsebackup_trim (nbdkit_next *next, void *handle,
+                   uint32_t count, uint64_t offset, uint32_t flags,
+                   int *err)
 {
   struct sb_handle *h = handle;
-  struct sb_export *ex = h->ex;
-  struct sb_change c;
-  int r;
 
   /* A trim leaves the contents undefined: never known zero. */
-  change_begin (&c, ex, offset, count, true, BM_UNKNOWN);
-  r = next->trim (next, count, offset, flags, err);
-  change_end (&c, r == 0);
   VERBOSE ("trim %" PRIu32 "@%" PRIu64 ": passed down, blocks unknown",
            count, offset);
-  return r;
+  return plain_change (next, h, true, count, offset, flags, err);
 }

@@ -1,0 +1,195 @@
+/* nbdkit-sparsebackup-filter: statistics.
+ *
+ * Counters are updated with relaxed atomics on the data paths and printed
+ * at unload: a human summary line, then one "key: value" line per counter
+ * for scripts, to the statistics file (sparsebackup-statsfile=, opened at
+ * start-up so that a bad path fails at once) and, with
+ * -D sparsebackup.stats=1, to the debug log.
+ */
+
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <inttypes.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "sparsebackup.h"
+
+struct sb_stats stats;
+
+static FILE *statsfp = NULL;
+static char *statsfile = NULL;
+
+int
+stats_open (const char *value)
+{
+  char *path;
+  FILE *fp;
+
+  path = nbdkit_absolute_path (value);
+  if (path == NULL)
+    return -1;
+  fp = fopen (path, "w");
+  if (fp == NULL) {
+    nbdkit_error ("sparsebackup-statsfile: cannot open '%s': %m", path);
+    free (path);
+    return -1;
+  }
+  if (statsfp)
+    fclose (statsfp);
+  free (statsfile);
+  statsfp = fp;
+  statsfile = path;
+  return 0;
+}
+
+/* 1536 -> "1.5 KiB": binary units, one decimal. */
+static void
+human_size (char *buf, size_t len, uint64_t n)
+{
+  static const char *const units[] = { "KiB", "MiB", "GiB", "TiB", "PiB",
+                                       "EiB" };
+  double v = n;
+  int u = -1;
+
+  if (n < 1024) {
+    snprintf (buf, len, "%" PRIu64 " B", n);
+    return;
+  }
+  while (v >= 1024 && u < 5) {
+    v /= 1024;
+    u++;
+  }
+  snprintf (buf, len, "%.1f %s", v, units[u]);
+}
+
+#define LOAD(field) __atomic_load_n (&stats.field, __ATOMIC_RELAXED)
+
+static void
+print_summary (FILE *fp)
+{
+  char rd[32], pl[32], mp[32], ca[32], wd[32], wz[32], zr[32], sk[32];
+
+  human_size (rd, sizeof rd, LOAD (read_bytes));
+  human_size (pl, sizeof pl, LOAD (plugin_read_bytes));
+  human_size (mp, sizeof mp, LOAD (read_map_bytes));
+  human_size (ca, sizeof ca, LOAD (read_cache_bytes));
+  human_size (wd, sizeof wd, LOAD (write_data_bytes));
+  human_size (wz, sizeof wz, LOAD (write_zero_bytes));
+  human_size (zr, sizeof zr, LOAD (zero_bytes));
+  human_size (sk, sizeof sk, LOAD (zero_skipped_bytes));
+  fprintf (fp, "sparsebackup: client read %s, %s from the plugin, "
+           "%s answered from the map, %s from the scan cache; "
+           "wrote %s of data to the plugin, %s of zero blocks as zero "
+           "requests; %s zeroed by the plugin, %s of zeroing skipped\n",
+           rd, pl, mp, ca, wd, wz, zr, sk);
+}
+
+static void
+print_stats (FILE *fp, const struct blockmap_stats *bs,
+             const struct changes_stats *cs)
+{
+  fprintf (fp, "write-data-bytes: %" PRIu64 "\n", LOAD (write_data_bytes));
+  fprintf (fp, "write-zero-bytes: %" PRIu64 "\n", LOAD (write_zero_bytes));
+  fprintf (fp, "zero-bytes: %" PRIu64 "\n", LOAD (zero_bytes));
+  fprintf (fp, "zero-skipped-bytes: %" PRIu64 "\n",
+           LOAD (zero_skipped_bytes));
+  fprintf (fp, "requests-avoided: %" PRIu64 "\n", LOAD (requests_avoided));
+  fprintf (fp, "read-bytes: %" PRIu64 "\n", LOAD (read_bytes));
+  fprintf (fp, "read-map-bytes: %" PRIu64 "\n", LOAD (read_map_bytes));
+  fprintf (fp, "read-cache-bytes: %" PRIu64 "\n", LOAD (read_cache_bytes));
+  fprintf (fp, "plugin-read-bytes: %" PRIu64 "\n", LOAD (plugin_read_bytes));
+  fprintf (fp, "scan-bytes: %" PRIu64 "\n", LOAD (scan_bytes));
+  fprintf (fp, "extents-calls: %" PRIu64 "\n", LOAD (extents_calls));
+  fprintf (fp, "passthrough-requests: %" PRIu64 "\n",
+           LOAD (passthrough_requests));
+  fprintf (fp, "map-runs: %" PRIu64 "\n", bs->runs);
+  fprintf (fp, "map-memory: %" PRIu64 "\n", bs->memory);
+  fprintf (fp, "map-budget: %" PRIu64 "\n", bs->budget);
+  fprintf (fp, "map-forgotten-bytes: %" PRIu64 "\n", bs->forgotten);
+  fprintf (fp, "changes: %" PRIu64 "\n", cs->begun);
+}
+
+/* Print everything to the debug log, line by line. */
+static void
+debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs)
+{
+  char *s = NULL;
+  size_t len = 0;
+  FILE *fp = open_memstream (&s, &len);
+
+  if (fp) {
+    char *line, *saveptr = NULL;
+
+    print_stats (fp, bs, cs);
+    fclose (fp);
+    for (line = strtok_r (s, "\n", &saveptr); line != NULL;
+         line = strtok_r (NULL, "\n", &saveptr))
+      nbdkit_debug ("sparsebackup: stats: %s", line);
+  }
+  free (s);
+}
+
+int
+stats_close (void)
+{
+  struct blockmap_stats bs;
+  struct changes_stats cs;
+  char *summary = NULL;
+  size_t len = 0;
+  FILE *mfp;
+  int r = 0;
+
+  memset (&bs, 0, sizeof bs);
+  memset (&cs, 0, sizeof cs);
+  if (disk.bm) {
+    blockmap_get_stats (disk.bm, &bs);
+    if (sparsebackup_debug_stats)
+      nbdkit_debug ("sparsebackup: map of %" PRIu64 " bytes: "
+                    "unknown %" PRIu64 ", allocated %" PRIu64 ", "
+                    "data %" PRIu64 ", zero %" PRIu64,
+                    blockmap_size (disk.bm),
+                    bs.bytes[BM_UNKNOWN], bs.bytes[BM_ALLOCATED],
+                    bs.bytes[BM_DATA], bs.bytes[BM_ZERO]);
+  }
+  if (disk.changes)
+    changes_get_stats (disk.changes, &cs);
+
+  mfp = open_memstream (&summary, &len);
+  if (mfp) {
+    print_summary (mfp);
+    fclose (mfp);
+    if (summary && len > 0 && summary[len - 1] == '\n')
+      summary[len - 1] = '\0';
+    nbdkit_debug ("%s", summary ? summary : "");
+  }
+  if (sparsebackup_debug_stats)
+    debug_stats (&bs, &cs);
+
+  if (statsfp) {
+    fprintf (statsfp, "summary: %s\n", summary ? summary : "");
+    print_stats (statsfp, &bs, &cs);
+    if (ferror (statsfp) | (fflush (statsfp) == EOF) |
+        (fsync (fileno (statsfp)) == -1 && errno != EINVAL)) {
+      nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m",
+                    statsfile);
+      r = -1;
+    }
+    if (fclose (statsfp) == EOF && r == 0) {
+      nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m",
+                    statsfile);
+      r = -1;
+    }
+    statsfp = NULL;
+  }
+  free (summary);
+  free (statsfile);
+  statsfile = NULL;
+  return r;
+}
