@@ -26,7 +26,10 @@ run_mode ()
     local mode="$1" tgt="$tmp/target-$1.img"
     new_target "$tgt" "$size"
     rm -f "$tmp/log"
-    start_nbdkit --filter=sparsebackup --filter=log file "$tgt" \
+    # noextents: the target's holes stay unknown to the filter, so that
+    # every zero run reaches the plugin (see test-write-target.sh).
+    start_nbdkit --filter=sparsebackup --filter=noextents --filter=log \
+        file "$tgt" \
         logfile="$tmp/log" sparsebackup-detect-zeroes="$mode"
     "$nbdpy" - "$uri" "$tmp/log" "$tgt" "$mode" <<'EOF' ||
 import sys

@@ -13,8 +13,10 @@ size=$((4 << 20))
 tgt="$tmp/target.img"
 new_target "$tgt" "$size"
 stats="$tmp/stats"
-start_nbdkit -v -D sparsebackup.stats=1 --filter=sparsebackup file "$tgt" \
-    sparsebackup-statsfile="$stats"
+# noextents: the filter cannot learn the target's holes from its extents
+# (test-write-target.sh does), so the counters below are exact.
+start_nbdkit -v -D sparsebackup.stats=1 --filter=sparsebackup \
+    --filter=noextents file "$tgt" sparsebackup-statsfile="$stats"
 
 "$nbdpy" - "$uri" <<'EOF' || { cat "$server_log" >&2; exit 1; }
 import sys
@@ -56,8 +58,8 @@ for k in $keys; do
     v[$k]=$(sed -n -E "s/^$k: (.*)$/\1/p" "$stats")
     [[ "${v[$k]}" =~ ^[0-9]+$ ]] || fail "$k: '${v[$k]}' is not decimal"
 done
-# Nothing else than "key: value" lines.
-if grep -v -E '^[a-z-]+: [0-9]+$' "$stats"; then
+# Nothing else than "key: value" lines, and the one human summary line.
+if grep -v -E '^[a-z-]+: [0-9]+$' "$stats" | grep -v '^summary: '; then
     fail "lines above are not 'key: decimal'"
 fi
 
@@ -78,5 +80,32 @@ assert_eq 0 "${v[read-cache-bytes]}" "read-cache-bytes"
 
 # -D sparsebackup.stats=1 prints the same at unload (nbdkit_debug, -v).
 assert_contains "$server_log" "write-data-bytes.*20490"
+
+# One human summary line, binary units, in the file and in the log.
+summary="summary: sparsebackup: client read 32.0 KiB, 0 B from the plugin, 32.0 KiB answered from the map, 0 B from the scan cache; wrote 20.0 KiB of data to the plugin, 24.0 KiB of zero blocks as zero requests; 72.0 KiB zeroed by the plugin, 144.0 KiB of zeroing skipped"
+assert_eq "$summary" "$(grep '^summary: ' "$stats")" "summary line"
+assert_contains "$server_log" "${summary#summary: }"
+
+# A statistics file that cannot be created fails at start-up, naming it.
+if nbdkit -U - --filter=sparsebackup memory 1M \
+        sparsebackup-statsfile="$tmp/no/such/dir/stats" --run true \
+        > "$tmp/bad.log" 2>&1; then
+    fail "sparsebackup-statsfile in a missing directory was accepted"
+fi
+assert_contains "$tmp/bad.log" \
+    "sparsebackup-statsfile: cannot open '$tmp/no/such/dir/stats'"
+
+# Failing to write it at exit never exits 0 (/dev/full: every write
+# fails).  (With --run, nbdkit's exit status is the command's.)
+nbdkit -f -U "$tmp/full.sock" --filter=sparsebackup memory 1M \
+    sparsebackup-statsfile=/dev/full > "$tmp/full.log" 2>&1 &
+full_pid=$!
+for _ in $(seq 100); do [ -S "$tmp/full.sock" ] && break; sleep 0.1; done
+kill -TERM "$full_pid"
+full_rc=0
+wait "$full_pid" || full_rc=$?
+[ "$full_rc" -ne 0 ] ||
+    fail "nbdkit exited 0 although the statistics could not be written"
+assert_contains "$tmp/full.log" "sparsebackup-statsfile: cannot write '/dev/full'"
 
 echo "$0: OK"
