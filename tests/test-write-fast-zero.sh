@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3: FAST_ZERO and NO_HOLE zero requests.
 #
-# FAST_ZERO (doc/filter-spec.md): succeeds at once over known-zero ranges
+# FAST_ZERO (doc/design.md): succeeds at once over known-zero ranges
 # (no plugin call); otherwise passed down with FAST_ZERO when the plugin
 # can fast zero; otherwise fails with ENOTSUP at once, changing nothing.
 # NO_HOLE: passed down without may_trim by default, with may_trim under

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 3: the statistics written by sparsebackup-statsfile=FILE at unload
-# (doc/filter-spec.md, "Statistics") after a known sequence of writes and
+# (doc/design.md, "Statistics") after a known sequence of writes and
 # zero requests: every key present once, decimal, and the write-side
 # counters exact.
 

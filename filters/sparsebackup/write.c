@@ -93,10 +93,10 @@ zeroing (nbdkit_next *next, struct sb_handle *h, bool write_zeroes,
     r = next->pwrite (next, zero_buf, count, offset, flags, err);
   else
     r = next->zero (next, count, offset, flags, err);
-  if (r == 0 && h->bm) {
+  if (r == 0 && h->bm)
     blockmap_learn_zero (h->bm, snap, c.ticket, offset, count, true);
+  if (r == 0 && !write_zeroes)
     STAT_ADD (zero_bytes, count);
-  }
   /* A fast-zero refusal changed nothing; any other failure leaves the
    * contents undefined (the blocks become unknown).
    */
