@@ -842,7 +842,16 @@ blockmap_learn_allocated (struct blockmap *bm, uint64_t offset, uint64_t count)
   pthread_mutex_unlock (&bm->lock);
 }
 
-/* changes_unchanged callback of blockmap_learn_data: ZERO -> DATA. */
+struct learn_data {
+  struct blockmap *bm;
+  uint64_t offset, end;         /* the read */
+};
+
+/* changes_unchanged callback of blockmap_learn_data: ZERO -> DATA on the
+ * blocks of an unchanged part.  At the read's own ends the partial block
+ * was seen (outward); at the end of a part that a change cut short, the
+ * block was touched by the change (inward).
+ */
 static void
 zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
 {
@@ -850,11 +859,27 @@ zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
     [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
     [BM_DATA] = BM_DATA, [BM_ZERO] = BM_DATA,
   };
-  struct blockmap *bm = opaque;
+  struct learn_data *l = opaque;
+  struct blockmap *bm = l->bm;
+  uint64_t a, b;
 
   pthread_mutex_lock (&bm->lock);
+  if (offset >= bm->size)
+    goto out;
+  a = offset == l->offset ? offset >> bm->blkshift
+    : (offset + bm->blksize - 1) >> bm->blkshift;
+  b = offset + count;
+  if (b >= bm->size)
+    b = bm->nblocks;
+  else if (b == l->end)
+    b = (b + bm->blksize - 1) >> bm->blkshift;
+  else
+    b >>= bm->blkshift;
   /* A block seen to hold data must not stay ZERO. */
-  transform_bytes (bm, offset, count, table, true);
+  if (a < b && transform (bm, a, b, table) == -1)
+    reset_unknown (bm);
+  enforce_budget (bm);
+ out:
   pthread_mutex_unlock (&bm->lock);
 }
 
@@ -880,9 +905,14 @@ blockmap_learn_data (struct blockmap *bm, uint64_t snap,
   /* ZERO stays where a change since SNAP may have made it so: that
    * knowledge is newer than the caller's read.
    */
-  if (some_zero)
+  if (some_zero) {
+    struct learn_data l = { .bm = bm, .offset = offset,
+                            .end = count > UINT64_MAX - offset ?
+                            UINT64_MAX : offset + count };
+
     changes_unchanged (bm->changes, snap, 0, offset, count,
-                       zero_to_data_cb, bm);
+                       zero_to_data_cb, &l);
+  }
 }
 
 struct learn_zero {

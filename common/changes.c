@@ -147,8 +147,11 @@ push_event (struct changes *ch, uint64_t gen, struct range r)
 {
   struct event *ev = &ch->ring[ch->ring_next];
 
+  /* Overwriting the oldest event (an untracked change may have moved
+   * LOST_GEN further already).
+   */
   if (ch->ring_len == ch->ring_size)
-    ch->lost_gen = ev->gen;     /* overwriting the oldest event */
+    ch->lost_gen = MAX (ch->lost_gen, ev->gen);
   else
     ch->ring_len++;
   ev->gen = gen;
@@ -201,8 +204,8 @@ changes_snapshot (struct changes *ch)
 static int
 add_clipped (struct changes *ch, struct range x, struct range r)
 {
-  if (x.end <= r.start || x.start >= r.end)
-    return 0;
+  if (x.start >= x.end || x.end <= r.start || x.start >= r.end)
+    return 0;                   /* empty, or outside R */
   x.start = MAX (x.start, r.start);
   x.end = MIN (x.end, r.end);
   return range_vector_append (&ch->scratch, x);
