@@ -14,9 +14,9 @@ refused ()
            >$tmp/out 2>$tmp/err || status=$?
     cat $tmp/out $tmp/err
     [ $status -ne 0 ] || fail "$kv was accepted"
-    grep -F -q -- "$key" $tmp/err || fail "$kv: the error does not name the key"
-    grep -F -q -- "'$value'" $tmp/err ||
-        grep -F -q -- "$value" $tmp/err || fail "$kv: the error does not name the value"
+    # The filter's messages say "KEY: 'VALUE' ..." (an empty VALUE as '').
+    grep -F -q -- "$key: '$value'" $tmp/err ||
+        fail "$kv: the error does not say \"$key: '$value'\""
     # Refused by the filter, not passed on to the plugin as unknown.
     if grep -q 'unknown parameter' $tmp/err; then
         fail "$kv: passed on to the plugin instead of being checked by the filter"
