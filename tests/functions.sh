@@ -129,6 +129,62 @@ assert_contains ()
     fi
 }
 
+# failed_cleanly STATUS WHAT [ERRFILE]: a command that had to fail (its
+# stderr in ERRFILE, default $tmp/err) failed with exit status STATUS, not
+# by a signal and without a sanitizer report, assertion or core dump.
+failed_cleanly ()
+{
+    local rc=$1 what=$2 err=${3:-$tmp/err}
+    if [ "$rc" -eq 0 ]; then fail "$what: succeeded"; fi
+    if [ "$rc" -ge 128 ]; then cat "$err" >&2; fail "$what: killed by a signal"; fi
+    if grep -E -q 'Sanitizer|runtime error|Assertion|core dumped' "$err"; then
+        cat "$err" >&2; fail "$what: crash report"
+    fi
+}
+
+# nbdkit_refuses ERE NBDKIT-ARGS...: `nbdkit -U - NBDKIT-ARGS --run true`
+# refuses to start, cleanly (see failed_cleanly), with a message matching
+# the extended regular expression ERE.  Its stderr is left in $tmp/err.
+nbdkit_refuses ()
+{
+    local re=$1 rc=0
+    shift
+    nbdkit -U - "$@" --run true >"$tmp/out" 2>"$tmp/err" || rc=$?
+    failed_cleanly $rc "nbdkit $*"
+    echo "refused: $*: $(cat "$tmp/err")"
+    assert_contains "$tmp/err" "$re"
+}
+
+# refused KEY=VALUE: the filter (over null 1M) refuses the parameter at
+# start-up, itself (not passing it on to the plugin as unknown), with its
+# usual message "KEY: 'VALUE' ..." (an empty VALUE shows as '').
+refused ()
+{
+    local key=${1%%=*} value=${1#*=}
+    nbdkit_refuses "$(ere_quote "$key: '$value'")" \
+        --filter=sparsebackup null 1M "$1"
+    if grep -q 'unknown parameter' "$tmp/err"; then
+        fail "$1: passed on to the plugin instead of being checked by the filter"
+    fi
+}
+
+# accepted KEY=VALUE...: the filter (over null 1M) starts with these
+# parameters and serves the 1M disk.
+accepted ()
+{
+    nbdkit -U - --filter=sparsebackup null 1M "$@" \
+           --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" ||
+        { cat "$tmp/out" "$tmp/err" >&2; fail "$* was refused"; }
+    assert_eq 1048576 "$(cat "$tmp/out")" "size with $*"
+}
+
+# ere_quote STRING: STRING as an extended regular expression matching
+# itself.
+ere_quote ()
+{
+    printf '%s\n' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'
+}
+
 # start_nbdkit [NBDKIT-ARGS...]: start nbdkit in the background on a
 # private Unix socket.  Sets $sock, $pid, $uri and $server_log (the
 # server's stderr).  The server is killed by its own pid at exit; call
