@@ -13,8 +13,15 @@ set -e
 set -u
 set -o pipefail
 
-: "${abs_top_builddir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-: "${abs_top_srcdir:=$abs_top_builddir}"
+# make check sets both; a test run by hand from the source tree uses the
+# build of scripts/setup, _build/.
+: "${abs_top_srcdir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+if [ -z "${abs_top_builddir:-}" ]; then
+    abs_top_builddir=$abs_top_srcdir
+    if [ -x "$abs_top_srcdir/_build/nbdkit" ]; then
+        abs_top_builddir=$abs_top_srcdir/_build
+    fi
+fi
 export PATH="$abs_top_builddir:$PATH"
 
 # Never let the system's locale change tools' messages.
