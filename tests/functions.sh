@@ -13,6 +13,9 @@ set -e
 set -u
 set -o pipefail
 
+# The directory of this file and of the helpers next to it (extents.py).
+_functions_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
 # make check sets both; a test run by hand from the source tree uses the
 # build of scripts/setup, _build/.
 : "${abs_top_srcdir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -247,19 +250,5 @@ allocated ()
 # data_bytes FILE: bytes in data extents according to SEEK_DATA/SEEK_HOLE.
 data_bytes ()
 {
-    python3 - "$1" <<'PY'
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-size = os.fstat(fd).st_size
-off = total = 0
-while off < size:
-    try:
-        d = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError:
-        break
-    h = os.lseek(fd, d, os.SEEK_HOLE)
-    total += h - d
-    off = h
-print(total)
-PY
+    python3 "$_functions_dir/extents.py" "$1"
 }

@@ -8,6 +8,8 @@ import sys
 
 import nbd
 
+from extents import data_ranges  # noqa: F401 (for the tests)
+
 B = 4096
 
 
@@ -194,25 +196,6 @@ def expect_requests(what, reqs, expected, ops=("Write", "Zero", "Trim")):
 
 
 # ---- files --------------------------------------------------------------
-
-def data_ranges(path):
-    """[(offset, length)] of data according to SEEK_DATA/SEEK_HOLE."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        off, out = 0, []
-        while off < size:
-            try:
-                d = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            e = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, e - d))
-            off = e
-        return out
-    finally:
-        os.close(fd)
-
 
 def data_in(path, off, count):
     """Bytes of [off, off+count) in data extents of PATH."""
