@@ -15,7 +15,6 @@
 # servers inside $(...): a subshell does not run the exit cleanup.
 
 : "${abs_top_srcdir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-: "${abs_top_builddir:=$abs_top_srcdir}"
 srcdir="$abs_top_srcdir/tests"
 source "$srcdir/functions.sh"
 

@@ -21,7 +21,7 @@
 # Also prints the bytes allocated by each output (sparseness).
 #
 #   make bench              (runs all benchmarks), or
-#   abs_top_builddir=$PWD bash bench/bench-qcow2-copy.sh
+#   abs_top_builddir=$PWD/_build bash bench/bench-qcow2-copy.sh
 #
 # Takes about 2-3 minutes with the defaults on 2 cores; scale down with
 # e.g. BENCH_SIZE=1G BENCH_DATA=64M BENCH_COMP_DATA=32M BENCH_CHAIN_DATA=8M.

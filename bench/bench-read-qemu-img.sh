@@ -8,7 +8,7 @@
 # BENCH_RUNS (default 5).  Prints the median times and the ratio.
 #
 #   make -C bench bench        or
-#   abs_top_builddir=$PWD bash bench/bench-read-qemu-img.sh
+#   abs_top_builddir=$PWD/_build bash bench/bench-read-qemu-img.sh
 set -euo pipefail
 source "$(dirname "$0")/bench-functions.sh"
 source "$srcdir/test-read-lib.sh"

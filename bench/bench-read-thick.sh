@@ -11,7 +11,7 @@
 # default 3; the median is printed).
 #
 #   make -C bench bench        or
-#   abs_top_builddir=$PWD bash bench/bench-read-thick.sh
+#   abs_top_builddir=$PWD/_build bash bench/bench-read-thick.sh
 set -euo pipefail
 source "$(dirname "$0")/bench-functions.sh"
 source "$srcdir/test-read-lib.sh"

@@ -7,7 +7,7 @@
 # Prints the median times and their ratio.  Goal: ratio <= 1.03.
 #
 #   make -C bench bench        or
-#   abs_top_builddir=$PWD bash bench/bench-write-dense.sh
+#   abs_top_builddir=$PWD/_build bash bench/bench-write-dense.sh
 set -euo pipefail
 source "$(dirname "$0")/bench-functions.sh"
 need nbdkit nbdcopy

@@ -14,7 +14,7 @@
 # the ratio to the source's non-zero 4K blocks; and time ratios.
 #
 #   make -C bench bench        or
-#   abs_top_builddir=$PWD bash bench/bench-write-sparse.sh
+#   abs_top_builddir=$PWD/_build bash bench/bench-write-sparse.sh
 set -euo pipefail
 source "$(dirname "$0")/bench-functions.sh"
 need nbdkit nbdcopy qemu-nbd python3

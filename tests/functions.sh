@@ -13,8 +13,18 @@ set -e
 set -u
 set -o pipefail
 
-: "${abs_top_builddir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-: "${abs_top_srcdir:=$abs_top_builddir}"
+# The directory of this file and of the helpers next to it (extents.py).
+_functions_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# make check sets both; a test run by hand from the source tree uses the
+# build of scripts/setup, _build/.
+: "${abs_top_srcdir:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+if [ -z "${abs_top_builddir:-}" ]; then
+    abs_top_builddir=$abs_top_srcdir
+    if [ -x "$abs_top_srcdir/_build/nbdkit" ]; then
+        abs_top_builddir=$abs_top_srcdir/_build
+    fi
+fi
 export PATH="$abs_top_builddir:$PATH"
 
 # Never let the system's locale change tools' messages.
@@ -129,6 +139,62 @@ assert_contains ()
     fi
 }
 
+# failed_cleanly STATUS WHAT [ERRFILE]: a command that had to fail (its
+# stderr in ERRFILE, default $tmp/err) failed with exit status STATUS, not
+# by a signal and without a sanitizer report, assertion or core dump.
+failed_cleanly ()
+{
+    local rc=$1 what=$2 err=${3:-$tmp/err}
+    if [ "$rc" -eq 0 ]; then fail "$what: succeeded"; fi
+    if [ "$rc" -ge 128 ]; then cat "$err" >&2; fail "$what: killed by a signal"; fi
+    if grep -E -q 'Sanitizer|runtime error|Assertion|core dumped' "$err"; then
+        cat "$err" >&2; fail "$what: crash report"
+    fi
+}
+
+# nbdkit_refuses ERE NBDKIT-ARGS...: `nbdkit -U - NBDKIT-ARGS --run true`
+# refuses to start, cleanly (see failed_cleanly), with a message matching
+# the extended regular expression ERE.  Its stderr is left in $tmp/err.
+nbdkit_refuses ()
+{
+    local re=$1 rc=0
+    shift
+    nbdkit -U - "$@" --run true >"$tmp/out" 2>"$tmp/err" || rc=$?
+    failed_cleanly $rc "nbdkit $*"
+    echo "refused: $*: $(cat "$tmp/err")"
+    assert_contains "$tmp/err" "$re"
+}
+
+# refused KEY=VALUE: the filter (over null 1M) refuses the parameter at
+# start-up, itself (not passing it on to the plugin as unknown), with its
+# usual message "KEY: 'VALUE' ..." (an empty VALUE shows as '').
+refused ()
+{
+    local key=${1%%=*} value=${1#*=}
+    nbdkit_refuses "$(ere_quote "$key: '$value'")" \
+        --filter=sparsebackup null 1M "$1"
+    if grep -q 'unknown parameter' "$tmp/err"; then
+        fail "$1: passed on to the plugin instead of being checked by the filter"
+    fi
+}
+
+# accepted KEY=VALUE...: the filter (over null 1M) starts with these
+# parameters and serves the 1M disk.
+accepted ()
+{
+    nbdkit -U - --filter=sparsebackup null 1M "$@" \
+           --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" ||
+        { cat "$tmp/out" "$tmp/err" >&2; fail "$* was refused"; }
+    assert_eq 1048576 "$(cat "$tmp/out")" "size with $*"
+}
+
+# ere_quote STRING: STRING as an extended regular expression matching
+# itself.
+ere_quote ()
+{
+    printf '%s\n' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'
+}
+
 # start_nbdkit [NBDKIT-ARGS...]: start nbdkit in the background on a
 # private Unix socket.  Sets $sock, $pid, $uri and $server_log (the
 # server's stderr).  The server is killed by its own pid at exit; call
@@ -184,19 +250,5 @@ allocated ()
 # data_bytes FILE: bytes in data extents according to SEEK_DATA/SEEK_HOLE.
 data_bytes ()
 {
-    python3 - "$1" <<'PY'
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-size = os.fstat(fd).st_size
-off = total = 0
-while off < size:
-    try:
-        d = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError:
-        break
-    h = os.lseek(fd, d, os.SEEK_HOLE)
-    total += h - d
-    off = h
-print(total)
-PY
+    python3 "$_functions_dir/extents.py" "$1"
 }

@@ -8,31 +8,19 @@ source "${srcdir:-.}/qcow2-lib.sh"
 requires_qcow2 nbdcopy nbdinfo
 cd "$tmp"
 
-# bad REGEXP PARAMS...: nbdkit qcow2 PARAMS refuses to start (cleanly),
-# with a message matching REGEXP.
-bad ()
-{
-    local re=$1 rc=0
-    shift
-    nbdkit -U - qcow2 "$@" --run true 2>err || rc=$?
-    failed_cleanly $rc "qcow2 $*"
-    echo "$*: $(cat err)"
-    assert_contains err "$re"
-}
-
 qemu-img create -q -f qcow2 -o cluster_size=4k d.qcow2 64M
 qemu-io -f qcow2 -c 'write -P 0x5a 0 20M' -c 'write -P 0x5b 40M 3M' \
     d.qcow2 >/dev/null
 qemu-img convert -O raw d.qcow2 ref.raw
 
-bad 'you must supply the file=' backing=false
-bad 'backing' d.qcow2 backing=maybe
-bad 'l2-cache-size' d.qcow2 l2-cache-size=100
-bad 'l2-cache-size' d.qcow2 l2-cache-size=banana
-bad 'max-depth' d.qcow2 max-depth=0
-bad 'max-depth' d.qcow2 max-depth=17
-bad "unknown parameter 'foo'" d.qcow2 foo=bar
-bad 'nosuchfile.qcow2: open: No such file' nosuchfile.qcow2
+nbdkit_refuses 'you must supply the file=' qcow2 backing=false
+nbdkit_refuses 'backing' qcow2 d.qcow2 backing=maybe
+nbdkit_refuses 'l2-cache-size' qcow2 d.qcow2 l2-cache-size=100
+nbdkit_refuses 'l2-cache-size' qcow2 d.qcow2 l2-cache-size=banana
+nbdkit_refuses 'max-depth' qcow2 d.qcow2 max-depth=0
+nbdkit_refuses 'max-depth' qcow2 d.qcow2 max-depth=17
+nbdkit_refuses "unknown parameter 'foo'" qcow2 d.qcow2 foo=bar
+nbdkit_refuses 'nosuchfile.qcow2: open: No such file' qcow2 nosuchfile.qcow2
 
 # Magic config key: the bare file name works.
 nbdkit -U - qcow2 d.qcow2 l2-cache-size=4k \

@@ -14,26 +14,17 @@ requires_filter sparsebackup
 
 K=1024; M=$((1024 * 1024))
 
+# The directory of make-disk.py, absolute (bench/ sources this file too).
+read_lib_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
 # mk_sparse FILE SIZE [OFF:LEN ...]: a sparse file of SIZE bytes whose
-# only data (pseudo-random, the same for the same offset, no all-zero 512-byte piece) is at the given ranges;
-# everything else is a hole.  Skips the test if the file system does not
+# only data (pseudo-random, the same for the same offset, no all-zero
+# 256-byte stretch: see make-disk.py) is at the given ranges; everything
+# else is a hole.  Skips the test if the file system does not
 # keep holes.
 mk_sparse ()
 {
-    python3 - "$@" <<'PY'
-import os, random, sys
-path, size = sys.argv[1], int(sys.argv[2])
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-os.ftruncate(fd, size)
-for r in sys.argv[3:]:
-    off, ln = (int(x) for x in r.split(':'))
-    buf = bytearray(random.Random(off).randbytes(ln))
-    for i in range(0, ln, 256):         # never a zero 256-byte stretch
-        buf[i] = 0xa5
-    os.pwrite(fd, bytes(buf), off)
-os.fsync(fd)
-os.close(fd)
-PY
+    python3 "$read_lib_dir/make-disk.py" "$@"
     local want=0 r
     for r in "${@:3}"; do want=$((want + ${r#*:})); done
     local got
@@ -48,20 +39,7 @@ mk_thick ()
 {
     local f=$1 size=$2
     dd if=/dev/zero of="$f" bs=65536 count=$((size / 65536)) status=none
-    python3 - "$@" <<'PY'
-import os, random, sys
-path, size = sys.argv[1], int(sys.argv[2])
-fd = os.open(path, os.O_WRONLY)
-os.ftruncate(fd, size)
-for r in sys.argv[3:]:
-    off, ln = (int(x) for x in r.split(':'))
-    buf = bytearray(random.Random(off).randbytes(ln))
-    for i in range(0, ln, 256):
-        buf[i] = 0xa5
-    os.pwrite(fd, bytes(buf), off)
-os.fsync(fd)
-os.close(fd)
-PY
+    python3 "$read_lib_dir/make-disk.py" --thick "$@"
     [ "$(data_bytes "$f")" -eq "$size" ] ||
         skip "file system of $tmp made holes in a file written with dd"
 }

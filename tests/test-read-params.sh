@@ -5,33 +5,6 @@ source "${srcdir:-.}/functions.sh"
 requires nbdkit --version
 requires_plugin null
 requires_filter sparsebackup
-
-# refused KEY=VALUE: nbdkit must fail to start, naming KEY and VALUE.
-refused ()
-{
-    local kv=$1 key=${1%%=*} value=${1#*=} status=0
-    nbdkit -U - --filter=sparsebackup null 1M "$kv" --run true \
-           >$tmp/out 2>$tmp/err || status=$?
-    cat $tmp/out $tmp/err
-    [ $status -ne 0 ] || fail "$kv was accepted"
-    grep -F -q -- "$key" $tmp/err || fail "$kv: the error does not name the key"
-    grep -F -q -- "'$value'" $tmp/err ||
-        grep -F -q -- "$value" $tmp/err || fail "$kv: the error does not name the value"
-    # Refused by the filter, not passed on to the plugin as unknown.
-    if grep -q 'unknown parameter' $tmp/err; then
-        fail "$kv: passed on to the plugin instead of being checked by the filter"
-    fi
-}
-
-# accepted KEY=VALUE...: nbdkit starts and serves.
-accepted ()
-{
-    nbdkit -U - --filter=sparsebackup null 1M "$@" --run 'nbdinfo --size "$uri"' \
-           >$tmp/out 2>$tmp/err ||
-        { cat $tmp/out $tmp/err; fail "$* was refused"; }
-    assert_eq 1048576 "$(cat $tmp/out)" "size with $*"
-}
-
 requires nbdinfo --version
 
 refused sparsebackup-scan=bogus

@@ -16,6 +16,7 @@ requires_nbdpy
 requires_plugin file
 requires_plugin null
 requires_filter log
+requires nbdinfo --version
 
 size=$((1 << 20))
 
@@ -129,30 +130,6 @@ run_mode off
     fail "detect-zeroes=off: $data bytes in data extents, expected >= $((22 * 4096))"
 
 # ---- parameter values ----------------------------------------------------
-
-# refused KEY=VALUE: start-up fails with a message naming KEY and VALUE.
-refused ()
-{
-    local kv="$1" key="${1%%=*}" value="${1#*=}"
-    if nbdkit -U - --filter=sparsebackup null 1M "$kv" --run true \
-            >"$tmp/out" 2>&1; then
-        cat "$tmp/out" >&2
-        fail "$kv was accepted"
-    fi
-    # The value quoted as in the contract ('VALUE'), or as nbdkit's own
-    # size parser prints it: (VALUE).
-    grep -F -q -- "$key" "$tmp/out" &&
-        grep -F -q -e "'$value'" -e "($value)" "$tmp/out" ||
-        { cat "$tmp/out" >&2;
-          fail "the error for $kv does not name the key and '$value'"; }
-    echo "refused: $kv: $(grep -F -- "$key" "$tmp/out" | head -1)"
-}
-accepted ()
-{
-    nbdkit -U - --filter=sparsebackup null 1M "$@" --run true \
-        >"$tmp/out" 2>&1 ||
-        { cat "$tmp/out" >&2; fail "$* was refused"; }
-}
 
 refused sparsebackup-detect-zeroes=bogus
 refused sparsebackup-detect-zeroes=

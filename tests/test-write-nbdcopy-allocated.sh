@@ -32,8 +32,11 @@ tgt="$tmp/target.img"
 #   source; hole_chunks: bytes of the 256K chunks (nbdcopy's request size)
 #   that are entirely holes in the source: nbdcopy --allocated sends those
 #   as NO_HOLE zero requests (a chunk holding some data is sent as data).
-read -r nz_blocks hole_bytes hole_chunks < <(python3 - "$src" "$size" <<'PY'
+read -r nz_blocks hole_bytes hole_chunks < <(
+    PYTHONPATH="$_functions_dir" PYTHONDONTWRITEBYTECODE=1 \
+    python3 - "$src" "$size" <<'PY'
 import os, random, sys
+from extents import data_ranges
 path, size = sys.argv[1], int(sys.argv[2])
 rnd = random.Random(12345)
 def nz(n):
@@ -67,18 +70,8 @@ with open(path, "rb") as f:
             break
         if b.count(0) != len(b):
             blocks += 1
-fd = os.open(path, os.O_RDONLY)
-off = data = 0
-extents = []
-while off < size:
-    try:
-        d = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError:
-        break
-    h = os.lseek(fd, d, os.SEEK_HOLE)
-    data += h - d
-    extents.append((d, h))
-    off = h
+extents = [(d, d + ln) for d, ln in data_ranges(path)]
+data = sum(h - d for d, h in extents)
 C = 256 * K
 chunks = sum(C for c in range(0, size, C)
              if not any(d < c + C and c < h for d, h in extents))
