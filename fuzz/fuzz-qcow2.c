@@ -1,4 +1,4 @@
-/* sparsebackup: fuzz harness for the qcow2 parser (plugins/qcow2/qcow2.c).
+/* sparsebackup: fuzz harness for the qcow2 parser (plugins/qcow2/qcow2-*.c).
  *
  * LLVMFuzzerTestOneInput opens the input as an in-memory qcow2 image
  * (qcow2_open_mem), then maps and reads a few bounded ranges and closes
