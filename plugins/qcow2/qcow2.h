@@ -8,6 +8,13 @@
  * qcow2-plugin.c; fuzz harnesses and unit tests link this code directly
  * (libqcow2.la).
  *
+ * Failures: every function that can fail returns -1, writes a message
+ * to the caller's buffer and sets errno: ENOMEM when out of memory, the
+ * errno of the failed read or open (a qcow2_io callback's errno), EINVAL
+ * for a request beyond the end of the disk, EIO for a corrupt or
+ * unsupported image; qcow2_map fails with the errno of a failing
+ * callback.
+ *
  * Thread safety: once opened, an image may be used by any number of
  * threads at the same time (qcow2_pread and qcow2_map); the L2 cache of
  * each layer is protected by its own lock.  qcow2_close must not race
