@@ -225,9 +225,13 @@ qcow2_posix_open (void *opaque, const char *path, struct qcow2_io *io,
   struct err e = { errbuf, errlen, 0 };
   struct stat st;
   off_t end;
-  int fd;
+  int fd, flags;
 
-  fd = open (path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO (or a device that waits for a carrier)
+   * must not hang; it is refused below, and the flag is cleared for the
+   * regular files and block devices that are accepted.
+   */
+  fd = open (path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd == -1) {
     q2_seterr_errno (&e, errno, path, "open: %s", q2_errstr (errno));
     goto fail;
@@ -238,6 +242,11 @@ qcow2_posix_open (void *opaque, const char *path, struct qcow2_io *io,
   }
   if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
     q2_seterr (&e, path, "not a regular file or block device");
+    goto fail;
+  }
+  flags = fcntl (fd, F_GETFL);
+  if (flags == -1 || fcntl (fd, F_SETFL, flags & ~O_NONBLOCK) == -1) {
+    q2_seterr_errno (&e, errno, path, "fcntl: %s", q2_errstr (errno));
     goto fail;
   }
   if (S_ISBLK (st.st_mode)) {

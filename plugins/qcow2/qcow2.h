@@ -142,8 +142,10 @@ extern int qcow2_open_file (const char *path,
                             struct qcow2_image **ret,
                             char *err, size_t errlen);
 
-/* The POSIX opener: open(O_RDONLY|O_CLOEXEC), fstat, pread, SEEK_DATA.
- * Usable as a qcow2_open_fn (OPAQUE is ignored).
+/* The POSIX opener: open(O_RDONLY|O_CLOEXEC|O_NONBLOCK), fstat (only
+ * regular files and block devices are accepted, so a FIFO never blocks
+ * the open), pread, SEEK_DATA.  Usable as a qcow2_open_fn (OPAQUE is
+ * ignored).
  */
 extern int qcow2_posix_open (void *opaque, const char *path,
                              struct qcow2_io *io, char *err, size_t errlen);

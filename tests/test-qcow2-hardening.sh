@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# qcow2 plugin, hardening round 2 (issue 10): crafted images that QEMU
+# refuses or shows differently, and files that must not block.
+#  - a FIFO named as the image, a backing file or a data file is refused
+#    at once (open used to block before fstat);
+#  - a virtual size that is not a multiple of 512 is rounded down, as
+#    QEMU does;
+#  - with an external data file, host offsets must equal guest offsets;
+#  - the zero flag in a version 2 image, a misaligned preallocation
+#    offset of a zero cluster and a misaligned offset in an extended L2
+#    entry without allocated subclusters are refused (as by QEMU);
+#  - a data cluster cut short by the end of the file fails the reads
+#    and extents that need the missing bytes (it used to read as zeros);
+#  - messages about long file names keep their reason.
+source "${srcdir:-.}/functions.sh"
+source "${srcdir:-.}/qcow2-lib.sh"
+requires_qcow2 nbdcopy nbdinfo python3 timeout
+cd "$tmp"
+
+# qemu_refuses IMAGE [OFFSET]: qemu-io cannot read the 64 KiB at OFFSET
+# (default 0) of IMAGE (the plugin must not serve what QEMU refuses).
+qemu_refuses ()
+{
+    if qemu-io -r -f qcow2 -c "read ${2:-0} 64k" "$1" >/dev/null 2>&1; then
+        fail "qemu-io reads $1: the test image is not what it should be"
+    fi
+}
+
+# ---- FIFOs never block the start-up.
+# no_block REGEXP PARAMS...: nbdkit qcow2 PARAMS refuses to start within
+# the time limit, with a message matching REGEXP.
+no_block ()
+{
+    local re=$1 rc=0
+    shift
+    timeout 30 nbdkit -U - qcow2 "$@" --run true 2>err || rc=$?
+    [ "$rc" -ne 124 ] || fail "nbdkit qcow2 $* blocked (killed by timeout)"
+    failed_cleanly $rc "qcow2 $*"
+    echo "$*: $(cat err)"
+    assert_contains err "$re"
+}
+mkfifo fifo
+no_block 'fifo: not a regular file or block device' file=fifo
+qemu-img create -q -f qcow2 -u -b fifo -F raw fifo-backing.qcow2 1M
+no_block 'cannot open backing file: .*fifo: not a regular file or block device' \
+    file=fifo-backing.qcow2
+qemu-img create -q -f qcow2 -o data_file=fifo-data.raw fifo-data.qcow2 1M
+rm fifo-data.raw
+mkfifo fifo-data.raw
+no_block 'cannot open external data file: .*fifo-data.raw: not a regular file or block device' \
+    file=fifo-data.qcow2
+no_block 'fifo: not a regular file or block device' \
+    file=fifo-data.qcow2 data-file=fifo
