@@ -51,3 +51,14 @@ no_block 'cannot open external data file: .*fifo-data.raw: not a regular file or
     file=fifo-data.qcow2
 no_block 'fifo: not a regular file or block device' \
     file=fifo-data.qcow2 data-file=fifo
+
+# ---- Virtual size not a multiple of 512: QEMU rounds it down.
+qemu-img create -q -f qcow2 -o cluster_size=64k odd.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 1M' odd.qcow2 >/dev/null
+craft odd.qcow2 be64 24 $((1048576 - 100))
+qsize=$(qemu-img info --output=json odd.qcow2 |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+assert_eq 1048064 "$qsize" "qemu's size of the odd-sized image"
+size=$(nbdkit -U - qcow2 file=odd.qcow2 --run 'nbdinfo --size "$uri"')
+assert_eq "$qsize" "$size" "plugin's size of the odd-sized image"
+check --expect-size 1048064 odd.qcow2

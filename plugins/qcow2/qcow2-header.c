@@ -372,6 +372,11 @@ load_l1 (struct layer *l, const struct header *hd, struct err *e)
                needed);
     return -1;
   }
+  /* QEMU counts the disk in 512-byte sectors (and checks the L1 size
+   * against the size in the header, as above): a partial last sector
+   * is not part of the disk.
+   */
+  l->size = round_down (l->size, 512);
   if ((uint64_t) hd->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
     q2_seterr (e, l->name, "l1_size %" PRIu32 " entries (%" PRIu64
                " bytes) is larger than the limit of %d bytes", hd->l1_size,
