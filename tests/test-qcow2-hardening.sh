@@ -62,3 +62,15 @@ assert_eq 1048064 "$qsize" "qemu's size of the odd-sized image"
 size=$(nbdkit -U - qcow2 file=odd.qcow2 --run 'nbdinfo --size "$uri"')
 assert_eq "$qsize" "$size" "plugin's size of the odd-sized image"
 check --expect-size 1048064 odd.qcow2
+
+# ---- Long names keep the reason of the error.
+long=$(python3 -c 'print("d/" * 511 + "b")')        # 1023 bytes
+qemu-img create -q -f qcow2 -u -b "$long" -F qcow2 long.qcow2 1M
+open_error long.qcow2 'cannot open backing file: .*d/d/d/.*\.\.\..*d/d/b: open: No such file or directory$'
+assert_eq 1 "$(grep -o 'long.qcow2' err | wc -l)" "the image named once"
+proto=$(python3 -c 'print("x" * 1000 + ":y")')
+qemu-img create -q -f qcow2 -u -b "$proto" -F qcow2 proto.qcow2 1M
+open_error proto.qcow2 "backing file name 'x+\\.\\.\\.x+:y' looks like a protocol name .* for a local file\\)\$"
+qemu-img create -q -f qcow2 -o data_file=dlong.raw dlong.qcow2 1M
+open_error dlong.qcow2 'cannot open external data file: .*: open: No such file or directory$' \
+    data-file="$tmp/$long"

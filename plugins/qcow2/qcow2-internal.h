@@ -189,6 +189,14 @@ be64 (const uint8_t *p)
 
 /* qcow2-io.c */
 extern const char *q2_errstr (int errnum);
+
+/* File names in messages: a name of Q2_NAME_BUF bytes or more is shown
+ * as its first and last parts around "...", so that a message naming a
+ * few files still fits QCOW2_ERRLEN with its reason.  BUF has
+ * Q2_NAME_BUF bytes; returns NAME or BUF.
+ */
+#define Q2_NAME_BUF 160
+extern const char *q2_short_name (char *buf, const char *name);
 /* Message "NAME: FMT..." (NAME may be NULL), errno EIO. */
 extern void q2_seterr (struct err *e, const char *name, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));

@@ -40,17 +40,32 @@ q2_errstr (int errnum)
 #endif
 }
 
+const char *
+q2_short_name (char *buf, const char *name)
+{
+  size_t len = strlen (name), keep = (Q2_NAME_BUF - 4) / 2;
+
+  if (len < Q2_NAME_BUF)
+    return name;
+  memcpy (buf, name, keep);
+  memcpy (buf + keep, "...", 3);
+  memcpy (buf + keep + 3, name + len - keep, keep);
+  buf[2 * keep + 3] = '\0';
+  return buf;
+}
+
 static void
 vseterr (struct err *e, int errnum, const char *name, const char *fmt,
          va_list ap)
 {
+  char sname[Q2_NAME_BUF];
   int n = 0;
 
   e->errnum = errnum;
   if (e->buf == NULL || e->len == 0)
     return;
   if (name) {
-    n = snprintf (e->buf, e->len, "%s: ", name);
+    n = snprintf (e->buf, e->len, "%s: ", q2_short_name (sname, name));
     if (n < 0)
       n = 0;
     if ((size_t) n >= e->len)

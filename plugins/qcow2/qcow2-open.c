@@ -64,6 +64,8 @@ check_file_name (const char *image, const char *what, const char *name,
 {
   const char *colon = strchr (name, ':');
   const char *slash = strchr (name, '/');
+  char sbuf[Q2_NAME_BUF];
+  const char *sname = q2_short_name (sbuf, name);
 
   if (name[0] == '\0') {
     q2_seterr (e, image, "%s name is empty", what);
@@ -72,29 +74,41 @@ check_file_name (const char *image, const char *what, const char *name,
   if (strncmp (name, "json:", 5) == 0) {
     q2_seterr (e, image, "%s name '%s' is a json: pseudo-protocol name, "
                "which is not supported (only local file names are)",
-               what, name);
+               what, sname);
     return -1;
   }
   if (colon && (slash == NULL || colon < slash)) {
     q2_seterr (e, image, "%s name '%s' looks like a protocol name (':' "
                "before any '/'), which is not supported (only local file "
-               "names are; write ./%s for a local file)", what, name, name);
+               "names are; write ./%s for a local file)",
+               what, sname, sname);
     return -1;
   }
   return 0;
 }
 
-/* Prefix the message of a failed open_file callback. */
+/* Prefix the message of a failed open_file callback for PATH with the
+ * image naming it: "IMAGE: cannot open WHAT: PATH: REASON".  The
+ * callback's message usually starts with PATH (shortened as here)
+ * itself: then PATH is not repeated.
+ */
 static void
-wrap_open_error (struct err *e, const char *image, const char *what)
+wrap_open_error (struct err *e, const char *image, const char *what,
+                 const char *path)
 {
-  char msg[QCOW2_ERRLEN];
+  char msg[QCOW2_ERRLEN], spath[Q2_NAME_BUF];
+  const char *sp = q2_short_name (spath, path);
+  size_t splen = strlen (sp);
   int errnum = e->errnum;
 
   if (e->buf == NULL || e->len == 0)
     return;
   snprintf (msg, sizeof msg, "%s", e->buf[0] ? e->buf : "unknown error");
-  q2_seterr_errno (e, errnum, image, "cannot open %s: %s", what, msg);
+  if (strncmp (msg, sp, splen) == 0 && strncmp (msg + splen, ": ", 2) == 0)
+    q2_seterr_errno (e, errnum, image, "cannot open %s: %s", what, msg);
+  else
+    q2_seterr_errno (e, errnum, image, "cannot open %s: %s: %s",
+                     what, sp, msg);
 }
 
 /* Open PATH (named by layer L as its WHAT) with the caller's opener. */
@@ -103,9 +117,11 @@ open_named_file (const struct qcow2_options *o, struct layer *l,
                  const char *what, const char *path, struct qcow2_io *io,
                  struct err *e)
 {
+  char spath[Q2_NAME_BUF];
+
   if (o->open_file == NULL) {
     q2_seterr (e, l->name, "image has %s '%s' but no way to open files "
-               "was given", what, path);
+               "was given", what, q2_short_name (spath, path));
     return -1;
   }
   if (e->buf && e->len)
@@ -113,7 +129,7 @@ open_named_file (const struct qcow2_options *o, struct layer *l,
   errno = 0;
   if (o->open_file (o->open_opaque, path, io, e->buf, e->len) == -1) {
     e->errnum = errno ? errno : EIO;
-    wrap_open_error (e, l->name, what);
+    wrap_open_error (e, l->name, what, path);
     return -1;
   }
   return 0;
@@ -165,6 +181,8 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
   struct qcow2_io bio;
   bool braw;
   char *path;
+  char sname[Q2_NAME_BUF], sbuf[Q2_NAME_BUF];
+  const char *sbacking = q2_short_name (sbuf, backing_name);
   unsigned max_depth = o->max_depth ? o->max_depth : QCOW2_MAX_DEPTH;
   unsigned i;
   int r;
@@ -182,7 +200,8 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
     q2_seterr (e, l->name, "backing file '%s' has no recorded backing "
                "format and will not be probed; record it with "
                "'qemu-img rebase -u -b %s -F FMT %s' (FMT qcow2 or raw), "
-               "or use backing=false", backing_name, backing_name, l->name);
+               "or use backing=false", sbacking, sbacking,
+               q2_short_name (sname, l->name));
     return -1;
   }
   if (strcmp (backing_fmt, "qcow2") == 0)
@@ -191,7 +210,8 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
     braw = true;
   else {
     q2_seterr (e, l->name, "backing file '%s' has format '%s', which is not "
-               "supported (only qcow2 and raw)", backing_name, backing_fmt);
+               "supported (only qcow2 and raw)", sbacking,
+               q2_short_name (sname, backing_fmt));
     return -1;
   }
   if (l->data_file_raw) {
@@ -202,7 +222,7 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
   if (l->depth + 1 >= max_depth) {
     q2_seterr (e, l->name, "backing chain is longer than the limit of %u "
                "layers (max-depth) at backing file '%s'", max_depth,
-               backing_name);
+               sbacking);
     return -1;
   }
   path = resolve_name (l->name, backing_name);
@@ -218,7 +238,7 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
     for (i = 0; i < ids->n; ++i) {
       if (ids->dev[i] == bio.dev && ids->ino[i] == bio.ino) {
         q2_seterr (e, l->name, "backing file loop: '%s' is already in the "
-                   "backing chain", path);
+                   "backing chain", q2_short_name (sname, path));
         if (bio.close)
           bio.close (bio.opaque);
         free (path);
