@@ -63,6 +63,57 @@ size=$(nbdkit -U - qcow2 file=odd.qcow2 --run 'nbdinfo --size "$uri"')
 assert_eq "$qsize" "$size" "plugin's size of the odd-sized image"
 check --expect-size 1048064 odd.qcow2
 
+# ---- External data file: host offsets are the guest offsets.
+qemu-img create -q -f qcow2 -o cluster_size=64k,data_file=df.raw df.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' -c 'write -P 0xcd 128k 64k' \
+    df.qcow2 >/dev/null
+check df.qcow2
+craft df.qcow2 l2 0 $((0x8000000000000000 | 0x20000))
+qemu_refuses df.qcow2
+read_error df.qcow2 'df.qcow2: data cluster offset 0x20000 in the external data file does not match its guest offset 0x0'
+# ... also with data_file_raw.
+qemu-img create -q -f qcow2 -o cluster_size=64k,data_file=dfr.raw,data_file_raw=on \
+    dfr.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' -c 'write -P 0xcd 128k 64k' \
+    dfr.qcow2 >/dev/null
+craft dfr.qcow2 l2 131072 $((0x8000000000000000 | 0x40000))
+qemu_refuses dfr.qcow2 128k
+read_error dfr.qcow2 'data cluster offset 0x40000 in the external data file does not match its guest offset 0x20000'
+
+# ---- The zero flag in a version 2 image (with and without an offset).
+qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=64k v2.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' v2.qcow2 >/dev/null
+check v2.qcow2
+l2=$(craft v2.qcow2 get-l2 0)
+cp v2.qcow2 v2z.qcow2
+craft v2z.qcow2 l2 0 $((l2 | 1))
+qemu_refuses v2z.qcow2
+read_error v2z.qcow2 "L2 entry $(printf '0x%016x' $((l2 | 1))) at guest offset 0x0 has the zero flag \\(bit 0\\) set in a version 2 image"
+cp v2.qcow2 v2z.qcow2
+craft v2z.qcow2 l2 65536 1
+read_error v2z.qcow2 'L2 entry 0x0000000000000001 at guest offset 0x10000 has the zero flag \(bit 0\) set in a version 2 image'
+
+# ---- Misaligned preallocation offset of a zero cluster (v3).
+qemu-img create -q -f qcow2 -o cluster_size=64k z.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' z.qcow2 >/dev/null
+host=$(( $(craft z.qcow2 get-l2 0) & 0x00fffffffffffe00 ))
+craft z.qcow2 l2 0 $((host + 0x200 | 1))
+qemu_refuses z.qcow2
+read_error z.qcow2 "preallocated zero cluster offset $(printf '0x%x' $((host + 0x200))) \\(guest offset 0x0\\) is not aligned to the cluster size"
+
+# ---- Extended L2 entry without allocated subclusters, misaligned offset.
+qemu-img create -q -f qcow2 -o cluster_size=64k,extended_l2=on x.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' x.qcow2 >/dev/null
+host=$(( $(craft x.qcow2 get-l2 0) & 0x00fffffffffffe00 ))
+craft x.qcow2 l2 0 $((0x8000000000000000 | (host + 0x200)))
+craft x.qcow2 l2bitmap 0 0
+qemu_refuses x.qcow2
+read_error x.qcow2 "cluster offset $(printf '0x%x' $((host + 0x200))) \\(guest offset 0x0\\) is not aligned to the cluster size"
+# ... and with only zero subclusters.
+craft x.qcow2 l2bitmap 0 0xffffffff00000000
+qemu_refuses x.qcow2
+read_error x.qcow2 "cluster offset $(printf '0x%x' $((host + 0x200))) \\(guest offset 0x0\\) is not aligned"
+
 # ---- Long names keep the reason of the error.
 long=$(python3 -c 'print("d/" * 511 + "b")')        # 1023 bytes
 qemu-img create -q -f qcow2 -u -b "$long" -F qcow2 long.qcow2 1M

@@ -68,25 +68,47 @@ walk_emit (struct walker *w, enum run_type type, uint64_t off, uint64_t len,
   return 0;
 }
 
-/* Check a standard cluster's host offset. */
+/* The host offset of a standard L2 entry that has one, used or not
+ * (preallocated zero clusters, extended entries without allocated
+ * subclusters): as QEMU does, refuse one that is not aligned to a
+ * cluster, and, with an external data file, one that differs from the
+ * guest offset (data file clusters are always at their guest offset).
+ */
 static int
-check_host_offset (struct layer *l, uint64_t host, uint64_t guest,
+check_alloc_offset (struct layer *l, const char *what, uint64_t host,
+                    uint64_t guest, struct err *e)
+{
+  if (!is_aligned (host, l->cluster_size)) {
+    q2_seterr (e, l->name, "%s offset 0x%" PRIx64 " (guest offset 0x%"
+               PRIx64 ") is not aligned to the cluster size (0x%" PRIx64
+               ")", what, host, guest, l->cluster_size);
+    return -1;
+  }
+  if (l->has_data_file && host != guest) {
+    q2_seterr (e, l->name, "%s offset 0x%" PRIx64 " in the external data "
+               "file does not match its guest offset 0x%" PRIx64
+               " (they must be equal)", what, host, guest);
+    return -1;
+  }
+  return 0;
+}
+
+/* The host offset of a cluster holding data (checked by
+ * check_alloc_offset) must be in the file.
+ */
+static int
+check_data_offset (struct layer *l, uint64_t host, uint64_t guest,
                    struct err *e)
 {
   const struct qcow2_io *io = l->has_data_file ? &l->data : &l->io;
-  const char *name = l->has_data_file ? l->data_name : l->name;
+  char sname[Q2_NAME_BUF];
 
-  if (!is_aligned (host, l->cluster_size)) {
-    q2_seterr (e, l->name, "data cluster offset 0x%" PRIx64
-               " (guest offset 0x%" PRIx64 ") is not aligned to the cluster size (0x%" PRIx64 ")",
-               host, guest, l->cluster_size);
-    return -1;
-  }
   if (host >= io->size) {
     q2_seterr (e, l->name, "data cluster offset 0x%" PRIx64
-               " (guest offset 0x%" PRIx64 ") is beyond the end of %s (size 0x%" PRIx64 ")",
-               host, guest,
-               l->has_data_file ? name : "the file", io->size);
+               " (guest offset 0x%" PRIx64 ") is beyond the end of %s "
+               "(size 0x%" PRIx64 ")", host, guest,
+               l->has_data_file ? q2_short_name (sname, l->data_name)
+               : "the file", io->size);
     return -1;
   }
   return 0;
@@ -138,11 +160,26 @@ walk_cluster (struct walker *w, uint64_t guest, uint64_t e0, uint64_t e1)
   present = host != 0 || (l->has_data_file && (e0 & L2_COPIED));
 
   if (!l->extended_l2) {
-    if (l->version >= 3 && (e0 & L2_ZERO))
+    if (e0 & L2_ZERO) {
+      if (l->version < 3) {
+        /* Bit 0 is reserved in version 2: QEMU refuses the entry. */
+        q2_seterr (e, l->name, "L2 entry 0x%016" PRIx64 " at guest offset "
+                   "0x%" PRIx64 " has the zero flag (bit 0) set in a "
+                   "version 2 image (zero clusters need version 3)",
+                   e0, guest);
+        return -1;
+      }
+      /* A preallocated zero cluster (QEMU ignores the copied flag). */
+      if (host != 0 &&
+          check_alloc_offset (l, "preallocated zero cluster", host, guest,
+                              e) == -1)
+        return -1;
       return walk_emit (w, RUN_ZERO, guest, l->cluster_size, 0, 0);
+    }
     if (!present)
       return walk_emit (w, RUN_UNALLOC, guest, l->cluster_size, 0, 0);
-    if (check_host_offset (l, host, guest, e) == -1)
+    if (check_alloc_offset (l, "data cluster", host, guest, e) == -1 ||
+        check_data_offset (l, host, guest, e) == -1)
       return -1;
     return walk_emit (w, RUN_DATA, guest, l->cluster_size, host, 0);
   }
@@ -158,6 +195,10 @@ walk_cluster (struct walker *w, uint64_t guest, uint64_t e0, uint64_t e1)
                  " (subclusters both allocated and zero)", e1, guest);
       return -1;
     }
+    if (present &&
+        check_alloc_offset (l, alloc ? "data cluster" : "cluster", host,
+                            guest, e) == -1)
+      return -1;
     if (alloc) {
       if (!present) {
         q2_seterr (e, l->name, "L2 entry at guest offset 0x%" PRIx64
@@ -165,7 +206,7 @@ walk_cluster (struct walker *w, uint64_t guest, uint64_t e0, uint64_t e1)
                    ") but no host offset", guest, e1);
         return -1;
       }
-      if (check_host_offset (l, host, guest, e) == -1)
+      if (check_data_offset (l, host, guest, e) == -1)
         return -1;
     }
     /* Fast path: the whole cluster is uniform. */
