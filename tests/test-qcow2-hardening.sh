@@ -114,6 +114,26 @@ craft x.qcow2 l2bitmap 0 0xffffffff00000000
 qemu_refuses x.qcow2
 read_error x.qcow2 "cluster offset $(printf '0x%x' $((host + 0x200))) \\(guest offset 0x0\\) is not aligned"
 
+# ---- A data cluster cut short by the end of the file.
+qemu-img create -q -f qcow2 -o cluster_size=64k short.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' -c 'write -P 0xcd 64k 64k' \
+    short.qcow2 >/dev/null
+host=$(( $(craft short.qcow2 get-l2 65536) & 0x00fffffffffffe00 ))
+fsize=$(stat -c %s short.qcow2)
+assert_eq $((host + 65536)) "$fsize" "the last cluster ends the file"
+craft short.qcow2 truncate $((host + 0x8000))
+read_error short.qcow2 "data cluster at guest offset 0x10000 \\(host offset $(printf '0x%x' "$host")\\) runs past the end of the file \\(size $(printf '0x%x' $((host + 0x8000)))\\): guest bytes 0x18000-0x1ffff are not stored"
+# The bytes that are in the file still read.
+nbdkit -U - qcow2 file=short.qcow2 \
+    --run 'qemu-io -r -f raw -c "read -P 0xab 0 64k" -c "read -P 0xcd 64k 32k" "$uri"' \
+    >out
+assert_contains out 'read 32768/32768 bytes'
+# ... and in an external data file.
+qemu-img create -q -f qcow2 -o cluster_size=64k,data_file=dshort.raw dshort.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 0xab 0 64k' dshort.qcow2 >/dev/null
+truncate -s 1000 dshort.raw
+read_error dshort.qcow2 'data cluster at guest offset 0x0 \(host offset 0x0\) runs past the end of the external data file \(size 0x3e8\): guest bytes 0x3e8-0xffff are not stored'
+
 # ---- Long names keep the reason of the error.
 long=$(python3 -c 'print("d/" * 511 + "b")')        # 1023 bytes
 qemu-img create -q -f qcow2 -u -b "$long" -F qcow2 long.qcow2 1M

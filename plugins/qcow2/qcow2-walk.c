@@ -28,6 +28,32 @@ struct walker {
   struct err *e;
 };
 
+/* The host bytes of the data run [OFF, OFF+LEN) at HOST must all be in
+ * the file: a cluster cut short by the end of the file would otherwise
+ * read as zeros where the guest wrote data.  (Compressed clusters are
+ * different: their stored size is rounded up to sectors, and they are
+ * checked by the decompressor.)
+ */
+static int
+check_data_in_file (struct layer *l, uint64_t off, uint64_t len,
+                    uint64_t host, struct err *e)
+{
+  const struct qcow2_io *io = l->has_data_file ? &l->data : &l->io;
+  uint64_t cguest = round_down (off, l->cluster_size);
+  uint64_t missing;
+
+  if (host <= io->size && len <= io->size - host)
+    return 0;
+  missing = off + (host < io->size ? io->size - host : 0);
+  q2_seterr (e, l->name, "data cluster at guest offset 0x%" PRIx64
+             " (host offset 0x%" PRIx64 ") runs past the end of %s "
+             "(size 0x%" PRIx64 "): guest bytes 0x%" PRIx64 "-0x%" PRIx64
+             " are not stored", cguest, host - (off - cguest),
+             l->has_data_file ? "the external data file" : "the file",
+             io->size, missing, off + len - 1);
+  return -1;
+}
+
 static int
 walk_emit (struct walker *w, enum run_type type, uint64_t off, uint64_t len,
            uint64_t host, uint64_t csize)
@@ -46,6 +72,9 @@ walk_emit (struct walker *w, enum run_type type, uint64_t off, uint64_t len,
   }
   if (off + len > w->end)
     len = w->end - off;
+  if (type == RUN_DATA && check_data_in_file (w->l, off, len, host,
+                                              w->e) == -1)
+    return -1;
 
   if (w->have && w->pending.type == type && type != RUN_COMPRESSED &&
       w->pending.offset + w->pending.len == off &&
