@@ -163,10 +163,57 @@ qcow2_plugin_get_ready (void)
   return 0;
 }
 
+/* Views of the image, chosen by export name.  Names starting with '@'
+ * are reserved for views; any other name is the whole chain, as before
+ * views existed.
+ */
+enum view {
+  VIEW_CHAIN,                   /* "": content and map of the chain */
+  VIEW_TOP,                     /* "@top": content of the chain, map of
+                                 * the top image's allocation */
+};
+
+struct view_def {
+  const char *name;
+  enum view view;
+  const char *description;
+};
+
+static const struct view_def views[] = {
+  { "", VIEW_CHAIN, "the disk: content and map of the whole chain" },
+  { "@top", VIEW_TOP, "the disk with the map of the top image only: "
+    "unallocated there is a hole (not zero), its zero clusters zero" },
+};
+#define NR_VIEWS (sizeof views / sizeof views[0])
+
+static int
+qcow2_plugin_list_exports (int readonly, int is_tls,
+                           struct nbdkit_exports *exports)
+{
+  size_t i;
+
+  for (i = 0; i < NR_VIEWS; ++i)
+    if (nbdkit_add_export (exports, views[i].name,
+                           views[i].description) == -1)
+      return -1;
+  return 0;
+}
+
+/* The handle is the view (a pointer into views[]). */
 static void *
 qcow2_plugin_open (int readonly)
 {
-  return NBDKIT_HANDLE_NOT_NEEDED;
+  const char *name = nbdkit_export_name ();
+  size_t i;
+
+  if (name == NULL || name[0] != '@')
+    return (void *) &views[0];
+  for (i = 0; i < NR_VIEWS; ++i)
+    if (strcmp (name, views[i].name) == 0)
+      return (void *) &views[i];
+  nbdkit_error ("unknown view '%s' (export names starting with '@' are "
+                "views; this plugin has: @top)", name);
+  return NULL;
 }
 
 static int64_t
@@ -257,11 +304,17 @@ qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
   struct extents_ctx c = {
     .extents = extents, .req_one = (flags & NBDKIT_FLAG_REQ_ONE) != 0,
   };
+  const struct view_def *v = handle;
   char err[QCOW2_ERRLEN];
+  int r;
 
   err[0] = '\0';
-  if (qcow2_map (image, offset, count, add_extent, &c,
-                 err, sizeof err) == -1) {
+  if (v->view == VIEW_TOP)
+    r = qcow2_map_top (image, offset, count, add_extent, &c,
+                       err, sizeof err);
+  else
+    r = qcow2_map (image, offset, count, add_extent, &c, err, sizeof err);
+  if (r == -1) {
     int errnum = errno;         /* also that of a failed nbdkit_add_extent */
     if (err[0])
       nbdkit_error ("%s", err);
@@ -282,6 +335,7 @@ static struct nbdkit_plugin plugin = {
   .dump_plugin       = qcow2_plugin_dump_plugin,
   .magic_config_key  = "file",
   .get_ready         = qcow2_plugin_get_ready,
+  .list_exports      = qcow2_plugin_list_exports,
   .open              = qcow2_plugin_open,
   .get_size          = qcow2_plugin_get_size,
   .block_size        = qcow2_plugin_block_size,

@@ -1,5 +1,6 @@
 /* sparsebackup: qcow2 reader: reading and mapping the chain
- * (qcow2_pread, qcow2_map), on top of the cluster walker.
+ * (qcow2_pread, qcow2_map, qcow2_map_top), on top of the cluster
+ * walker.
  *
  * See qcow2-internal.h for a map of the files.
  */
@@ -126,6 +127,7 @@ struct mapper {
   qcow2_extent_fn fn;
   void *opaque;
   struct err *e;                /* errno of a failing callback */
+  bool top_only;                /* qcow2_map_top */
   bool have;
   uint64_t off, len;
   uint32_t flags;
@@ -172,8 +174,11 @@ map_run (struct layer *l, const struct run *r, void *opaque, struct err *e)
   case RUN_COMPRESSED:
     return map_out (m, r->offset, r->len, 0);
   case RUN_ZERO:
-    return map_out (m, r->offset, r->len, ZERO_FLAGS);
+    return map_out (m, r->offset, r->len,
+                    m->top_only ? QCOW2_EXTENT_ZERO : ZERO_FLAGS);
   case RUN_UNALLOC:
+    if (m->top_only)
+      return map_out (m, r->offset, r->len, QCOW2_EXTENT_HOLE);
     if (l->backing)
       return layer_map (l->backing, r->offset, r->len, m, e);
     return map_out (m, r->offset, r->len, ZERO_FLAGS);
@@ -225,12 +230,16 @@ layer_map (struct layer *l, uint64_t offset, uint64_t count,
   return q2_walk (l, offset, count, map_run, m, e);
 }
 
-int
-qcow2_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
+static int
+map_image (struct qcow2_image *img, bool top_only,
+           uint64_t offset, uint64_t count,
            qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
 {
   struct err e = { errbuf, errlen, 0 };
-  struct mapper m = { .fn = fn, .opaque = opaque, .e = &e, .have = false };
+  struct mapper m = {
+    .fn = fn, .opaque = opaque, .e = &e, .top_only = top_only,
+    .have = false,
+  };
   int r;
 
   if (offset > img->top->size || count > img->top->size - offset) {
@@ -252,4 +261,18 @@ qcow2_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
     return -1;
   }
   return 0;
+}
+
+int
+qcow2_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
+           qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
+{
+  return map_image (img, false, offset, count, fn, opaque, errbuf, errlen);
+}
+
+int
+qcow2_map_top (struct qcow2_image *img, uint64_t offset, uint64_t count,
+               qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
+{
+  return map_image (img, true, offset, count, fn, opaque, errbuf, errlen);
 }

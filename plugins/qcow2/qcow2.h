@@ -191,6 +191,18 @@ extern int qcow2_map (struct qcow2_image *img, uint64_t offset,
                       uint64_t count, qcow2_extent_fn fn, void *opaque,
                       char *err, size_t errlen);
 
+/* Like qcow2_map, but describe the allocation of the top image only
+ * (the contents read by qcow2_pread are still the whole chain's): data
+ * (0) where the top image has data, ZERO alone for its zero clusters /
+ * subclusters, HOLE alone where it allocates nothing (the contents come
+ * from the backing chain, or are zero).  A copy that writes only the
+ * data and zero ranges over the same backing chain is an overlay equal
+ * to the top image.
+ */
+extern int qcow2_map_top (struct qcow2_image *img, uint64_t offset,
+                          uint64_t count, qcow2_extent_fn fn, void *opaque,
+                          char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif
