@@ -23,17 +23,14 @@
 static uint8_t img[IMG_SIZE];
 static unsigned failures;
 
+/* Store V big-endian in the N bytes at P. */
 static void
-put32 (uint8_t *p, uint32_t v)
+put_be (uint8_t *p, unsigned n, uint64_t v)
 {
-  p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
-}
-
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  put32 (p, v >> 32);
-  put32 (p + 4, v);
+  while (n-- > 0) {
+    p[n] = v & 0xff;
+    v >>= 8;
+  }
 }
 
 /* v3, 64 KiB clusters, 64 KiB virtual size: L1 at cluster 1, L2 at
@@ -44,24 +41,24 @@ static void
 make_image (int backing)
 {
   memset (img, 0, sizeof img);
-  put32 (img, 0x514649fb);
-  put32 (img + 4, 3);
-  put32 (img + 20, 16);                 /* cluster_bits */
-  put64 (img + 24, CLUSTER);            /* size */
-  put32 (img + 36, 1);                  /* l1_size */
-  put64 (img + 40, CLUSTER);            /* l1_table_offset */
-  put32 (img + 96, 4);                  /* refcount_order */
-  put32 (img + 100, 104);               /* header_length */
+  put_be (img, 4, 0x514649fb);
+  put_be (img + 4, 4, 3);
+  put_be (img + 20, 4, 16);             /* cluster_bits */
+  put_be (img + 24, 8, CLUSTER);        /* size */
+  put_be (img + 36, 4, 1);              /* l1_size */
+  put_be (img + 40, 8, CLUSTER);        /* l1_table_offset */
+  put_be (img + 96, 4, 4);              /* refcount_order */
+  put_be (img + 100, 4, 104);           /* header_length */
   if (backing) {
-    put32 (img + 104, 0xe2792aca);      /* backing format extension */
-    put32 (img + 108, 5);
+    put_be (img + 104, 4, 0xe2792aca);  /* backing format extension */
+    put_be (img + 108, 4, 5);
     memcpy (img + 112, "qcow2", 5);
-    put64 (img + 8, 512);               /* backing name offset */
-    put32 (img + 16, 4);
+    put_be (img + 8, 8, 512);           /* backing name offset */
+    put_be (img + 16, 4, 4);
     memcpy (img + 512, "base", 4);
   }
-  put64 (img + CLUSTER, 2 * CLUSTER);
-  put64 (img + 2 * CLUSTER, 3 * CLUSTER | (UINT64_C(1) << 63));
+  put_be (img + CLUSTER, 8, 2 * CLUSTER);
+  put_be (img + 2 * CLUSTER, 8, 3 * CLUSTER | (UINT64_C(1) << 63));
   memset (img + 3 * CLUSTER, 0xaa, CLUSTER);
 }
 
