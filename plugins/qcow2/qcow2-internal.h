@@ -9,7 +9,7 @@
  *   qcow2-walk.c        the cluster walker: the one lookup of guest
  *                       offsets (L1 -> L2 -> host) serving reads and maps
  *   qcow2-decompress.c  compressed clusters (zlib, zstd), scratch pool
- *   qcow2-read.c        qcow2_pread and qcow2_map over the chain
+ *   qcow2-read.c        qcow2_pread, qcow2_map and qcow2_map_top
  *   qcow2-header.c      header, header extensions, feature bits, L1 table
  *   qcow2-open.c        data file, backing file, the public open / close
  *
