@@ -1,4 +1,4 @@
-/* sparsebackup: fuzz harness for the qcow2 parser (plugins/qcow2/qcow2.c).
+/* sparsebackup: fuzz harness for the qcow2 parser (plugins/qcow2/qcow2-*.c).
  *
  * LLVMFuzzerTestOneInput opens the input as an in-memory qcow2 image
  * (qcow2_open_mem), then maps and reads a few bounded ranges and closes
@@ -46,6 +46,8 @@
 #include <string.h>
 
 #include "qcow2.h"
+#include "ispowerof2.h"
+#include "minmax.h"
 
 int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size);
 
@@ -400,11 +402,12 @@ map_cb (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
   return 0;
 }
 
-/* Map [OFFSET, OFFSET+COUNT).  Returns the number of recorded extents
+/* Map [OFFSET, OFFSET+COUNT) (with TOP, the top image's own map:
+ * qcow2_map_top).  Returns the number of recorded extents
  * in *EXT (to be freed) when EXT is not NULL, or -1 on error.
  */
 static int
-do_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
+do_map (struct qcow2_image *img, bool top, uint64_t offset, uint64_t count,
         unsigned stop_after, struct extent **ext)
 {
   struct map_state m = {
@@ -423,7 +426,10 @@ do_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
   if (err == NULL)
     die ("out of memory");
   err[0] = '\0';
-  r = qcow2_map (img, offset, count, map_cb, &m, err, errlen);
+  if (top)
+    r = qcow2_map_top (img, offset, count, map_cb, &m, err, errlen);
+  else
+    r = qcow2_map (img, offset, count, map_cb, &m, err, errlen);
   if (r == -1) {
     check_err ("qcow2_map", err, errlen);
     say ("map [%" PRIu64 ", +%" PRIu64 "): error: %s", offset, count, err);
@@ -576,9 +582,9 @@ check_split (struct qcow2_image *img, uint64_t offset, size_t count)
     free (whole);
   }
 
-  nw = do_map (img, offset, count, 0, &ew);
-  n1 = do_map (img, offset, cut, 0, &e1);
-  n2 = do_map (img, offset + cut, count - cut, 0, &e2);
+  nw = do_map (img, false, offset, count, 0, &ew);
+  n1 = do_map (img, false, offset, cut, 0, &e1);
+  n2 = do_map (img, false, offset + cut, count - cut, 0, &e2);
   if (nw >= 0 && (n1 < 0 || n2 < 0))
     die ("mapping [%" PRIu64 ", +%zu) succeeds but mapping a part of it "
          "fails", offset, count);
@@ -607,12 +613,6 @@ check_split (struct qcow2_image *img, uint64_t offset, size_t count)
 }
 
 /* ---- Entry point ---------------------------------------------------- */
-
-static uint64_t
-min64 (uint64_t a, uint64_t b)
-{
-  return a < b ? a : b;
-}
 
 int
 LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
@@ -667,7 +667,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (vsize > INT64_MAX)
     die ("virtual size %" PRIu64 " > INT64_MAX", vsize);
   cs = qcow2_get_cluster_size (img);
-  if (cs < 512 || cs > 2 * 1024 * 1024 || (cs & (cs - 1)) != 0)
+  if (cs < 512 || cs > 2 * 1024 * 1024 || !is_power_of_2 (cs))
     die ("cluster size %" PRIu32 " is not a power of 2 in [512, 2M]", cs);
   say ("open: ok: size %" PRIu64 " cluster size %" PRIu32 " depth %u",
        vsize, cs, qcow2_get_depth (img));
@@ -678,41 +678,52 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     mid = vsize / 2;
 
     /* Map the start (recording extents), check ZERO reads as zero. */
-    n = do_map (img, 0, min64 (vsize, MAX_MAP), 0, &ext);
+    n = do_map (img, false, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
+    if (n > 0)
+      check_zero_extents (img, ext, n);
+    free (ext);
+    ext = NULL;
+
+    /* The same with the map of the top image only: its ZERO ranges
+     * (zero clusters of the top) read as zero too.
+     */
+    n = do_map (img, true, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
     if (n > 0)
       check_zero_extents (img, ext, n);
     free (ext);
     ext = NULL;
 
     /* Map the middle and the end, stopping early once. */
-    len = min64 (vsize - mid, 1024 * 1024);
-    do_map (img, mid, len, 0, NULL);
-    len = min64 (vsize, 1024 * 1024);
-    n = do_map (img, vsize - len, len, 0, &ext);
+    len = MIN (vsize - mid, UINT64_C(1024) * 1024);
+    do_map (img, false, mid, len, 0, NULL);
+    len = MIN (vsize, UINT64_C(1024) * 1024);
+    n = do_map (img, false, vsize - len, len, 0, &ext);
     if (n > 0)
       check_zero_extents (img, ext, n);
     free (ext);
     ext = NULL;
-    do_map (img, mid / 3, min64 (vsize - mid / 3, MAX_MAP), 3, NULL);
+    do_map (img, false, mid / 3, MIN (vsize - mid / 3, (uint64_t) MAX_MAP),
+            3, NULL);
 
     /* Unaligned, small. */
-    do_map (img, mid | 1, min64 (vsize - (mid | 1), 1), 0, NULL);
+    do_map (img, false, mid | 1, MIN (vsize - (mid | 1), UINT64_C(1)), 0,
+            NULL);
 
     /* Reads. */
-    buf = do_pread (img, 0, (size_t) min64 (vsize, 65536));
+    buf = do_pread (img, 0, (size_t) MIN (vsize, UINT64_C(65536)));
     free (buf);
-    len = min64 (vsize - mid, MAX_READ);
+    len = MIN (vsize - mid, (uint64_t) MAX_READ);
     buf = do_pread (img, mid, (size_t) len);
     free (buf);
-    len = min64 (vsize, 4096 + 7);
+    len = MIN (vsize, UINT64_C(4096) + 7);
     buf = do_pread (img, vsize - len, (size_t) len);
     free (buf);
     if (vsize > 3)
       check_reread (img, vsize, vsize / 3 + 1,
-                    (size_t) min64 (vsize - vsize / 3 - 1, 70000));
+                    (size_t) MIN (vsize - vsize / 3 - 1, UINT64_C(70000)));
     if (vsize > 5)
       check_split (img, vsize / 5 + 1,
-                   (size_t) min64 (vsize - vsize / 5 - 1, 150001));
+                   (size_t) MIN (vsize - vsize / 5 - 1, UINT64_C(150001)));
   }
   buf = do_pread (img, vsize, 0);       /* empty read at the end */
   free (buf);

@@ -10,9 +10,10 @@
 #
 # The builder lays an image out as: header cluster, L1 table, refcount
 # table + one refcount block (correct refcounts, unless refcounts=False),
-# L2 tables, a shared area for compressed clusters, then data clusters,
-# the last one trimmed of trailing zeros (bytes past the end of the file
-# read as zeros).  Valid images pass `qemu-img check`.
+# L2 tables, a shared area for compressed clusters, then data clusters
+# (with trim=True the last one trimmed of trailing zeros: the reader
+# refuses to read data clusters past the end of the file).  Valid images
+# pass `qemu-img check`.
 
 import os
 import random
@@ -101,6 +102,7 @@ class Image:
                                     # also holds the L1 table (compact)
         self.nb_snapshots = 0
         self.snapshots_offset = 0
+        self.trim = False           # cut the last data cluster short
 
     def l2_entries(self):
         return self.cs // (16 if self.extl2 else 8)
@@ -255,10 +257,10 @@ class Image:
         out = bytearray()
         for i in range(last + 1):
             out += clusters.get(i, bytearray(cs))
-        # trim a data cluster at the end (reads past the end of the file
-        # are zero; metadata must be whole)
+        # trim a data cluster at the end (reading it then fails; metadata
+        # must be whole)
         end = len(out)
-        while last in data_clusters and end > last * cs + 1 and \
+        while self.trim and last in data_clusters and end > last * cs + 1 and \
                 out[end - 1] == 0:
             end -= 1
         return bytes(out[:end])
@@ -316,7 +318,6 @@ def main():
     # v2 with compressed clusters and a backing file in the header (raw).
     img = basic(Image(version=2, size=40 * 1024))
     del img.l2[3], img.l2[4]        # no zero clusters in v2
-    img.l2[5] = ("raw", 1)          # the zero flag means nothing in v2
     img.backing = b"base.raw"
     img.exts = [ext_string(EXT_BACKING_FMT, "raw")]
     seeds["c-v2-backing-raw.qcow2"] = img
@@ -348,8 +349,8 @@ def main():
     sub = 512
     alloc = 0x00000013              # subclusters 0-1, 4
     zero = 0x00ff0000               # subclusters 16-23
-    # One host cluster shared by all allocated guest clusters (its tail
-    # past the end of the file reads as zeros), and a compressed cluster
+    # One host cluster shared by all allocated guest clusters, and a
+    # compressed cluster
     # stored inside it, in a subcluster that guest cluster 0 marks zero.
     # The L1 table (one entry) is the first 8 bytes of that cluster: the
     # file is header, L2 table, data cluster (about 37 KiB).
@@ -489,6 +490,42 @@ def main():
     img = mini(Image(size=64 * 1024, cb=10))
     img.l1_patch = {0: COPIED | 0x200}               # unaligned L2
     seeds["c-bad-l1-unaligned.qcow2"] = img
+
+    # Entries QEMU refuses (reading them fails, opening does not): the
+    # zero flag in v2 (with and without an offset), a misaligned
+    # preallocated zero cluster, an extended entry without allocated
+    # subclusters at a misaligned offset, a data file cluster away from
+    # its guest offset; a data cluster cut short by the end of the file;
+    # a virtual size that is not a multiple of 512.
+    img = basic(Image(version=2, size=40 * 1024))
+    del img.l2[3], img.l2[4]
+    img.l2[5] = ("raw", 1)
+    img.l2[8] = ("raw", COPIED | 0x400 | 1)
+    seeds["c-v2-zero-flag.qcow2"] = img
+    img = basic(Image(cb=10, size=16 * 1024))
+    img.l2[9] = ("raw", 0x600 | 1)
+    seeds["c-zero-prealloc-unaligned.qcow2"] = img
+    img = Image(cb=14, size=128 * 1024, extl2=True)
+    img.refcounts = False
+    img.incompat = 1 << 4
+    img.l2[0] = ("sub", 0x3, 0, pattern(4, 1024))
+    img.l2[1] = ("raw", COPIED | 0x4200, 0)
+    img.l2[2] = ("raw", COPIED | 0x4200, 0xffffffff << 32)
+    seeds["c-extl2-unalloc-unaligned.qcow2"] = img
+    img = Image(size=64 * 1024)
+    img.incompat = 1 << 2
+    img.l2[0] = ("raw", COPIED | 0)
+    img.l2[2] = ("raw", COPIED | 3 * 512)
+    img.l2[4] = ("raw", COPIED | 4 * 512 | 1)
+    img.exts = [ext_string(EXT_DATA_FILE, "data.raw")]
+    seeds["c-datafile-mismatch.qcow2"] = img
+    img = Image(size=8 * 1024)
+    img.l2[0] = ("data", text(300))
+    img.l2[1] = ("zero",)
+    img.trim = True
+    seeds["c-data-truncated.qcow2"] = img
+    img = mini(Image(size=8 * 1024 - 100))
+    seeds["c-odd-size.qcow2"] = img
 
     for name, img in sorted(seeds.items()):
         data = img.build()

@@ -52,3 +52,26 @@ open_error ()
     shift 2
     nbdkit_refuses "$re" qcow2 file="$img" "$@"
 }
+
+# read_error IMAGE REGEXP [nomap]: starts, but reading and mapping the
+# disk fail with the message (with nomap, only reading: the data of
+# compressed clusters is not looked at to map them).
+# (nbdcopy --requests=1: see nbd-sparseness-rules.md.)
+read_error ()
+{
+    local img=$1 re=$2 nomap=${3:-} rc=0
+    nbdkit -U - qcow2 file="$img" \
+        --run 'nbdcopy --requests=1 "$uri" out.raw' 2>err || rc=$?
+    failed_cleanly $rc "read $img"
+    echo "$img: $(cat err)"
+    assert_contains err "$re"
+    if [ -n "$nomap" ]; then
+        nbdkit -U - qcow2 file="$img" --run 'nbdinfo --map "$uri"' >/dev/null
+        return
+    fi
+    rc=0
+    nbdkit -U - qcow2 file="$img" --run 'nbdinfo --map "$uri"' \
+        >/dev/null 2>err || rc=$?
+    failed_cleanly $rc "map $img"
+    assert_contains err "$re"
+}

@@ -51,3 +51,27 @@ nbdkit qcow2 --help > help
 for p in file= backing= max-depth= l2-cache-size= data-file=; do
     assert_contains help "$p"
 done
+
+# ... laid out like nbdkit's own plugins (nbdkit file --help): each line
+# KEY=<PLACEHOLDER> (the magic key as [file=]), the description starting
+# with a capital letter at the same column as theirs (23).
+sed -n '/^\[file=\]/,$p' help > help-params
+[ "$(wc -l < help-params)" -eq 5 ] || fail "expected 5 parameter lines"
+while IFS= read -r line; do
+    [[ $line =~ ^(\[[a-z0-9-]+=\]|[a-z0-9-]+=)\<[A-Z]+\>\ +[A-Z] ]] ||
+        fail "help line not in nbdkit's KEY=<VALUE> style: '$line'"
+    col=$(( $(expr "$line" : '[^ ]* *') + 1 ))
+    [ "$col" -eq 23 ] ||
+        fail "help description at column $col, not 23: '$line'"
+done < help-params
+
+# --dump-plugin shows the build's features and the project version.
+nbdkit qcow2 --dump-plugin > dump
+version=$(sed -n 's/^PACKAGE_VERSION = //p' "$abs_top_builddir/Makefile")
+[ -n "$version" ] || fail "no PACKAGE_VERSION in the top Makefile"
+assert_contains dump "^qcow2_version=$version\$"
+for key in qcow2_zlib=yes qcow2_zstd=yes qcow2_extended_l2=yes \
+           qcow2_external_data_file=yes qcow2_max_depth=16 \
+           'qcow2_zlib_version=[0-9.]+$' 'qcow2_zstd_version=[0-9.]+$'; do
+    assert_contains dump "^$key"
+done

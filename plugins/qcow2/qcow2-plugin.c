@@ -1,7 +1,9 @@
 /* sparsebackup: nbdkit qcow2 plugin (read-only).
  *
- * The nbdkit glue only: the format is handled by qcow2.c (no nbdkit
- * headers there).
+ * The nbdkit glue only: the format is handled by the qcow2-*.c library
+ * files (no nbdkit headers there; see qcow2-internal.h).  The library's
+ * public API is named qcow2_*, so the nbdkit callbacks are named
+ * qcow2_plugin_*.
  */
 
 #include <config.h>
@@ -10,11 +12,15 @@
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
+
+#include <zlib.h>
+#include <zstd.h>
 
 #include "qcow2.h"
 
@@ -33,7 +39,7 @@ static struct qcow2_image *image;
 #define MAX_EXTENTS_PER_REPLY 65536
 
 static void
-q2p_unload (void)
+qcow2_plugin_unload (void)
 {
   qcow2_close (image);
   image = NULL;
@@ -42,7 +48,7 @@ q2p_unload (void)
 }
 
 static int
-q2p_config (const char *key, const char *value)
+qcow2_plugin_config (const char *key, const char *value)
 {
   if (strcmp (key, "file") == 0) {
     free (filename);
@@ -95,7 +101,7 @@ q2p_config (const char *key, const char *value)
 }
 
 static int
-q2p_config_complete (void)
+qcow2_plugin_config_complete (void)
 {
   if (filename == NULL) {
     nbdkit_error ("you must supply the file=<FILENAME> parameter "
@@ -105,12 +111,30 @@ q2p_config_complete (void)
   return 0;
 }
 
-#define q2p_config_help \
-  "[file=]<FILENAME>    (required) The qcow2 image to serve (read-only).\n" \
-  "backing=<BOOL>       Follow backing files (default true).\n" \
-  "max-depth=<N>        Max layers in the chain, 1 to 16 (default 16).\n" \
-  "l2-cache-size=<SIZE> L2 cache per layer (default 1M).\n" \
-  "data-file=<FILENAME> Override the external data file of the image."
+/* Laid out like nbdkit's own plugins (nbdkit file --help): KEY=<VALUE>
+ * placeholders, descriptions from column 23.
+ */
+#define qcow2_plugin_config_help \
+  "[file=]<FILENAME>     The qcow2 image to serve (required, read-only).\n" \
+  "backing=<BOOL>        Follow backing files (default true).\n" \
+  "max-depth=<N>         Max layers in the chain, 1 to 16 (default 16).\n" \
+  "l2-cache-size=<SIZE>  L2 cache per layer (default 1M).\n" \
+  "data-file=<FILENAME>  Override the external data file of the image."
+
+/* nbdkit qcow2 --dump-plugin: what this build supports. */
+static void
+qcow2_plugin_dump_plugin (void)
+{
+  printf ("qcow2_version=%s\n", PACKAGE_VERSION);
+  printf ("qcow2_zlib=yes\n");
+  printf ("qcow2_zlib_version=%s\n", zlibVersion ());
+  printf ("qcow2_zstd=yes\n");
+  printf ("qcow2_zstd_version=%s\n", ZSTD_versionString ());
+  printf ("qcow2_extended_l2=yes\n");
+  printf ("qcow2_external_data_file=yes\n");
+  printf ("qcow2_backing_formats=qcow2,raw\n");
+  printf ("qcow2_max_depth=%d\n", QCOW2_MAX_DEPTH);
+}
 
 static void
 debug_cb (void *opaque, const char *msg)
@@ -119,7 +143,7 @@ debug_cb (void *opaque, const char *msg)
 }
 
 static int
-q2p_get_ready (void)
+qcow2_plugin_get_ready (void)
 {
   struct qcow2_options opts;
   char err[QCOW2_ERRLEN];
@@ -139,45 +163,92 @@ q2p_get_ready (void)
   return 0;
 }
 
-static void *
-q2p_open (int readonly)
+/* Views of the image, chosen by export name.  Names starting with '@'
+ * are reserved for views; any other name is the whole chain, as before
+ * views existed.
+ */
+enum view {
+  VIEW_CHAIN,                   /* "": content and map of the chain */
+  VIEW_TOP,                     /* "@top": content of the chain, map of
+                                 * the top image's allocation */
+};
+
+struct view_def {
+  const char *name;
+  enum view view;
+  const char *description;
+};
+
+static const struct view_def views[] = {
+  { "", VIEW_CHAIN, "the disk: content and map of the whole chain" },
+  { "@top", VIEW_TOP, "the disk with the map of the top image only: "
+    "unallocated there is a hole (not zero), its zero clusters zero" },
+};
+#define NR_VIEWS (sizeof views / sizeof views[0])
+
+static int
+qcow2_plugin_list_exports (int readonly, int is_tls,
+                           struct nbdkit_exports *exports)
 {
-  return NBDKIT_HANDLE_NOT_NEEDED;
+  size_t i;
+
+  for (i = 0; i < NR_VIEWS; ++i)
+    if (nbdkit_add_export (exports, views[i].name,
+                           views[i].description) == -1)
+      return -1;
+  return 0;
+}
+
+/* The handle is the view (a pointer into views[]). */
+static void *
+qcow2_plugin_open (int readonly)
+{
+  const char *name = nbdkit_export_name ();
+  size_t i;
+
+  if (name == NULL || name[0] != '@')
+    return (void *) &views[0];
+  for (i = 0; i < NR_VIEWS; ++i)
+    if (strcmp (name, views[i].name) == 0)
+      return (void *) &views[i];
+  nbdkit_error ("unknown view '%s' (export names starting with '@' are "
+                "views; this plugin has: @top)", name);
+  return NULL;
 }
 
 static int64_t
-q2p_get_size (void *handle)
+qcow2_plugin_get_size (void *handle)
 {
   return (int64_t) qcow2_get_size (image);
 }
 
 static int
-q2p_can_write (void *handle)
+qcow2_plugin_can_write (void *handle)
 {
   return 0;
 }
 
 static int
-q2p_can_multi_conn (void *handle)
+qcow2_plugin_can_multi_conn (void *handle)
 {
   return 1;
 }
 
 static int
-q2p_can_extents (void *handle)
+qcow2_plugin_can_extents (void *handle)
 {
   return 1;
 }
 
 static int
-q2p_can_cache (void *handle)
+qcow2_plugin_can_cache (void *handle)
 {
   return NBDKIT_CACHE_EMULATE;
 }
 
 static int
-q2p_block_size (void *handle,
-                  uint32_t *minimum, uint32_t *preferred, uint32_t *maximum)
+qcow2_plugin_block_size (void *handle, uint32_t *minimum,
+                         uint32_t *preferred, uint32_t *maximum)
 {
   uint32_t cs = qcow2_get_cluster_size (image);
 
@@ -188,14 +259,15 @@ q2p_block_size (void *handle,
 }
 
 static int
-q2p_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
-             uint32_t flags)
+qcow2_plugin_pread (void *handle, void *buf, uint32_t count,
+                    uint64_t offset, uint32_t flags)
 {
   char err[QCOW2_ERRLEN];
 
   if (qcow2_pread (image, buf, count, offset, err, sizeof err) == -1) {
+    int errnum = errno;         /* ENOMEM, a read error's errno, EIO... */
     nbdkit_error ("%s", err);
-    errno = EIO;
+    errno = errnum;
     return -1;
   }
   return 0;
@@ -226,20 +298,27 @@ add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 }
 
 static int
-q2p_extents (void *handle, uint32_t count, uint64_t offset,
-               uint32_t flags, struct nbdkit_extents *extents)
+qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
+                      uint32_t flags, struct nbdkit_extents *extents)
 {
   struct extents_ctx c = {
     .extents = extents, .req_one = (flags & NBDKIT_FLAG_REQ_ONE) != 0,
   };
+  const struct view_def *v = handle;
   char err[QCOW2_ERRLEN];
+  int r;
 
   err[0] = '\0';
-  if (qcow2_map (image, offset, count, add_extent, &c,
-                 err, sizeof err) == -1) {
+  if (v->view == VIEW_TOP)
+    r = qcow2_map_top (image, offset, count, add_extent, &c,
+                       err, sizeof err);
+  else
+    r = qcow2_map (image, offset, count, add_extent, &c, err, sizeof err);
+  if (r == -1) {
+    int errnum = errno;         /* also that of a failed nbdkit_add_extent */
     if (err[0])
       nbdkit_error ("%s", err);
-    errno = EIO;
+    errno = errnum;
     return -1;
   }
   return 0;
@@ -249,21 +328,23 @@ static struct nbdkit_plugin plugin = {
   .name              = "qcow2",
   .longname          = "nbdkit qcow2 plugin (read-only, sparsebackup)",
   .version           = PACKAGE_VERSION,
-  .unload            = q2p_unload,
-  .config            = q2p_config,
-  .config_complete   = q2p_config_complete,
-  .config_help       = q2p_config_help,
+  .unload            = qcow2_plugin_unload,
+  .config            = qcow2_plugin_config,
+  .config_complete   = qcow2_plugin_config_complete,
+  .config_help       = qcow2_plugin_config_help,
+  .dump_plugin       = qcow2_plugin_dump_plugin,
   .magic_config_key  = "file",
-  .get_ready         = q2p_get_ready,
-  .open              = q2p_open,
-  .get_size          = q2p_get_size,
-  .block_size        = q2p_block_size,
-  .can_write         = q2p_can_write,
-  .can_multi_conn    = q2p_can_multi_conn,
-  .can_extents       = q2p_can_extents,
-  .can_cache         = q2p_can_cache,
-  .pread             = q2p_pread,
-  .extents           = q2p_extents,
+  .get_ready         = qcow2_plugin_get_ready,
+  .list_exports      = qcow2_plugin_list_exports,
+  .open              = qcow2_plugin_open,
+  .get_size          = qcow2_plugin_get_size,
+  .block_size        = qcow2_plugin_block_size,
+  .can_write         = qcow2_plugin_can_write,
+  .can_multi_conn    = qcow2_plugin_can_multi_conn,
+  .can_extents       = qcow2_plugin_can_extents,
+  .can_cache         = qcow2_plugin_can_cache,
+  .pread             = qcow2_plugin_pread,
+  .extents           = qcow2_plugin_extents,
   .errno_is_preserved = 1,
 };
 

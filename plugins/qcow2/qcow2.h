@@ -8,6 +8,13 @@
  * qcow2-plugin.c; fuzz harnesses and unit tests link this code directly
  * (libqcow2.la).
  *
+ * Failures: every function that can fail returns -1, writes a message
+ * to the caller's buffer and sets errno: ENOMEM when out of memory, the
+ * errno of the failed read or open (a qcow2_io callback's errno), EINVAL
+ * for a request beyond the end of the disk, EIO for a corrupt or
+ * unsupported image; qcow2_map fails with the errno of a failing
+ * callback.
+ *
  * Thread safety: once opened, an image may be used by any number of
  * threads at the same time (qcow2_pread and qcow2_map); the L2 cache of
  * each layer is protected by its own lock.  qcow2_close must not race
@@ -135,8 +142,10 @@ extern int qcow2_open_file (const char *path,
                             struct qcow2_image **ret,
                             char *err, size_t errlen);
 
-/* The POSIX opener: open(O_RDONLY|O_CLOEXEC), fstat, pread, SEEK_DATA.
- * Usable as a qcow2_open_fn (OPAQUE is ignored).
+/* The POSIX opener: open(O_RDONLY|O_CLOEXEC|O_NONBLOCK), fstat (only
+ * regular files and block devices are accepted, so a FIFO never blocks
+ * the open), pread, SEEK_DATA.  Usable as a qcow2_open_fn (OPAQUE is
+ * ignored).
  */
 extern int qcow2_posix_open (void *opaque, const char *path,
                              struct qcow2_io *io, char *err, size_t errlen);
@@ -181,6 +190,18 @@ typedef int (*qcow2_extent_fn) (void *opaque, uint64_t offset,
 extern int qcow2_map (struct qcow2_image *img, uint64_t offset,
                       uint64_t count, qcow2_extent_fn fn, void *opaque,
                       char *err, size_t errlen);
+
+/* Like qcow2_map, but describe the allocation of the top image only
+ * (the contents read by qcow2_pread are still the whole chain's): data
+ * (0) where the top image has data, ZERO alone for its zero clusters /
+ * subclusters, HOLE alone where it allocates nothing (the contents come
+ * from the backing chain, or are zero).  A copy that writes only the
+ * data and zero ranges over the same backing chain is an overlay equal
+ * to the top image.
+ */
+extern int qcow2_map_top (struct qcow2_image *img, uint64_t offset,
+                          uint64_t count, qcow2_extent_fn fn, void *opaque,
+                          char *err, size_t errlen);
 
 #ifdef __cplusplus
 }
