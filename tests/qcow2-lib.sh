@@ -56,7 +56,7 @@ open_error ()
 # read_error IMAGE REGEXP [nomap]: starts, but reading and mapping the
 # disk fail with the message (with nomap, only reading: the data of
 # compressed clusters is not looked at to map them).
-# (nbdcopy --requests=1: see nbd-sparseness-rules.md.)
+# (nbdcopy --requests=1: a defect of nbdkit 1.32.5, see README "Known issues".)
 read_error ()
 {
     local img=$1 re=$2 nomap=${3:-} rc=0
