@@ -28,6 +28,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -158,6 +159,24 @@ now (void)
   return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* V bytes in a short human form: "512", "1.5K", "300.0M". */
+static void
+human (uint64_t v, char *buf, size_t n)
+{
+  static const char units[] = "KMGTPE";
+  double d = v;
+  int u = -1;
+
+  while (d >= 1024 && u < 5) {
+    d /= 1024;
+    u++;
+  }
+  if (u < 0)
+    snprintf (buf, n, "%" PRIu64, v);
+  else
+    snprintf (buf, n, "%.1f%c", d, units[u]);
+}
+
 static void
 progress_update (bool force)
 {
@@ -168,11 +187,12 @@ progress_update (bool force)
 
   if (progress_fd < 0)
     return;
-  percent = size == 0 ? 100 : (int) (done * 100 / size);
+  percent = size == 0 ? 100 : (int) ((double) done * 100 / size);
   if (progress_bar) {
     const int width = 40;
     int i, fill = percent * width / 100;
     double t = now ();
+    char d[16], sz[16];
 
     if (!force && percent == last_percent && t - last_bar < 0.2)
       return;
@@ -180,8 +200,10 @@ progress_update (bool force)
     n = snprintf (line, sizeof line, "\r[");
     for (i = 0; i < width; i++)
       line[n++] = i < fill ? '#' : '.';
-    n += snprintf (line + n, sizeof line - n, "] %3d%% %" PRIu64 "/%" PRIu64
-                   " MiB", percent, done >> 20, size >> 20);
+    human (done, d, sizeof d);
+    human (size, sz, sizeof sz);
+    n += snprintf (line + n, sizeof line - n, "] %3d%% %s/%s ",
+                   percent, d, sz);
     bar_shown = true;
   }
   else {
@@ -877,6 +899,9 @@ main (int argc, char **argv)
   unsigned i;
   int c, ai;
   double t0;
+
+  /* A closed progress pipe must not kill the copy (write gets EPIPE). */
+  signal (SIGPIPE, SIG_IGN);
 
   /* "+": options stop at SRC, so that [ CMD -ARGS ] stay the command's. */
   while ((c = getopt_long (argc, argv, "+pq", long_options, NULL)) != -1) {
