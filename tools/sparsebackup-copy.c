@@ -598,9 +598,45 @@ queue_take (uint64_t max, struct extent *out)
 
 /* ---- Target I/O ------------------------------------------------------- */
 
+/* The page cache, as nbdcopy does it: start the writeback of every range
+ * written at once and, WB_RING writes later, wait for it and drop its
+ * pages.  Dirty pages never pile up (writers that make many are
+ * throttled, and the final fdatasync has little left to do), and a
+ * backup does not push everything else out of the cache.
+ */
+#define WB_RING 64
+static struct { uint64_t offset, len; } wb_ring[WB_RING];
+static unsigned wb_head, wb_count;
+static bool wb_works = true;
+
+static void
+writeback (uint64_t offset, uint64_t len)
+{
+  if (!wb_works)
+    return;
+  if (sync_file_range (dst_fd, offset, len, SYNC_FILE_RANGE_WRITE) == -1) {
+    wb_works = false;           /* e.g. a character device */
+    return;
+  }
+  if (wb_count == WB_RING) {
+    uint64_t o = wb_ring[wb_head].offset, l = wb_ring[wb_head].len;
+
+    sync_file_range (dst_fd, o, l, SYNC_FILE_RANGE_WAIT_BEFORE |
+                     SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    posix_fadvise (dst_fd, o, l, POSIX_FADV_DONTNEED);
+    wb_head = (wb_head + 1) % WB_RING;
+    wb_count--;
+  }
+  wb_ring[(wb_head + wb_count) % WB_RING].offset = offset;
+  wb_ring[(wb_head + wb_count) % WB_RING].len = len;
+  wb_count++;
+}
+
 static bool
 write_file (const char *buf, uint64_t len, uint64_t offset)
 {
+  uint64_t offset0 = offset, len0 = len;
+
   while (len > 0) {
     ssize_t r = pwrite (dst_fd, buf, MIN (len, (uint64_t) SSIZE_MAX), offset);
 
@@ -615,6 +651,7 @@ write_file (const char *buf, uint64_t len, uint64_t offset)
     len -= r;
     offset += r;
   }
+  writeback (offset0, len0);
   return true;
 }
 
