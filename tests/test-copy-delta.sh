@@ -9,7 +9,6 @@ requires_plugin memory
 requires nbdcopy
 
 start_view
-view=$uri
 
 filled "$tmp/prev.img" P
 expect_image delta "$tmp/prev.img" "$tmp/expected.img"

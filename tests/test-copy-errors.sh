@@ -27,7 +27,6 @@ re ()
 }
 
 start_view
-view=$uri
 
 # Options and arguments.
 expect_fail "--requests: '0' is not a number" --requests=0 "$view" x

@@ -10,7 +10,6 @@ requires_plugin memory
 requires nbdcopy
 
 start_view
-view=$uri
 
 # A new file, with the progress bar on stderr.
 "$copy" -p "$view" "$tmp/full.img" > "$tmp/out" 2> "$tmp/err" ||

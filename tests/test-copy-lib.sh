@@ -63,7 +63,8 @@ make_view ()
     done
 }
 
-# start_view [NBDKIT-OPTIONS...]: make the view and serve it with the eval
+# start_view [NBDKIT-OPTIONS...]: make the view and serve it (as $view, and
+# $uri, $pid... as start_nbdkit sets them) with the eval
 # plugin: pread from $tmp/src.img (fails with EIO at offsets >= the number
 # in $tmp/fail-read if that file exists), extents from $tmp/map (the whole
 # map whatever range is asked: nbdkit clips it; fails with EIO if
@@ -81,6 +82,7 @@ start_view ()
         extents="if [ -e $tmp/fail-extents ]; then
                    echo 'EIO injected extents error' >&2; exit 1; fi
                  cat $tmp/map"
+    view=$uri
 }
 
 # expect_image full|delta PREV OUT: what a copy of the view over a target

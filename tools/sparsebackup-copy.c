@@ -383,21 +383,28 @@ max_request (struct nbd_handle *h)
   return m > 0 ? (uint64_t) m : UINT64_MAX;
 }
 
+/* The size of WHAT's export NAME. */
+static uint64_t
+export_size (struct nbd_handle *h, const char *what, const char *name)
+{
+  int64_t s = nbd_get_size (h);
+  char msg[256];
+
+  if (s < 0) {
+    snprintf (msg, sizeof msg, "%s '%s': cannot get the export size",
+              what, name);
+    die_nbd (msg);
+  }
+  return s;
+}
+
 static void
 open_source (char **cmd)
 {
-  int64_t s;
   int r;
 
   src = connect_nbd ("SRC", src_name, cmd, true);
-  s = nbd_get_size (src);
-  if (s == -1)
-    die_nbd ("SRC: cannot get the export size");
-  if (s < 0 || (uint64_t) s > (uint64_t) INT64_MAX) {
-    error_msg ("SRC '%s': export size %" PRIi64 " does not fit", src_name, s);
-    exit (EXIT_FAILURE);
-  }
-  size = s;
+  size = export_size (src, "SRC", src_name);
   r = nbd_can_meta_context (src, LIBNBD_CONTEXT_BASE_ALLOCATION);
   if (r == -1)
     die_nbd ("SRC: nbd_can_meta_context");
@@ -411,20 +418,16 @@ open_source (char **cmd)
 static void
 open_nbd_target (char **cmd)
 {
-  int64_t s;
-  int r;
+  uint64_t s;
 
   dst_nbd = connect_nbd ("DST", dst_name, cmd, false);
-  r = nbd_is_read_only (dst_nbd);
-  if (r != 0) {
+  if (nbd_is_read_only (dst_nbd) != 0) {
     error_msg ("DST '%s' is read-only", dst_name);
     exit (EXIT_FAILURE);
   }
-  s = nbd_get_size (dst_nbd);
-  if (s == -1)
-    die_nbd ("DST: cannot get the export size");
-  if ((uint64_t) s < size) {
-    error_msg ("DST '%s' is shorter (%" PRIi64 " bytes) than SRC "
+  s = export_size (dst_nbd, "DST", dst_name);
+  if (s < size) {
+    error_msg ("DST '%s' is shorter (%" PRIu64 " bytes) than SRC "
                "(%" PRIu64 " bytes)", dst_name, s, size);
     exit (EXIT_FAILURE);
   }
