@@ -51,6 +51,15 @@ nbdcopy "$target" "$tmp/back.img"
 cmp -n "$view_size" "$tmp/src.img" "$tmp/back.img" ||
     fail "copy into NBD differs"
 
+# Into an NBD target that cannot zero: the zeroes are written.
+start_nbdkit --filter=nozero memory "$view_size" zeromode=none
+filled "$tmp/p.img" P
+nbdcopy "$tmp/p.img" "$uri"
+"$copy" --requests=3 "$view" "$uri" > "$tmp/out"
+assert_summary "$tmp/out" "$full_copied" "$view_zeroed" 0
+nbdcopy "$uri" "$tmp/back2.img"
+cmp "$tmp/src.img" "$tmp/back2.img" || fail "copy into NBD without zero differs"
+
 # --help, --version and the man page.
 "$copy" --help > "$tmp/help"
 assert_contains "$tmp/help" '^Usage: sparsebackup-copy \[OPTIONS\] SRC DST'
