@@ -71,15 +71,18 @@ make_view ()
 # $tmp/fail-extents exists).
 start_view ()
 {
+    # Under --enable-sanitizers the wrapper preloads ASan into nbdkit: the
+    # commands of the scripts must not inherit it.
+    local env='unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS;'
     make_view
     start_nbdkit "$@" eval \
         get_size="echo $view_size" \
-        pread="if [ -e $tmp/fail-read ] && [ \$4 -ge \$(cat $tmp/fail-read) ]; then
+        pread="$env if [ -e $tmp/fail-read ] && [ \$4 -ge \$(cat $tmp/fail-read) ]; then
                  echo 'EIO injected read error' >&2; exit 1; fi
                dd if=$tmp/src.img skip=\$4 count=\$3 \
                   iflag=skip_bytes,count_bytes status=none" \
         can_extents='exit 0' \
-        extents="if [ -e $tmp/fail-extents ]; then
+        extents="$env if [ -e $tmp/fail-extents ]; then
                    echo 'EIO injected extents error' >&2; exit 1; fi
                  cat $tmp/map"
     view=$uri
