@@ -185,8 +185,8 @@ progress_update (bool force)
   char line[128];
   int n;
 
-  if (progress_fd < 0)
-    return;
+  if (progress_fd < 0 || failed)
+    return;                     /* after an error message: no more bars */
   percent = size == 0 ? 100 : (int) ((double) done * 100 / size);
   if (progress_bar) {
     const int width = 40;
