@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Benchmark: sparsebackup-copy against nbdcopy, from a backup view made
+# with nbdkit-extentlist-filter over a raw file: BENCH_DATA_PCT of the
+# disk is data, BENCH_HOLE_PCT is HOLE without ZERO (not part of this
+# backup, but with contents), the rest is HOLE|ZERO (a file hole), in 1M
+# pieces.  For each copy: the median time, the bytes the client read
+# (nbdkit-stats-filter) and the bytes allocated in the target.
+#
+#   full   sparsebackup-copy to a new file  vs  nbdcopy --flush
+#          (both read data and HOLE-only extents; both flush at the end)
+#   delta  sparsebackup-copy --delta over the previous backup  vs  the
+#          full nbdcopy, which is what a raw target gets without it
+#   nbd    sparsebackup-copy to nbdkit memory  vs  nbdcopy to it
+#
+# Tunables: BENCH_SIZE (default 1G), BENCH_DATA_PCT (default 20),
+# BENCH_HOLE_PCT (default 40), BENCH_RUNS (default 3).
+#
+#   make -C bench bench        or
+#   abs_top_builddir=$PWD bash bench/bench-copy-tool.sh
+set -euo pipefail
+source "$(dirname "$0")/bench-functions.sh"
+source "$srcdir/test-read-lib.sh"          # stats_bytes
+requires nbdcopy --version
+requires_plugin file
+requires_plugin memory
+requires_filter stats
+requires_filter extentlist
+copy="$abs_top_builddir/tools/sparsebackup-copy"
+[ -x "$copy" ] || fail "$copy was not built"
+
+size=$(numfmt --from=iec "${BENCH_SIZE:-1G}")
+runs=${BENCH_RUNS:-3}
+python3 - "$size" "${BENCH_DATA_PCT:-20}" "${BENCH_HOLE_PCT:-40}" \
+    "$tmp/src.img" "$tmp/map" <<'PY'
+import os, random, sys
+size, dpct, hpct = (int(x) for x in sys.argv[1:4])
+img, mapf = sys.argv[4:6]
+M = 1 << 20
+r = random.Random(7)
+with open(img, "wb") as f, open(mapf, "w") as m:
+    f.truncate(size)
+    for off in range(0, size, M):
+        x = r.randrange(100)
+        kind = "" if x < dpct else "hole" if x < dpct + hpct else "hole,zero"
+        m.write("%d %d %s\n" % (off, min(M, size - off), kind))
+        if kind != "hole,zero":
+            f.seek(off)
+            f.write(os.urandom(min(M, size - off)))
+PY
+echo "source: $(numfmt --to=iec "$size"), $(grep -c ' $' "$tmp/map")M data," \
+     "$(grep -c ' hole$' "$tmp/map")M HOLE-only, the rest HOLE|ZERO"
+
+# run NAME CMD...: time CMD against a fresh server ($view in CMD is the
+# view's URI); sets ${NAME}_t (median), ${NAME}_read, ${NAME}_alloc
+# (of $tmp/out.img).  $SETUP is eval'd before each run (untimed).
+run ()
+{
+    local name="$1" i t ts=() cmd
+    shift
+    for (( i = 0; i < runs; i++ )); do
+        eval "${SETUP:-rm -f $tmp/out.img}"
+        start_nbdkit -r --filter=stats --filter=extentlist file "$tmp/src.img" \
+            extentlist="$tmp/map" statsfile="$tmp/stats.txt"
+        view=$uri
+        cmd=()
+        for a in "$@"; do cmd+=("${a//@VIEW@/$view}"); done
+        t=$(time1 "${cmd[@]}")
+        ts+=("$t")
+        stop_nbdkit
+    done
+    printf -v "${name}_t" %s "$(median "${ts[@]}")"
+    printf -v "${name}_read" %s "$(stats_bytes "$tmp/stats.txt" read)"
+    printf -v "${name}_alloc" %s "$(allocated "$tmp/out.img" 2>/dev/null || echo 0)"
+}
+
+show ()
+{
+    local t="${1}_t" r="${1}_read" a="${1}_alloc" alloc=-
+    [ "${!a}" -eq 0 ] || alloc=$(numfmt --to=iec "${!a}")
+    printf "  %-26s %8.3f s  read %8s  allocated %8s\n" "$2" "${!t}" \
+        "$(numfmt --to=iec "${!r}")" "$alloc"
+}
+
+run nbdcopy nbdcopy --flush @VIEW@ "$tmp/out.img"
+run tool "$copy" -q @VIEW@ "$tmp/out.img"
+cmp "$tmp/src.img" "$tmp/out.img" || fail "full copy differs from the source"
+cp --sparse=always "$tmp/out.img" "$tmp/prev.img"
+
+# Delta over the previous backup (the full copy): the same result.
+SETUP="cp --sparse=always $tmp/prev.img $tmp/out.img" \
+    run delta "$copy" -q --delta @VIEW@ "$tmp/out.img"
+cmp "$tmp/src.img" "$tmp/out.img" || fail "delta over the full copy differs"
+
+echo "full copy to a file:"
+show nbdcopy "nbdcopy --flush"
+show tool "sparsebackup-copy"
+echo "delta copy to a file:"
+show delta "sparsebackup-copy --delta"
+
+# To an NBD target (the memory plugin, one server for all runs).
+start_nbdkit memory "$size"
+target=$uri
+run nbdnbdcopy nbdcopy @VIEW@ "$target"
+run nbdtool "$copy" -q @VIEW@ "$target"
+echo "full copy to nbdkit memory:"
+show nbdnbdcopy "nbdcopy"
+show nbdtool "sparsebackup-copy"
+
+echo "ratios (sparsebackup-copy / nbdcopy):"
+echo "  full time $(ratio "$tool_t" "$nbdcopy_t")," \
+     "read $(ratio "$tool_read" "$nbdcopy_read")," \
+     "allocated $(ratio "$tool_alloc" "$nbdcopy_alloc")"
+echo "  delta time $(ratio "$delta_t" "$nbdcopy_t")," \
+     "read $(ratio "$delta_read" "$nbdcopy_read")"
+echo "  to nbd time $(ratio "$nbdtool_t" "$nbdnbdcopy_t")," \
+     "read $(ratio "$nbdtool_read" "$nbdnbdcopy_read")"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# sparsebackup-copy to a block device (a loop device over a file): a
+# device shorter than the source is refused; full and delta copies to a
+# longer one are exact (zeroes punched with fallocate on the device).
+# Skipped unless losetup can attach a loop device (root, /dev/loop*).
+source "${srcdir:-.}/functions.sh"
+source "${srcdir:-.}/test-copy-lib.sh"
+requires losetup
+
+# attach FILE: attach a loop device to FILE, detached at exit; sets $dev.
+attach ()
+{
+    dev=$(losetup --find --show "$1" 2>/dev/null) && [ -b "$dev" ] ||
+        skip "cannot attach a loop device"
+    cleanup_fn "losetup -d $dev"
+}
+
+start_view
+
+truncate -s $((view_size - 1)) "$tmp/short.bin"
+attach "$tmp/short.bin"
+r=0
+"$copy" "$view" "$dev" 2> "$tmp/err" || r=$?
+assert_eq 1 "$r" "exit status for a short device"
+assert_contains "$tmp/err" "DST '$dev' is shorter \([0-9]+ bytes\) than SRC \($view_size bytes\)"
+
+# A longer device holding a previous backup (and more).
+filled "$tmp/prev.img" P
+cp "$tmp/prev.img" "$tmp/dev.bin"
+truncate -s $((3 * 1024 * K)) "$tmp/dev.bin"
+attach "$tmp/dev.bin"
+expect_image delta "$tmp/prev.img" "$tmp/expected.img"
+"$copy" --delta "$view" "$dev" > "$tmp/out"
+assert_summary "$tmp/out" "$delta_copied" "$view_zeroed" "$delta_skipped"
+cmp -n "$view_size" "$tmp/expected.img" "$dev" || fail "delta to $dev differs"
+
+"$copy" "$view" "$dev" > "$tmp/out"
+assert_summary "$tmp/out" "$full_copied" "$view_zeroed" 0
+cmp -n "$view_size" "$tmp/src.img" "$dev" || fail "full copy to $dev differs"
