@@ -150,6 +150,22 @@ seterr (char *err, size_t errlen, const char *fmt, ...)
   errno = saved;
 }
 
+/* Append a sentence to INFO->message. */
+static void __attribute__ ((__format__ (__printf__, 2, 3)))
+note (struct cbt_load_info *info, const char *fmt, ...)
+{
+  size_t len = strlen (info->message);
+  va_list ap;
+
+  if (len > 0 && len + 2 < sizeof info->message) {
+    strcpy (info->message + len, "; ");
+    len += 2;
+  }
+  va_start (ap, fmt);
+  vsnprintf (info->message + len, sizeof info->message - len, fmt, ap);
+  va_end (ap);
+}
+
 /* Set a message and errno, return -1. */
 #define FAILWITH(e, ...)                                \
   do {                                                  \
@@ -969,8 +985,7 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     ? 0 : 1;
   if (!ok[1 - s] && strcmp (why[1 - s], "empty") != 0) {
     info->fallback = true;
-    snprintf (info->message, sizeof info->message,
-              "cbt: superblock slot %d is damaged (%.100s): using slot %d "
+    note (info, "cbt: superblock slot %d is damaged (%.100s): using slot %d "
               "(sequence %" PRIu64 ")", 1 - s, why[1 - s], s,
               get64 (sb[s] + SB_SEQ));
   }
@@ -989,14 +1004,12 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     bool wal = get64 (sb[s] + SB_COMPAT) & COMPAT_WRITE_AHEAD;
 
     if (wal)
-      snprintf (info->message, sizeof info->message,
-                "cbt: the file was not closed cleanly; it was in "
+      note (info, "cbt: the file was not closed cleanly; it was in "
                 "write-ahead mode: all %zu checkpoints stay valid", c->n);
     else if (c->n > 0) {
       info->invalidated = true;
       info->dropped = (unsigned) c->n;
-      snprintf (info->message, sizeof info->message,
-                "cbt: the file was not closed cleanly (still marked in "
+      note (info, "cbt: the file was not closed cleanly (still marked in "
                 "use): all %zu checkpoints are invalid, the next backup "
                 "must be full", c->n);
       if (c->read_only)
@@ -1007,8 +1020,7 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
   }
   /* A backup still pending: it did not finish. */
   if (c->n > 0 && c->cps[c->n - 1].state == CBT_STATE_PENDING) {
-    snprintf (info->message, sizeof info->message,
-              "cbt: checkpoint '%s' was still pending (its backup did not "
+    note (info, "cbt: checkpoint '%s' was still pending (its backup did not "
               "finish): deleted, its changes merged back",
               c->cps[c->n - 1].name);
     info->dropped++;
@@ -1128,6 +1140,7 @@ cbt_close (struct cbt *c, char *err, size_t errlen)
 uint64_t cbt_disk_size (const struct cbt *c) { return c->disk_size; }
 uint32_t cbt_granularity (const struct cbt *c) { return 1u << c->gran_bits; }
 enum cbt_mode cbt_mode (const struct cbt *c) { return c->mode; }
+const char *cbt_identity (const struct cbt *c) { return c->identity; }
 
 void
 cbt_get_stats (struct cbt *c, struct cbt_stats *stats)

@@ -148,6 +148,7 @@ extern int cbt_close (struct cbt *cbt, char *err, size_t errlen);
 extern uint64_t cbt_disk_size (const struct cbt *cbt);
 extern uint32_t cbt_granularity (const struct cbt *cbt);
 extern enum cbt_mode cbt_mode (const struct cbt *cbt);
+extern const char *cbt_identity (const struct cbt *cbt);
 extern void cbt_get_stats (struct cbt *cbt, struct cbt_stats *stats);
 
 /* Record that [OFFSET, OFFSET+COUNT) is about to change: every granule
