@@ -1089,7 +1089,8 @@ cbt_open (const char *path, const struct cbt_options *opts,
           char *err, size_t errlen)
 {
   int fd = open (path, (opts->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC |
-                 (opts->create && !opts->read_only ? O_CREAT : 0), 0644);
+                 ((opts->create || opts->reset) && !opts->read_only
+                  ? O_CREAT : 0), 0644);
 
   *cbtp = NULL;
   if (fd == -1)
@@ -1118,8 +1119,13 @@ cbt_close (struct cbt *c, char *err, size_t errlen)
   if (!c->read_only && !c->io_error &&
       (c->in_use_on_disk || c->mark_gen != c->durable_gen)) {
     struct sbvals v = current_vals (c, false, crc (0, c->cur, c->bm_bytes));
+    struct sbvals in_use = current_vals (c, true, 0);
 
-    if (pwrite_full (c->fd, c->cur, c->bm_bytes, c->cur_off) == -1 ||
+    /* Write-ahead marks never committed: the in-place write below
+     * would break the crc of a clean file, so mark it in use first.
+     */
+    if ((!c->in_use_on_disk && write_super (c, &in_use) == -1) ||
+        pwrite_full (c->fd, c->cur, c->bm_bytes, c->cur_off) == -1 ||
         fdatasync (c->fd) == -1 || write_super (c, &v) == -1) {
       seterr (err, errlen, "cbt: storing the bitmap at close: %m");
       r = -1;

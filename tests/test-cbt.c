@@ -16,7 +16,8 @@
  *    leaves a file whose checkpoints are invalidated at the next load;
  *  - write-ahead crash: a child marks + commits in a loop and is killed
  *    with SIGKILL at a random moment; every mark it had committed must
- *    be in the set, and its checkpoints valid;
+ *    be in the set, and its checkpoints valid (a backup it had begun is
+ *    merged back);
  *  - group commit from several threads.
  *
  * The file layout used to corrupt fields is the one documented in
@@ -793,8 +794,12 @@ wal_crash_test (unsigned round)
     uint64_t seed = rnd_state + round;
     close (fds[0]);
     c = xopen (&o, NULL);
-    if (round % 2 &&
-        cbt_checkpoint_create (c, "later", false, err, sizeof err) == -1)
+    /* Round 1 mod 3: a second checkpoint; 2 mod 3: a backup that is
+     * still pending when the child dies (merged back at load).
+     */
+    if (round % 3 &&
+        cbt_checkpoint_create (c, round % 3 == 1 ? "later" : "backup",
+                               round % 3 == 2, err, sizeof err) == -1)
       _exit (2);
     for (;;) {
       uint64_t t;
@@ -821,7 +826,8 @@ wal_crash_test (unsigned round)
 
   c = xopen (&o, &info);
   CHECK (!info.invalidated);
-  CHECK (cbt_checkpoint_count (c) == (round % 2 ? 2u : 1u));
+  CHECK (info.dropped == (round % 3 == 2 ? 1u : 0u));
+  CHECK (cbt_checkpoint_count (c) == (round % 3 == 1 ? 2u : 1u));
   got = changed_since (c, "base");
   for (size_t g = 0; g < NR_GRAN; ++g)
     if (want[g] && !got[g]) {
