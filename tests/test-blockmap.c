@@ -29,20 +29,8 @@
 
 #include "blockmap.h"
 
-static unsigned failures;
-
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-blockmap: FAIL (line %d): " fmt "\n",        \
-             __LINE__, __VA_ARGS__);                                    \
-    if (++failures > 20) exit (EXIT_FAILURE);                           \
-  } while (0)
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond))                                                        \
-      FAIL ("%s", #cond);                                               \
-  } while (0)
+#define TEST_NAME "test-blockmap"
+#include "unit-test.h"
 
 #define CHECK_EQ(a, b)                                                  \
   do {                                                                  \

@@ -47,20 +47,8 @@
 
 #include "cbt.h"
 
-static unsigned failures;
-
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-cbt: FAIL (line %d): " fmt "\n",             \
-             __LINE__, __VA_ARGS__);                                    \
-    if (++failures > 20) exit (EXIT_FAILURE);                           \
-  } while (0)
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond))                                                        \
-      FAIL ("%s", #cond);                                               \
-  } while (0)
+#define TEST_NAME "test-cbt"
+#include "unit-test.h"
 
 /* Layout (doc/cbt-format.md). */
 #define SB_SIZE 4096

@@ -18,20 +18,8 @@
 
 #include "ctlproto.h"
 
-static unsigned failures;
-
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-ctlproto: FAIL (line %d): " fmt "\n",        \
-             __LINE__, __VA_ARGS__);                                    \
-    failures++;                                                         \
-  } while (0)
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond))                                                        \
-      FAIL ("%s", #cond);                                               \
-  } while (0)
+#define TEST_NAME "test-ctlproto"
+#include "unit-test.h"
 
 /* LINE parses, and formats back to CANON. */
 static void
