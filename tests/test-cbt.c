@@ -18,6 +18,9 @@
  *    with SIGKILL at a random moment; every mark it had committed must
  *    be in the set, and its checkpoints valid (a backup it had begun is
  *    merged back);
+ *  - a write error (RLIMIT_FSIZE below the current bitmap) in
+ *    write-ahead mode: the commit fails with EIO, and so does everything
+ *    after it; the file still loads with what was committed before;
  *  - group commit from several threads.
  *
  * The file layout used to corrupt fields is the one documented in
@@ -39,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -827,6 +831,64 @@ wal_crash_test (unsigned round)
   xclose (c);
 }
 
+/* ---- Write errors -------------------------------------------------- */
+
+/* In a child: writes at or past the current bitmap fail (EFBIG). */
+static void
+write_error_test (void)
+{
+  struct cbt_options o = options (DISK, GRAN, CBT_MODE_WRITE_AHEAD);
+  struct cbt_load_info info;
+  struct cbt *c;
+  uint8_t *f, *got;
+  size_t len;
+  uint64_t cur_off, t;
+  pid_t pid;
+  int status;
+
+  o.reset = true;
+  c = xopen (&o, NULL);
+  CHECK (cbt_checkpoint_create (c, "base", false, err, sizeof err) == 0);
+  CHECK (cbt_mark (c, 3 * GRAN, 1, &t) == 0 && cbt_commit (c, t) == 0);
+  xclose (c);
+  o.reset = false;
+  read_file (&f, &len);
+  cur_off = get64 (active_sb (f) + SB_CUR_OFF);
+  free (f);
+
+  pid = fork ();
+  if (pid == 0) {
+    struct rlimit rl = { .rlim_cur = cur_off, .rlim_max = RLIM_INFINITY };
+    int code = 0;
+
+    signal (SIGXFSZ, SIG_IGN);
+    c = xopen (&o, NULL);
+    if (setrlimit (RLIMIT_FSIZE, &rl) == -1)
+      _exit (10);
+    if (cbt_mark (c, 400 * GRAN, 1, &t) == -1 || t == 0)
+      code |= 1;                /* the mark itself is in memory */
+    if (cbt_commit (c, t) != -1 || errno != EIO)
+      code |= 2;                /* the page write fails */
+    if (cbt_mark (c, 500 * GRAN, 1, &t) != -1 || errno != EIO)
+      code |= 4;                /* sticky */
+    if (cbt_checkpoint_create (c, "x", false, err, sizeof err) != -1 ||
+        errno != EIO || strstr (err, "earlier write") == NULL)
+      code |= 8;
+    if (cbt_close (c, err, sizeof err) != -1)
+      code |= 16;
+    _exit (code);
+  }
+  CHECK (waitpid (pid, &status, 0) == pid && WIFEXITED (status));
+  if (WEXITSTATUS (status) != 0)
+    FAIL ("write error child: status %d", WEXITSTATUS (status));
+  c = xopen (&o, &info);
+  CHECK (!info.invalidated && cbt_checkpoint_count (c) == 1);
+  got = changed_since (c, "base");
+  CHECK (got[3]);
+  free (got);
+  xclose (c);
+}
+
 /* ---- Group commit from threads ------------------------------------- */
 
 static struct cbt *gc_cbt;
@@ -905,6 +967,7 @@ main (void)
   for (unsigned round = 0; round < 6; ++round)
     wal_crash_test (round);
   printf ("test-cbt: crash tests done\n");
+  write_error_test ();
   group_commit_test ();
 
   unlink (path);
