@@ -1027,11 +1027,19 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     if (!c->read_only && delete_cp (c, c->n - 1, err, errlen) == -1)
       return -1;
   }
-  if (!c->read_only && c->autoclear != 0) {
+  /* Clear unknown autoclear bits.  And a file still in use opened in
+   * the other mode records this mode at once: an in-use file marked
+   * write-ahead would be trusted after a crash.
+   */
+  if (!c->read_only &&
+      (c->autoclear != 0 ||
+       (c->in_use_on_disk &&
+        (bool) (get64 (sb[s] + SB_COMPAT) & COMPAT_WRITE_AHEAD) !=
+        (c->mode == CBT_MODE_WRITE_AHEAD)))) {
     struct sbvals v = current_vals (c, c->in_use_on_disk,
                                     crc (0, c->cur, c->bm_bytes));
     if (write_super (c, &v) == -1)
-      FAILWITH (EIO, "cbt: clearing autoclear bits: %m");
+      FAILWITH (EIO, "cbt: updating the superblock: %m");
   }
   return 0;
 }

@@ -831,6 +831,47 @@ wal_crash_test (unsigned round)
   xclose (c);
 }
 
+/* A child leaves the file open in MODE after a mark (committed). */
+static void
+child_marks (enum cbt_mode mode, uint64_t off, struct cbt_load_info *info)
+{
+  struct cbt_options o = options (DISK, GRAN, mode);
+  pid_t pid = fork ();
+  int status;
+
+  if (pid == 0) {
+    struct cbt *c = xopen (&o, info);
+    uint64_t t;
+    if (cbt_mark (c, off, 1, &t) == -1 || cbt_commit (c, t) == -1)
+      _exit (2);
+    _exit (info->invalidated ? 3 : 0);
+  }
+  CHECK (waitpid (pid, &status, 0) == pid && WIFEXITED (status) &&
+         WEXITSTATUS (status) == 0);
+}
+
+/* Crashed in write-ahead mode, then reopened and crashed in in-use
+ * mode: the second crash must invalidate (its marks were in memory).
+ */
+static void
+mode_switch_test (void)
+{
+  struct cbt_options o = options (DISK, GRAN, CBT_MODE_WRITE_AHEAD);
+  struct cbt_load_info info;
+  struct cbt *c;
+
+  o.reset = true;
+  c = xopen (&o, NULL);
+  CHECK (cbt_checkpoint_create (c, "base", false, err, sizeof err) == 0);
+  xclose (c);
+  child_marks (CBT_MODE_WRITE_AHEAD, 10 * GRAN, &info);
+  child_marks (CBT_MODE_IN_USE, 20 * GRAN, &info);
+  o.reset = false;
+  c = xopen (&o, &info);
+  CHECK (info.invalidated && cbt_checkpoint_count (c) == 0);
+  xclose (c);
+}
+
 /* ---- Write errors -------------------------------------------------- */
 
 /* In a child: writes at or past the current bitmap fail (EFBIG). */
@@ -967,6 +1008,7 @@ main (void)
   for (unsigned round = 0; round < 6; ++round)
     wal_crash_test (round);
   printf ("test-cbt: crash tests done\n");
+  mode_switch_test ();
   write_error_test ();
   group_commit_test ();
 
