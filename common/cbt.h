@@ -178,7 +178,8 @@ extern int cbt_commit (struct cbt *cbt, uint64_t ticket);
  * PENDING: created for a backup, at most one at a time (EBUSY); it is
  * the last one until confirmed or failed.  ENOENT: no such checkpoint.
  * ENOSPC: CBT_MAX_CHECKPOINTS reached.  Each change is durable (both
- * modes) when the call returns 0.
+ * modes) when the call returns 0.  They rewrite every record (see
+ * doc/cbt-format.md, "Cost") with the lock held: marks wait meanwhile.
  */
 extern int cbt_checkpoint_create (struct cbt *cbt, const char *name,
                                   bool pending, char *err, size_t errlen);
@@ -202,7 +203,9 @@ extern int cbt_checkpoint_latest_good (struct cbt *cbt,
 /* Call EXTENT (in order, coalesced, clipped to the disk) for every
  * range that changed since checkpoint SINCE (a good one: EINVAL for a
  * pending one).  EXTENT returning -1 stops the walk (-1 returned, errno
- * kept).  Reads the frozen records from disk in bounded chunks.
+ * kept).  Reads the frozen records from disk in bounded chunks.  The
+ * cbt's lock is held during the walk (marks wait): EXTENT must not call
+ * back into this cbt, and should be quick (buffer, then send).
  */
 typedef int (*cbt_extent_fn) (uint64_t offset, uint64_t length,
                               void *opaque);
