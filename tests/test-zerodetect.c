@@ -20,13 +20,8 @@
 
 #include "zerodetect.h"
 
-static unsigned failures;
-
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-zerodetect: FAIL: " fmt "\n", __VA_ARGS__);  \
-    if (++failures > 20) exit (EXIT_FAILURE);                           \
-  } while (0)
+#define TEST_NAME "test-zerodetect"
+#include "unit-test.h"
 
 /* Deterministic PRNG (xorshift64*). */
 static uint64_t rng_state = UINT64_C (0x9E3779B97F4A7C15);
