@@ -87,11 +87,18 @@ assert_eq "$summary" "$(grep '^summary: ' "$stats")" "summary line"
 assert_contains "$server_log" "${summary#summary: }"
 
 # A statistics file that cannot be created fails at start-up, naming it.
-if nbdkit -U - --filter=sparsebackup memory 1M \
-        sparsebackup-statsfile="$tmp/no/such/dir/stats" --run true \
-        > "$tmp/bad.log" 2>&1; then
+# (Under the sanitizer build's ASan preload, nbdkit 1.32.5 hangs in its
+# exit handlers after any start-up error that printed a strerror text --
+# `nbdkit file /no/such` does the same -- so there the timeout's 124
+# counts as a refusal; see README "Known issues".)
+rc=0
+timeout 20 nbdkit -U - --filter=sparsebackup memory 1M \
+    sparsebackup-statsfile="$tmp/no/such/dir/stats" --run true \
+    > "$tmp/bad.log" 2>&1 || rc=$?
+[ "$rc" -ne 0 ] ||
     fail "sparsebackup-statsfile in a missing directory was accepted"
-fi
+[ "$rc" -ne 124 ] || [ -n "${SANITIZERS:-}" ] ||
+    fail "nbdkit hung after refusing sparsebackup-statsfile"
 assert_contains "$tmp/bad.log" \
     "sparsebackup-statsfile: cannot open '$tmp/no/such/dir/stats'"
 
