@@ -559,6 +559,12 @@ bit_run (const struct bm_layer *b, struct bm_cursor *c, uint64_t first,
   uint64_t pos = first;
   int v = -1;
 
+  /* LIMIT is the same for every call of one request. */
+  if (c->have_run && first >= c->run_first && first < c->run_end) {
+    *end = c->run_end;
+    *set = c->run_set;
+    return 0;
+  }
   while (pos < limit) {
     uint64_t tidx = pos / bpc, cstart = tidx * bpc;
     uint64_t cend = MIN (cstart + bpc, limit);
@@ -602,6 +608,10 @@ bit_run (const struct bm_layer *b, struct bm_cursor *c, uint64_t first,
  done:
   *end = pos;
   *set = v == 1;
+  c->have_run = true;
+  c->run_first = first;
+  c->run_end = pos;
+  c->run_set = *set;
   return 0;
 }
 

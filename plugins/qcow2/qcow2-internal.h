@@ -185,8 +185,14 @@ struct qcow2_bitmap {
  */
 #define BM_WINDOW 512
 
-/* What one request has read of one layer's bitmap. */
+/* What one request has read of one layer's bitmap, and the last run of
+ * equal bits found (a request asks again inside it while the other
+ * layers' runs are shorter).
+ */
 struct bm_cursor {
+  bool have_run;
+  uint64_t run_first, run_end;  /* bits [run_first, run_end) */
+  bool run_set;
   bool have_entry;
   uint64_t tidx, tentry;        /* the last table entry read */
   bool have_win;
