@@ -236,63 +236,73 @@ mk ()
     craft "$name.qcow2" "$@"
 }
 
+# rule NAME REGEXP OP ARGS...: one.qcow2 patched by craft OP ARGS
+# (NAME.qcow2) is refused with REGEXP.
+rule ()
+{
+    local name=$1 re=$2
+    shift 2
+    mk "$name" "$@"
+    since_error "$name.qcow2" b1 "$re"
+}
+
 # Autoclear bit 0 clear: bitmaps are ignored (not an error).
-mk autoclear be64 88 0
-since_error autoclear.qcow2 b1 "there is no bitmap named 'b1'"
+rule autoclear "there is no bitmap named 'b1'" \
+    be64 88 0
 exports autoclear.qcow2 | grep -q since && fail "autoclear: listed"
 
 # The extension: at most once, 24 bytes, reserved field zero.
-mk twice ext-type 0x6803f857 0x23852875
-since_error twice.qcow2 b1 "the bitmaps extension appears 2 times \(at most once\)"
-mk extlen ext-len 0x23852875 16
-since_error extlen.qcow2 b1 "the bitmaps extension has length 16 \(must be 24\)"
-mk extres be32 $((ext + 4)) 5
-since_error extres.qcow2 b1 "reserved field of the bitmaps extension is 0x5 \(must be 0\)"
+rule twice "the bitmaps extension appears 2 times \(at most once\)" \
+    ext-type 0x6803f857 0x23852875
+rule extlen "the bitmaps extension has length 16 \(must be 24\)" \
+    ext-len 0x23852875 16
+rule extres "reserved field of the bitmaps extension is 0x5 \(must be 0\)" \
+    be32 $((ext + 4)) 5
 
 # nb_bitmaps, the size and offset of the directory.
-mk nb0 be32 $ext 0
-since_error nb0.qcow2 b1 "nb_bitmaps 0 is out of range \(1 to 65535\)"
-mk nbbig be32 $ext 65536
-since_error nbbig.qcow2 b1 "nb_bitmaps 65536 is out of range \(1 to 65535\)"
-mk nb2 be32 $ext 2
-since_error nb2.qcow2 b1 "bitmap_directory_size 32 is out of range for 2 bitmaps \(64 to 67107840\)"
-mk dirbig be64 $((ext + 8)) 67107848
-since_error dirbig.qcow2 b1 "bitmap_directory_size 67107848 is out of range for 1 bitmaps"
-mk dirunal be64 $((ext + 16)) $((dir + 8))
-since_error dirunal.qcow2 b1 "bitmap_directory_offset $(printf 0x%x $((dir + 8))) is not aligned to the cluster size"
-mk dir0 be64 $((ext + 16)) 0
-since_error dir0.qcow2 b1 "bitmap_directory_offset 0x0 is 0, in the header"
-mk dirend be64 $((ext + 16)) $((dir + 0x100000))
-since_error dirend.qcow2 b1 "bitmap directory at offset $(printf 0x%x $((dir + 0x100000))) \(32 bytes\) is beyond the end of the file"
+rule nb0 "nb_bitmaps 0 is out of range \(1 to 65535\)" \
+    be32 $ext 0
+rule nbbig "nb_bitmaps 65536 is out of range \(1 to 65535\)" \
+    be32 $ext 65536
+rule nb2 "bitmap_directory_size 32 is out of range for 2 bitmaps \(64 to 67107840\)" \
+    be32 $ext 2
+rule dirbig "bitmap_directory_size 67107848 is out of range for 1 bitmaps" \
+    be64 $((ext + 8)) 67107848
+rule dirunal "bitmap_directory_offset $(printf 0x%x $((dir + 8))) is not aligned to the cluster size" \
+    be64 $((ext + 16)) $((dir + 8))
+rule dir0 "bitmap_directory_offset 0x0 is 0, in the header" \
+    be64 $((ext + 16)) 0
+rule dirend "bitmap directory at offset $(printf 0x%x $((dir + 0x100000))) \(32 bytes\) is beyond the end of the file" \
+    be64 $((ext + 16)) $((dir + 0x100000))
 mk dirlong be64 $((ext + 8)) 40
 craft dirlong.qcow2 truncate $((dir + 0x10000))
 since_error dirlong.qcow2 b1 "the bitmap directory has 8 bytes after its 1 entries \(bitmap_directory_size 40\)"
 
 # Directory entries.
-mk name0 write $((dir + 18)) 0000
-since_error name0.qcow2 b1 "bitmap directory entry 0: name_size 0 is out of range \(1 to 1023\)"
-mk namebig write $((dir + 18)) 0400
-since_error namebig.qcow2 b1 "bitmap directory entry 0: name_size 1024 is out of range"
-mk namepast write $((dir + 18)) 0009
-since_error namepast.qcow2 b1 "bitmap directory entry 0 \(extra_data_size 0, name_size 9\) runs past the end of the directory \(size 32\)"
-mk namenul write $((dir + 25)) 00
-since_error namenul.qcow2 b1 "the name of bitmap directory entry 0 contains a NUL byte"
-mk pad write $((dir + 30)) 01
-since_error pad.qcow2 b1 "the padding of bitmap directory entry 0 is not zero"
-mk type2 write $((dir + 16)) 02
-since_error type2.qcow2 b1 "bitmap 'b1': type 2 is not supported \(only 1, dirty tracking\)"
-mk flags be32 $((dir + 12)) 0x0a
-since_error flags.qcow2 b1 "bitmap 'b1': reserved flags are set \(flags 0xa\)"
-mk g8 write $((dir + 17)) 08
-since_error g8.qcow2 b1 "bitmap 'b1': granularity_bits 8 is out of range \(9 to 31\)"
-mk g32 write $((dir + 17)) 20
-since_error g32.qcow2 b1 "bitmap 'b1': granularity_bits 32 is out of range \(9 to 31\)"
-mk tsize be32 $((dir + 8)) 2
-since_error tsize.qcow2 b1 "bitmap 'b1': bitmap_table_size 2 does not match the virtual size \(0x800000 at granularity 65536 needs 1 entries\)"
-mk tunal be64 $dir $((table + 512))
-since_error tunal.qcow2 b1 "bitmap_table_offset $(printf 0x%x $((table + 512))) \(1 entries\) is not aligned to the cluster size"
-mk tend be64 $dir $((dir + 0x100000))
-since_error tend.qcow2 b1 "bitmap_table_offset $(printf 0x%x $((dir + 0x100000))) \(1 entries\) is beyond the end of the file"
+rule name0 "bitmap directory entry 0: name_size 0 is out of range \(1 to 1023\)" \
+    write $((dir + 18)) 0000
+rule namebig "bitmap directory entry 0: name_size 1024 is out of range" \
+    write $((dir + 18)) 0400
+rule namepast "bitmap directory entry 0 \(extra_data_size 0, name_size 9\) runs past the end of the directory \(size 32\)" \
+    write $((dir + 18)) 0009
+rule namenul "the name of bitmap directory entry 0 contains a NUL byte" \
+    write $((dir + 25)) 00
+rule pad "the padding of bitmap directory entry 0 is not zero" \
+    write $((dir + 30)) 01
+rule type2 "bitmap 'b1': type 2 is not supported \(only 1, dirty tracking\)" \
+    write $((dir + 16)) 02
+rule flags "bitmap 'b1': reserved flags are set \(flags 0xa\)" \
+    be32 $((dir + 12)) 0x0a
+rule g8 "bitmap 'b1': granularity_bits 8 is out of range \(9 to 31\)" \
+    write $((dir + 17)) 08
+rule g32 "bitmap 'b1': granularity_bits 32 is out of range \(9 to 31\)" \
+    write $((dir + 17)) 20
+rule tsize "bitmap 'b1': bitmap_table_size 2 does not match the virtual size \(0x800000 at granularity 65536 needs 1 entries\)" \
+    be32 $((dir + 8)) 2
+rule tunal "bitmap_table_offset $(printf 0x%x $((table + 512))) \(1 entries\) is not aligned to the cluster size" \
+    be64 $dir $((table + 512))
+rule tend "bitmap_table_offset $(printf 0x%x $((dir + 0x100000))) \(1 entries\) is beyond the end of the file" \
+    be64 $dir $((dir + 0x100000))
 
 # Extra data: refused unless marked extra_data_compatible.
 # The entry is rewritten with 8 bytes of extra data before the name.
@@ -317,16 +327,16 @@ changed one.qcow2 b1 > theirs
 diff -u theirs ours || fail "extra_data_compatible: a different map"
 
 # Bitmap table entries.
-mk tres be64 $table $((entry0 | 2))
-since_error tres.qcow2 b1 "bitmap 'b1': bitmap table entry 0 is $(printf 0x%016x $((entry0 | 2))): reserved bits are set"
-mk thigh be64 $table $((entry0 | (1 << 56)))
-since_error thigh.qcow2 b1 "bitmap table entry 0 is $(printf 0x%016x $((entry0 | (1 << 56)))): reserved bits are set"
-mk tbit0 be64 $table $((entry0 | 1))
-since_error tbit0.qcow2 b1 "bitmap table entry 0 is $(printf 0x%016x $((entry0 | 1))): bit 0 is set with an offset"
-mk tdunal be64 $table $((entry0 + 512))
-since_error tdunal.qcow2 b1 "bitmap table entry 0 is $(printf 0x%016x $((entry0 + 512))): the offset is not aligned to the cluster size"
-mk tdend be64 $table $((dir + 0x100000))
-since_error tdend.qcow2 b1 "bitmap table entry 0 is $(printf 0x%016x $((dir + 0x100000))): the cluster is beyond the end of the file"
+rule tres "bitmap 'b1': bitmap table entry 0 is $(printf 0x%016x $((entry0 | 2))): reserved bits are set" \
+    be64 $table $((entry0 | 2))
+rule thigh "bitmap table entry 0 is $(printf 0x%016x $((entry0 | (1 << 56)))): reserved bits are set" \
+    be64 $table $((entry0 | (1 << 56)))
+rule tbit0 "bitmap table entry 0 is $(printf 0x%016x $((entry0 | 1))): bit 0 is set with an offset" \
+    be64 $table $((entry0 | 1))
+rule tdunal "bitmap table entry 0 is $(printf 0x%016x $((entry0 + 512))): the offset is not aligned to the cluster size" \
+    be64 $table $((entry0 + 512))
+rule tdend "bitmap table entry 0 is $(printf 0x%016x $((dir + 0x100000))): the cluster is beyond the end of the file" \
+    be64 $table $((dir + 0x100000))
 # Offset 0: bit 0 set is all ones, clear all zeros.
 mk ones be64 $table 1
 changed ones.qcow2 b1 > ours
@@ -337,7 +347,7 @@ changed zeros.qcow2 b1 > ours
 [ ! -s ours ] || fail "an all-zeros table entry: $(cat ours)"
 
 # in_use: the image was not closed cleanly.
-mk inuse be32 $((dir + 12)) 3
-since_error inuse.qcow2 b1 "bitmap 'b1' is in use \(flag in_use\): the image was not closed cleanly, so the bitmap may miss changes; take a full backup instead"
+rule inuse "bitmap 'b1' is in use \(flag in_use\): the image was not closed cleanly, so the bitmap may miss changes; take a full backup instead" \
+    be32 $((dir + 12)) 3
 exports inuse.qcow2 | grep -q since && fail "in_use: listed"
 : done
