@@ -304,6 +304,14 @@ rule tunal "bitmap_table_offset $(printf 0x%x $((table + 512))) \(1 entries\) is
 rule tend "bitmap_table_offset $(printf 0x%x $((dir + 0x100000))) \(1 entries\) is beyond the end of the file" \
     be64 $dir $((dir + 0x100000))
 
+# Names are unique: b2 renamed b1.
+cp one.qcow2 dup.qcow2
+qemu-img bitmap --add dup.qcow2 b2
+eval "$(craft dup.qcow2 bitmaps)"
+craft dup.qcow2 write $((dir + 32 + 24)) 6231
+since_error dup.qcow2 b1 "two bitmaps are named 'b1'"
+eval "$(craft one.qcow2 bitmaps)"
+
 # Extra data: refused unless marked extra_data_compatible.
 # The entry is rewritten with 8 bytes of extra data before the name.
 # entry FLAGS: the hex of that entry.
