@@ -359,12 +359,49 @@ check_bitmap (struct layer *l, const char *name,
   return 0;
 }
 
+/* The directories of the layers, loaded once for a whole listing (each
+ * at most BM_MAX_DIR_BYTES, and no larger than its file).
+ */
+struct dir_cache {
+  bool loaded[QCOW2_MAX_DEPTH];
+  struct bm_dir d[QCOW2_MAX_DEPTH];
+};
+
+static void
+dir_cache_free (struct dir_cache *dc)
+{
+  unsigned k;
+
+  for (k = 0; k < QCOW2_MAX_DEPTH; ++k)
+    if (dc->loaded[k])
+      free (dc->d[k].buf);
+}
+
+/* The directory of layer L at depth K: from DC if not NULL (loaded
+ * there on first use), else in *LOCAL (to be freed by the caller).
+ */
+static const struct bm_dir *
+dir_get (struct layer *l, unsigned k, struct dir_cache *dc,
+         struct bm_dir *local, struct err *e)
+{
+  if (dc && dc->loaded[k])
+    return &dc->d[k];
+  if (dir_load (l, local, e) == -1)
+    return NULL;
+  if (dc == NULL)
+    return local;
+  dc->d[k] = *local;
+  dc->loaded[k] = true;
+  local->buf = NULL;
+  return &dc->d[k];
+}
+
 /* Bitmap NAME of the chain: found in the top layer and in the layers
- * below it down to the first one without it.
+ * below it down to the first one without it.  DC: see dir_get.
  */
 static int
 bitmap_build (struct qcow2_image *img, const char *name,
-              struct qcow2_bitmap *bm, struct err *e)
+              struct qcow2_bitmap *bm, struct dir_cache *dc, struct err *e)
 {
   struct layer *l;
 
@@ -379,15 +416,16 @@ bitmap_build (struct qcow2_image *img, const char *name,
   name = bm->name;
   for (l = img->top; l && bm->n < QCOW2_MAX_DEPTH; l = l->backing) {
     struct find_ctx c = { .name = name, .name_len = strlen (name) };
-    struct bm_dir d;
-    int r;
+    struct bm_dir local = { .buf = NULL };
+    const struct bm_dir *d;
+    int r = -1;
 
-    if (dir_load (l, &d, e) == -1)
-      return -1;
-    r = dir_walk (l, &d, find_fn, &c, e);
+    d = dir_get (l, bm->n, dc, &local, e);
+    if (d)
+      r = dir_walk (l, d, find_fn, &c, e);
     if (r == 0 && c.found)
       r = check_bitmap (l, name, &c.ent, &bm->layers[bm->n], e);
-    free (d.buf);
+    free (local.buf);
     if (r == -1)
       return -1;
     if (!c.found) {
@@ -417,7 +455,7 @@ qcow2_bitmap_open (struct qcow2_image *img, const char *name,
     errno = ENOMEM;
     return -1;
   }
-  if (bitmap_build (img, name, bm, &e) == -1) {
+  if (bitmap_build (img, name, bm, NULL, &e) == -1) {
     free (bm);
     errno = e.errnum ? e.errnum : EIO;
     return -1;
@@ -448,6 +486,8 @@ struct list_ctx {
   struct qcow2_image *img;
   qcow2_bitmap_fn fn;
   void *opaque;
+  struct dir_cache dc;
+  uint32_t n;
   bool stopped;
 };
 
@@ -464,7 +504,13 @@ list_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
 
   memcpy (name, ent->name, ent->name_size);
   name[ent->name_size] = '\0';
-  if (bitmap_build (c->img, name, &bm, &be) == -1)
+  /* Each one looks through the directories: not too many. */
+  if (c->n++ >= QCOW2_MAX_LISTED_BITMAPS) {
+    q2_seterr (&be, l->name, "only the first %d bitmaps are listed",
+               QCOW2_MAX_LISTED_BITMAPS);
+    r = c->fn (c->opaque, name, NULL, why);
+  }
+  else if (bitmap_build (c->img, name, &bm, &c->dc, &be) == -1)
     r = c->fn (c->opaque, name, NULL, why);
   else
     r = c->fn (c->opaque, name, &bm, NULL);
@@ -481,15 +527,14 @@ qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
 {
   struct err e = { errbuf, errlen, 0 };
   struct list_ctx c = { .img = img, .fn = fn, .opaque = opaque };
-  struct bm_dir d;
-  int r;
+  struct bm_dir local = { .buf = NULL };
+  const struct bm_dir *d;
+  int r = -1;
 
-  if (dir_load (img->top, &d, &e) == -1) {
-    errno = e.errnum ? e.errnum : EIO;
-    return -1;
-  }
-  r = dir_walk (img->top, &d, list_fn, &c, &e);
-  free (d.buf);
+  d = dir_get (img->top, 0, &c.dc, &local, &e);
+  if (d)
+    r = dir_walk (img->top, d, list_fn, &c, &e);
+  dir_cache_free (&c.dc);
   if (r == -1) {
     if (c.stopped && errbuf && errlen)
       errbuf[0] = '\0';

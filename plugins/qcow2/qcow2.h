@@ -237,6 +237,11 @@ typedef int (*qcow2_bitmap_fn) (void *opaque, const char *name,
                                 const struct qcow2_bitmap *bm,
                                 const char *why);
 
+/* Bitmaps beyond the first this many are listed as unusable (each
+ * usable one costs a look through the directories of the chain).
+ */
+#define QCOW2_MAX_LISTED_BITMAPS 256
+
 /* List the bitmaps of the top image (none in a version 2 image or if
  * the bitmaps extension is absent or marked inconsistent).  Return 0,
  * or -1 with a message in ERR if the bitmap directory itself is broken.
