@@ -204,7 +204,7 @@ list_bitmap (void *opaque, const char *name, const struct qcow2_bitmap *bm,
 {
   struct nbdkit_exports *exports = opaque;
   char ename[sizeof SINCE_PREFIX + 1024];
-  char desc[256];
+  char desc[1400];              /* room for the longest name */
   uint64_t g;
 
   if (bm == NULL) {
