@@ -312,6 +312,31 @@ craft dup.qcow2 write $((dir + 32 + 24)) 6231
 since_error dup.qcow2 b1 "two bitmaps are named 'b1'"
 eval "$(craft one.qcow2 bitmaps)"
 
+# Many bitmaps: one.qcow2 with a new directory of 300 entries b1, c2,
+# c3 ... sharing b1's table.  The first 256 are listed.
+python3 - one.qcow2 many.qcow2 "$ext" "$dir" <<'PY'
+import struct, sys
+src, dst, ext, d = sys.argv[1], sys.argv[2], int(sys.argv[3], 0), int(sys.argv[4], 0)
+data = bytearray(open(src, "rb").read())
+fixed = data[d:d + 24]
+out = b""
+for i in range(300):
+    name = b"b1" if i == 0 else b"c%d" % i
+    e = fixed[:18] + struct.pack(">HI", len(name), 0) + name
+    out += e + b"\0" * (-len(e) % 8)
+cs = 65536
+off = (len(data) + cs - 1) // cs * cs
+data += b"\0" * (off - len(data)) + out
+data[ext:ext + 24] = struct.pack(">IIQQ", 300, 0, len(out), off)
+open(dst, "wb").write(data)
+PY
+exports many.qcow2 > list
+[ "$(grep -c since list)" -eq 256 ] || fail "many: $(grep -c since list) listed"
+assert_contains list "^'@since:c255' "
+changed many.qcow2 c299 > ours
+changed one.qcow2 b1 > theirs
+diff -u theirs ours || fail "many: c299 differs from b1"
+
 # Extra data: refused unless marked extra_data_compatible.
 # The entry is rewritten with 8 bytes of extra data before the name.
 # entry FLAGS: the hex of that entry.
