@@ -1,8 +1,9 @@
 /* sparsebackup: fuzz harness for the qcow2 parser (plugins/qcow2/qcow2-*.c).
  *
  * LLVMFuzzerTestOneInput opens the input as an in-memory qcow2 image
- * (qcow2_open_mem), then maps and reads a few bounded ranges and closes
- * it.  Nothing here touches the host filesystem: backing and data files
+ * (qcow2_open_mem), then maps and reads a few bounded ranges, lists its
+ * persistent bitmaps and maps a few of them (qcow2_map_since), and
+ * closes it.  Nothing here touches the host filesystem: backing and data files
  * named by the image are served from memory by fuzz_open_file:
  *
  *   name containing "missing"  the open fails (error path)
@@ -403,12 +404,14 @@ map_cb (void *opaque, uint64_t offset, uint64_t length, uint32_t flags)
 }
 
 /* Map [OFFSET, OFFSET+COUNT) (with TOP, the top image's own map:
- * qcow2_map_top).  Returns the number of recorded extents
+ * qcow2_map_top; with BM, the map of that bitmap: qcow2_map_since).
+ * Returns the number of recorded extents
  * in *EXT (to be freed) when EXT is not NULL, or -1 on error.
  */
 static int
-do_map (struct qcow2_image *img, bool top, uint64_t offset, uint64_t count,
-        unsigned stop_after, struct extent **ext)
+do_map (struct qcow2_image *img, bool top, const struct qcow2_bitmap *bm,
+        uint64_t offset, uint64_t count, unsigned stop_after,
+        struct extent **ext)
 {
   struct map_state m = {
     .start = offset, .end = offset + count, .next = offset,
@@ -426,7 +429,9 @@ do_map (struct qcow2_image *img, bool top, uint64_t offset, uint64_t count,
   if (err == NULL)
     die ("out of memory");
   err[0] = '\0';
-  if (top)
+  if (bm)
+    r = qcow2_map_since (img, bm, offset, count, map_cb, &m, err, errlen);
+  else if (top)
     r = qcow2_map_top (img, offset, count, map_cb, &m, err, errlen);
   else
     r = qcow2_map (img, offset, count, map_cb, &m, err, errlen);
@@ -582,9 +587,9 @@ check_split (struct qcow2_image *img, uint64_t offset, size_t count)
     free (whole);
   }
 
-  nw = do_map (img, false, offset, count, 0, &ew);
-  n1 = do_map (img, false, offset, cut, 0, &e1);
-  n2 = do_map (img, false, offset + cut, count - cut, 0, &e2);
+  nw = do_map (img, false, NULL, offset, count, 0, &ew);
+  n1 = do_map (img, false, NULL, offset, cut, 0, &e1);
+  n2 = do_map (img, false, NULL, offset + cut, count - cut, 0, &e2);
   if (nw >= 0 && (n1 < 0 || n2 < 0))
     die ("mapping [%" PRIu64 ", +%zu) succeeds but mapping a part of it "
          "fails", offset, count);
@@ -610,6 +615,80 @@ check_split (struct qcow2_image *img, uint64_t offset, size_t count)
   free (ew);
   free (e1);
   free (e2);
+}
+
+/* ---- Bitmaps -------------------------------------------------------- */
+
+#define MAX_BITMAPS 4                     /* bitmaps mapped per input */
+
+struct list_state {
+  struct qcow2_image *img;
+  uint64_t vsize;
+  unsigned n;
+};
+
+/* Map each usable bitmap (the first MAX_BITMAPS) like the chain: the
+ * extents keep the contract, ZERO reads as zero; opening it by name
+ * again must succeed, and agree.
+ */
+static int
+list_cb (void *opaque, const char *name, const struct qcow2_bitmap *bm,
+         const char *why)
+{
+  struct list_state *ls = opaque;
+  struct qcow2_bitmap *again;
+  char err[QCOW2_ERRLEN];
+  struct extent *ext = NULL;
+  int n;
+
+  if (name == NULL || name[0] == '\0')
+    die ("a bitmap without a name");
+  if (bm == NULL) {
+    if (why == NULL || why[0] == '\0')
+      die ("bitmap '%s' unusable without a reason", name);
+    say ("bitmap '%s': %s", name, why);
+    return 0;
+  }
+  if (qcow2_bitmap_layers (bm) < 1 ||
+      qcow2_bitmap_layers (bm) > qcow2_get_depth (ls->img) ||
+      !is_power_of_2 (qcow2_bitmap_granularity (bm)))
+    die ("bitmap '%s': %u layers, granularity %" PRIu64, name,
+         qcow2_bitmap_layers (bm), qcow2_bitmap_granularity (bm));
+  say ("bitmap '%s': %u layers, granularity %" PRIu64, name,
+       qcow2_bitmap_layers (bm), qcow2_bitmap_granularity (bm));
+  if (ls->n++ >= MAX_BITMAPS || ls->vsize == 0)
+    return 0;
+  n = do_map (ls->img, false, bm, 0, MIN (ls->vsize, (uint64_t) MAX_MAP), 0,
+              &ext);
+  if (n > 0)
+    check_zero_extents (ls->img, ext, n);
+  free (ext);
+  if (qcow2_bitmap_open (ls->img, name, &again, err, sizeof err) == -1)
+    die ("bitmap '%s' is listed as usable but does not open: %s",
+         name, err);
+  do_map (ls->img, false, again, ls->vsize / 3,
+          MIN (ls->vsize - ls->vsize / 3, UINT64_C(1024) * 1024), 2, NULL);
+  qcow2_bitmap_close (again);
+  return 0;
+}
+
+static void
+check_bitmaps (struct qcow2_image *img, uint64_t vsize)
+{
+  struct list_state ls = { .img = img, .vsize = vsize };
+  struct qcow2_bitmap *bm;
+  char err[QCOW2_ERRLEN];
+
+  err[0] = '\0';
+  if (qcow2_list_bitmaps (img, list_cb, &ls, err, sizeof err) == -1) {
+    check_err ("qcow2_list_bitmaps", err, sizeof err);
+    say ("bitmaps: error: %s", err);
+  }
+  err[0] = '\0';
+  if (qcow2_bitmap_open (img, "fuzz-no-such-bitmap", &bm, err,
+                         sizeof err) == 0)
+    die ("a bitmap named fuzz-no-such-bitmap");
+  check_err ("qcow2_bitmap_open", err, sizeof err);
 }
 
 /* ---- Entry point ---------------------------------------------------- */
@@ -678,7 +757,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     mid = vsize / 2;
 
     /* Map the start (recording extents), check ZERO reads as zero. */
-    n = do_map (img, false, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
+    n = do_map (img, false, NULL, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
     if (n > 0)
       check_zero_extents (img, ext, n);
     free (ext);
@@ -687,7 +766,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     /* The same with the map of the top image only: its ZERO ranges
      * (zero clusters of the top) read as zero too.
      */
-    n = do_map (img, true, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
+    n = do_map (img, true, NULL, 0, MIN (vsize, (uint64_t) MAX_MAP), 0, &ext);
     if (n > 0)
       check_zero_extents (img, ext, n);
     free (ext);
@@ -695,18 +774,18 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 
     /* Map the middle and the end, stopping early once. */
     len = MIN (vsize - mid, UINT64_C(1024) * 1024);
-    do_map (img, false, mid, len, 0, NULL);
+    do_map (img, false, NULL, mid, len, 0, NULL);
     len = MIN (vsize, UINT64_C(1024) * 1024);
-    n = do_map (img, false, vsize - len, len, 0, &ext);
+    n = do_map (img, false, NULL, vsize - len, len, 0, &ext);
     if (n > 0)
       check_zero_extents (img, ext, n);
     free (ext);
     ext = NULL;
-    do_map (img, false, mid / 3, MIN (vsize - mid / 3, (uint64_t) MAX_MAP),
+    do_map (img, false, NULL, mid / 3, MIN (vsize - mid / 3, (uint64_t) MAX_MAP),
             3, NULL);
 
     /* Unaligned, small. */
-    do_map (img, false, mid | 1, MIN (vsize - (mid | 1), UINT64_C(1)), 0,
+    do_map (img, false, NULL, mid | 1, MIN (vsize - (mid | 1), UINT64_C(1)), 0,
             NULL);
 
     /* Reads. */
@@ -727,6 +806,9 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   }
   buf = do_pread (img, vsize, 0);       /* empty read at the end */
   free (buf);
+
+  /* The bitmaps last: whatever they hold, the disk was read above. */
+  check_bitmaps (img, vsize);
 
   qcow2_close (img);
   if (st.closed != st.opened)

@@ -110,6 +110,41 @@ create -o cluster_size=512 q-bitmap.qcow2 32K
 qemu-img bitmap --add q-bitmap.qcow2 b0
 io q-bitmap.qcow2 'write -P 0x84 1K 1K'
 
+# --- persistent bitmaps (the @since views) --------------------------------
+# Several kinds of bitmaps in one image; a bitmap in both layers of a
+# chain (the harness serves "chain-*" as the input itself, then the
+# base); crafted variants patched with tests/qcow2-craft.py: in use, an
+# all-ones table entry, a table entry with reserved bits.
+create -o cluster_size=512 q-bitmaps.qcow2 48K
+qemu-img bitmap --add -g 512 q-bitmaps.qcow2 fine
+qemu-img bitmap --add -g 4096 q-bitmaps.qcow2 coarse
+qemu-img bitmap --add q-bitmaps.qcow2 off
+qemu-img bitmap --disable q-bitmaps.qcow2 off
+io q-bitmaps.qcow2 'write -P 0x85 1K 1K' 'write -z 20K 2K' \
+   'write -P 0x86 47K 512'
+qemu-img bitmap --add -g 512 q-bitmaps.qcow2 merged
+qemu-img bitmap --merge coarse q-bitmaps.qcow2 merged
+
+create -o cluster_size=512 chain-bm.qcow2 32K
+qemu-img bitmap --add -g 512 chain-bm.qcow2 ck
+io chain-bm.qcow2 'write -P 0x87 2K 1K'
+create -o cluster_size=512 -b chain-bm.qcow2 -F qcow2 q-bitmap-chain.qcow2
+qemu-img bitmap --add -g 512 q-bitmap-chain.qcow2 ck
+io q-bitmap-chain.qcow2 'write -P 0x88 8K 512'
+
+craft () { python3 "$here/../tests/qcow2-craft.py" "$@"; }
+for v in inuse ones badentry; do
+    create -o cluster_size=512 "c-bitmap-$v.qcow2" 32K
+    qemu-img bitmap --add -g 512 "c-bitmap-$v.qcow2" b0
+    io "c-bitmap-$v.qcow2" 'write -P 0x89 3K 1K'
+    eval "$(craft "c-bitmap-$v.qcow2" bitmaps)"
+    case $v in
+        inuse) craft "c-bitmap-$v.qcow2" be32 $((dir + 12)) 3 ;;
+        ones) craft "c-bitmap-$v.qcow2" be64 "$table" 1 ;;
+        badentry) craft "c-bitmap-$v.qcow2" be64 "$table" $((entry0 | 4)) ;;
+    esac
+done
+
 # --- backing files ---------------------------------------------------------
 create -o cluster_size=512 base.qcow2 64K
 io base.qcow2 'write -P 0x91 0 8K' 'write -P 0x92 32K 4K'
@@ -146,5 +181,5 @@ python3 "$here/make-corpus-crafted.py" crafted
 
 # --- install ---------------------------------------------------------------
 rm -f "$out"/*.qcow2
-cp q-*.qcow2 crafted/*.qcow2 "$out"/
+cp q-*.qcow2 c-bitmap-*.qcow2 crafted/*.qcow2 "$out"/
 echo "$0: $(ls "$out" | wc -l) seeds, $(du -cb "$out"/* | tail -n1 | cut -f1) bytes in $out"

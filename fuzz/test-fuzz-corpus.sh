@@ -66,5 +66,24 @@ while read -r name want; do
 done < "$expect"
 [ $fail -eq 0 ] || exit 1
 
+# The bitmap parser on the bitmap seeds: SEED PATTERN (a line the
+# harness prints for that seed, in verbose mode).
+while read -r name pat; do
+    if ! awk -v f="$name" '/^fuzz: running / { p = index($0, "/" f " ") > 0 }
+                           p' "$log" | grep -E -q -- "$pat"; then
+        echo "$0: FAIL: $name: no line matching /$pat/" >&2
+        fail=1
+    fi
+done <<'EOF'
+q-bitmaps.qcow2 bitmap 'fine': 1 layers, granularity 512
+q-bitmaps.qcow2 bitmap 'merged': 1 layers, granularity 512
+q-bitmaps.qcow2 bitmap 'off': .* is disabled
+q-bitmap-chain.qcow2 bitmap 'ck': 2 layers, granularity 512
+c-bitmap-inuse.qcow2 bitmap 'b0': .*take a full backup instead
+c-bitmap-ones.qcow2 bitmap 'b0': 1 layers
+c-bitmap-badentry.qcow2 bitmap 'b0': .*reserved bits are set
+EOF
+[ $fail -eq 0 ] || exit 1
+
 echo "$0: $nrun inputs, $(grep -c ' ok$' <<<"$results") opened," \
      "$(grep -c ' error$' <<<"$results") refused"

@@ -16,6 +16,11 @@
 #   get-l1 INDEX / get-l2 GUEST   print the entry (hex)
 #   ext-type OLD NEW       change the type of header extension OLD
 #   ext-len TYPE LEN       change the length of header extension TYPE
+#   bitmaps                print the offsets of the bitmaps extension
+#                          data, of the bitmap directory and of the
+#                          table of its first bitmap, and that table's
+#                          first entry, as shell assignments
+#                          (ext=... dir=... table=... entry0=...)
 #   truncate SIZE          truncate the file
 #   write OFFSET HEXBYTES  write raw bytes
 #
@@ -125,6 +130,17 @@ def main():
                     break
             else:
                 sys.exit("qcow2-craft: extension %s not found" % args[0])
+        elif op == "bitmaps":
+            for off, t, ln in list(extensions(f)):
+                if t == 0x23852875:
+                    f.seek(off + 8 + 16)
+                    d = struct.unpack(">Q", f.read(8))[0]
+                    t0 = rd64(f, d)
+                    print("ext=%#x dir=%#x table=%#x entry0=%#x"
+                          % (off + 8, d, t0, rd64(f, t0)))
+                    break
+            else:
+                sys.exit("qcow2-craft: no bitmaps extension")
         elif op == "truncate":
             f.truncate(num(args[0]))
         elif op == "write":

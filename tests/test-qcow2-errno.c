@@ -138,6 +138,15 @@ main (void)
   err[0] = '\0';
   r = qcow2_map (image, 0, CLUSTER, failing_extent, NULL, err, sizeof err);
   expect ("map with a failing extent callback", r, errno, ENOSPC, err);
+
+  {
+    struct qcow2_bitmap *bm = NULL;
+    errno = 0;
+    r = qcow2_bitmap_open (image, "b1", &bm, err, sizeof err);
+    expect ("open of a bitmap that is not there", r, errno, ENOENT, err);
+    if (r == 0)
+      qcow2_bitmap_close (bm);
+  }
   qcow2_close (image);
 
   make_image (1);

@@ -117,6 +117,7 @@ parse_header (struct layer *l, struct header *hd, struct err *e)
     }
     hd->incompat = be64 (h + 72);
     hd->autoclear = be64 (h + 88);
+    l->autoclear = hd->autoclear;
     refcount_order = be32 (h + 96);
     hd->header_len = be32 (h + 100);
     if (hd->header_len < V3_HEADER_LEN || hd->header_len % 8 != 0 ||
@@ -240,6 +241,13 @@ parse_extensions (struct layer *l, struct header *hd, struct err *e)
     case EXT_FEATURES:
       hd->ftable = data;
       hd->ftable_len = len;
+      break;
+    case EXT_BITMAPS:
+      /* Only recorded: checked by qcow2-bitmap.c when used. */
+      if (l->bm_ext_count++ == 0) {
+        l->bm_ext_len = len;
+        memcpy (l->bm_ext, data, MIN (len, (uint32_t) BITMAPS_EXT_LEN));
+      }
       break;
     default:
       break;                    /* ignored */

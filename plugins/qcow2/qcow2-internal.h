@@ -12,6 +12,7 @@
  *   qcow2-read.c        qcow2_pread, qcow2_map and qcow2_map_top
  *   qcow2-header.c      header, header extensions, feature bits, L1 table
  *   qcow2-open.c        data file, backing file, the public open / close
+ *   qcow2-bitmap.c      persistent bitmaps (parsed lazily) for @since
  *
  * Internal functions shared between files are prefixed q2_.
  */
@@ -46,6 +47,10 @@
 #define EXT_BACKING_FMT  0xe2792acaU
 #define EXT_FEATURES     0x6803f857U
 #define EXT_DATA_FILE    0x44415441U
+#define EXT_BITMAPS      0x23852875U
+#define BITMAPS_EXT_LEN  24
+
+#define AUTOCLEAR_BITMAPS       (UINT64_C(1) << 0)
 
 #define MAX_NAME_LEN 1023               /* backing / backing format names */
 #define MAX_DATA_FILE_NAME_LEN 4096
@@ -140,6 +145,14 @@ struct layer {
   struct scratch *pool;         /* free scratch spaces */
   uint32_t pool_n, pool_max;
 
+  /* The bitmaps extension as found in the header, not yet checked:
+   * qcow2-bitmap.c parses it only when a bitmap is asked for.
+   */
+  uint64_t autoclear;
+  uint32_t bm_ext_count;        /* times the extension appears */
+  uint32_t bm_ext_len;          /* its length (the first one) */
+  uint8_t bm_ext[BITMAPS_EXT_LEN]; /* its first bytes (zero-padded) */
+
   struct layer *backing;
 };
 
@@ -148,6 +161,43 @@ struct qcow2_image {
   unsigned depth;
   qcow2_debug_fn debug;
   void *debug_opaque;
+};
+
+/* A bitmap of the chain (qcow2-bitmap.c): the checked directory entries
+ * of bitmap NAME in the run of layers from the top.
+ */
+struct bm_layer {
+  struct layer *l;
+  const char *name;             /* the qcow2_bitmap's */
+  uint32_t gbits;               /* granularity = 1 << gbits */
+  uint64_t table_off;
+  uint32_t table_size;          /* entries */
+};
+
+struct qcow2_bitmap {
+  char name[1024];
+  unsigned n;
+  struct bm_layer layers[QCOW2_MAX_DEPTH];
+};
+
+/* The bitmap data is read through a window of this many bytes per
+ * layer and request (a divisor of every cluster size).
+ */
+#define BM_WINDOW 512
+
+/* What one request has read of one layer's bitmap, and the last run of
+ * equal bits found (a request asks again inside it while the other
+ * layers' runs are shorter).
+ */
+struct bm_cursor {
+  bool have_run;
+  uint64_t run_first, run_end;  /* bits [run_first, run_end) */
+  bool run_set;
+  bool have_entry;
+  uint64_t tidx, tentry;        /* the last table entry read */
+  bool have_win;
+  uint64_t win_host;            /* host offset of win */
+  uint8_t win[BM_WINDOW];
 };
 
 /* Identities of the files in the chain being opened (loop detection). */
@@ -234,6 +284,16 @@ extern int q2_decompress (struct layer *l, struct scratch *s,
 /* qcow2-header.c */
 extern int q2_open_qcow2 (const struct qcow2_options *o, struct layer *l,
                           struct chain_ids *ids, struct err *e);
+
+/* qcow2-bitmap.c */
+/* The run at OFFSET (at most COUNT bytes, COUNT > 0) over which the
+ * union of BM's layers is uniformly set (*DIRTY) or clear: its length
+ * in *LEN (> 0).  CUR has BM->n cursors, zeroed before the first call.
+ */
+extern int q2_bitmap_run (const struct qcow2_bitmap *bm,
+                          struct bm_cursor *cur, uint64_t offset,
+                          uint64_t count, uint64_t *len, bool *dirty,
+                          struct err *e);
 
 /* qcow2-open.c */
 extern int q2_open_data_file (const struct qcow2_options *o, struct layer *l,

@@ -134,6 +134,7 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_external_data_file=yes\n");
   printf ("qcow2_backing_formats=qcow2,raw\n");
   printf ("qcow2_max_depth=%d\n", QCOW2_MAX_DEPTH);
+  printf ("qcow2_views=@top,@since:NAME\n");
 }
 
 static void
@@ -171,7 +172,11 @@ enum view {
   VIEW_CHAIN,                   /* "": content and map of the chain */
   VIEW_TOP,                     /* "@top": content of the chain, map of
                                  * the top image's allocation */
+  VIEW_SINCE,                   /* "@since:NAME": content of the chain,
+                                 * map of persistent bitmap NAME */
 };
+
+#define SINCE_PREFIX "@since:"
 
 struct view_def {
   const char *name;
@@ -183,37 +188,108 @@ static const struct view_def views[] = {
   { "", VIEW_CHAIN, "the disk: content and map of the whole chain" },
   { "@top", VIEW_TOP, "the disk with the map of the top image only: "
     "unallocated there is a hole (not zero), its zero clusters zero" },
+  { SINCE_PREFIX, VIEW_SINCE, NULL },   /* one per bitmap, see below */
 };
 #define NR_VIEWS (sizeof views / sizeof views[0])
+
+/* One connection: its view and, for @since:NAME, the bitmap. */
+struct handle {
+  const struct view_def *v;
+  struct qcow2_bitmap *bm;
+};
+
+static int
+list_bitmap (void *opaque, const char *name, const struct qcow2_bitmap *bm,
+             const char *why)
+{
+  struct nbdkit_exports *exports = opaque;
+  char ename[sizeof SINCE_PREFIX + 1024];
+  char desc[1400];              /* room for the longest name */
+  uint64_t g;
+
+  if (bm == NULL) {
+    nbdkit_debug ("bitmap '%s' is not listed: %s", name, why);
+    return 0;
+  }
+  g = qcow2_bitmap_granularity (bm);
+  snprintf (ename, sizeof ename, "%s%s", SINCE_PREFIX, name);
+  snprintf (desc, sizeof desc, "the disk with the map of the changes "
+            "since checkpoint '%s' (persistent bitmap, granularity %"
+            PRIu64 ", %u layer%s): unchanged is a hole",
+            name, g, qcow2_bitmap_layers (bm),
+            qcow2_bitmap_layers (bm) == 1 ? "" : "s");
+  return nbdkit_add_export (exports, ename, desc);
+}
 
 static int
 qcow2_plugin_list_exports (int readonly, int is_tls,
                            struct nbdkit_exports *exports)
 {
+  char err[QCOW2_ERRLEN];
   size_t i;
 
   for (i = 0; i < NR_VIEWS; ++i)
-    if (nbdkit_add_export (exports, views[i].name,
+    if (views[i].description &&
+        nbdkit_add_export (exports, views[i].name,
                            views[i].description) == -1)
       return -1;
+  /* A broken bitmap directory hides the @since views only. */
+  err[0] = '\0';
+  if (qcow2_list_bitmaps (image, list_bitmap, exports,
+                          err, sizeof err) == -1) {
+    if (!err[0])
+      return -1;                /* nbdkit_add_export failed */
+    nbdkit_debug ("no @since views: %s", err);
+  }
   return 0;
 }
 
-/* The handle is the view (a pointer into views[]). */
 static void *
 qcow2_plugin_open (int readonly)
 {
   const char *name = nbdkit_export_name ();
+  struct handle *h;
   size_t i;
 
-  if (name == NULL || name[0] != '@')
-    return (void *) &views[0];
+  h = calloc (1, sizeof *h);
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  if (name == NULL || name[0] != '@') {
+    h->v = &views[0];
+    return h;
+  }
+  if (strncmp (name, SINCE_PREFIX, strlen (SINCE_PREFIX)) == 0) {
+    char err[QCOW2_ERRLEN];
+
+    if (qcow2_bitmap_open (image, name + strlen (SINCE_PREFIX), &h->bm,
+                           err, sizeof err) == -1) {
+      nbdkit_error ("view '%s' is not available: %s", name, err);
+      free (h);
+      return NULL;
+    }
+    h->v = &views[NR_VIEWS - 1];
+    return h;
+  }
   for (i = 0; i < NR_VIEWS; ++i)
-    if (strcmp (name, views[i].name) == 0)
-      return (void *) &views[i];
+    if (views[i].description && strcmp (name, views[i].name) == 0) {
+      h->v = &views[i];
+      return h;
+    }
   nbdkit_error ("unknown view '%s' (export names starting with '@' are "
-                "views; this plugin has: @top)", name);
+                "views; this plugin has: @top, @since:NAME)", name);
+  free (h);
   return NULL;
+}
+
+static void
+qcow2_plugin_close (void *handle)
+{
+  struct handle *h = handle;
+
+  qcow2_bitmap_close (h->bm);
+  free (h);
 }
 
 static int64_t
@@ -304,14 +380,17 @@ qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
   struct extents_ctx c = {
     .extents = extents, .req_one = (flags & NBDKIT_FLAG_REQ_ONE) != 0,
   };
-  const struct view_def *v = handle;
+  const struct handle *h = handle;
   char err[QCOW2_ERRLEN];
   int r;
 
   err[0] = '\0';
-  if (v->view == VIEW_TOP)
+  if (h->v->view == VIEW_TOP)
     r = qcow2_map_top (image, offset, count, add_extent, &c,
                        err, sizeof err);
+  else if (h->v->view == VIEW_SINCE)
+    r = qcow2_map_since (image, h->bm, offset, count, add_extent, &c,
+                         err, sizeof err);
   else
     r = qcow2_map (image, offset, count, add_extent, &c, err, sizeof err);
   if (r == -1) {
@@ -337,6 +416,7 @@ static struct nbdkit_plugin plugin = {
   .get_ready         = qcow2_plugin_get_ready,
   .list_exports      = qcow2_plugin_list_exports,
   .open              = qcow2_plugin_open,
+  .close             = qcow2_plugin_close,
   .get_size          = qcow2_plugin_get_size,
   .block_size        = qcow2_plugin_block_size,
   .can_write         = qcow2_plugin_can_write,

@@ -1,6 +1,6 @@
 /* sparsebackup: qcow2 reader: reading and mapping the chain
- * (qcow2_pread, qcow2_map, qcow2_map_top), on top of the cluster
- * walker.
+ * (qcow2_pread, qcow2_map, qcow2_map_top, qcow2_map_since), on top of
+ * the cluster walker.
  *
  * See qcow2-internal.h for a map of the files.
  */
@@ -128,6 +128,7 @@ struct mapper {
   void *opaque;
   struct err *e;                /* errno of a failing callback */
   bool top_only;                /* qcow2_map_top */
+  bool since;                   /* qcow2_map_since: zero is ZERO alone */
   bool have;
   uint64_t off, len;
   uint32_t flags;
@@ -142,6 +143,8 @@ map_out (struct mapper *m, uint64_t off, uint64_t len, uint32_t flags)
 
   if (len == 0)
     return 0;
+  if (m->since && (flags & QCOW2_EXTENT_ZERO))
+    flags = QCOW2_EXTENT_ZERO;
   if (m->have && m->flags == flags && m->off + m->len == off) {
     m->len += len;
     return 0;
@@ -230,15 +233,47 @@ layer_map (struct layer *l, uint64_t offset, uint64_t count,
   return q2_walk (l, offset, count, map_run, m, e);
 }
 
+/* @since: the unchanged parts are holes, the changed ones mapped like
+ * the chain.
+ */
+static int
+since_map (struct qcow2_image *img, const struct qcow2_bitmap *bm,
+           uint64_t offset, uint64_t count, struct mapper *m, struct err *e)
+{
+  struct bm_cursor *cur;
+  int r = 0;
+
+  cur = calloc (bm->n, sizeof *cur);
+  if (cur == NULL) {
+    q2_seterr_oom (e, img->top->name);
+    return -1;
+  }
+  while (count > 0) {
+    uint64_t len;
+    bool dirty;
+
+    r = q2_bitmap_run (bm, cur, offset, count, &len, &dirty, e);
+    if (r == 0)
+      r = dirty ? layer_map (img->top, offset, len, m, e)
+        : map_out (m, offset, len, QCOW2_EXTENT_HOLE);
+    if (r != 0)
+      break;
+    offset += len;
+    count -= len;
+  }
+  free (cur);
+  return r;
+}
+
 static int
 map_image (struct qcow2_image *img, bool top_only,
-           uint64_t offset, uint64_t count,
+           const struct qcow2_bitmap *bm, uint64_t offset, uint64_t count,
            qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
 {
   struct err e = { errbuf, errlen, 0 };
   struct mapper m = {
     .fn = fn, .opaque = opaque, .e = &e, .top_only = top_only,
-    .have = false,
+    .since = bm != NULL, .have = false,
   };
   int r;
 
@@ -248,7 +283,10 @@ map_image (struct qcow2_image *img, bool top_only,
     errno = EINVAL;
     return -1;
   }
-  r = layer_map (img->top, offset, count, &m, &e);
+  if (bm)
+    r = since_map (img, bm, offset, count, &m, &e);
+  else
+    r = layer_map (img->top, offset, count, &m, &e);
   if (r == 0 && m.have) {
     errno = 0;
     if (fn (opaque, m.off, m.len, m.flags) == -1) {
@@ -267,12 +305,23 @@ int
 qcow2_map (struct qcow2_image *img, uint64_t offset, uint64_t count,
            qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
 {
-  return map_image (img, false, offset, count, fn, opaque, errbuf, errlen);
+  return map_image (img, false, NULL, offset, count, fn, opaque,
+                    errbuf, errlen);
 }
 
 int
 qcow2_map_top (struct qcow2_image *img, uint64_t offset, uint64_t count,
                qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
 {
-  return map_image (img, true, offset, count, fn, opaque, errbuf, errlen);
+  return map_image (img, true, NULL, offset, count, fn, opaque,
+                    errbuf, errlen);
+}
+
+int
+qcow2_map_since (struct qcow2_image *img, const struct qcow2_bitmap *bm,
+                 uint64_t offset, uint64_t count,
+                 qcow2_extent_fn fn, void *opaque, char *errbuf, size_t errlen)
+{
+  return map_image (img, false, bm, offset, count, fn, opaque,
+                    errbuf, errlen);
 }

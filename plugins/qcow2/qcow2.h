@@ -203,6 +203,63 @@ extern int qcow2_map_top (struct qcow2_image *img, uint64_t offset,
                           uint64_t count, qcow2_extent_fn fn, void *opaque,
                           char *err, size_t errlen);
 
+/* Persistent bitmaps (qcow2 v3 bitmaps extension), for incremental
+ * backups.  A bitmap NAME of the chain is the bitmap NAME of the top
+ * image and of the contiguous run of layers below it that have one
+ * (down to the first layer without it), as libvirt stores a checkpoint
+ * across a chain; every one of them must be enabled ("auto") and not
+ * in use (in_use: the image was not closed cleanly, the bitmap may miss
+ * changes).  Its changed set is the union over the run.  The bitmaps
+ * extension is read and checked only by these functions: a broken
+ * bitmap fails here, never in qcow2_open, qcow2_pread or qcow2_map.
+ */
+struct qcow2_bitmap;
+
+/* Open bitmap NAME of IMG (see above).  Return 0 and set *RET, or -1
+ * with a message in ERR (errno EIO, ENOENT if there is no such bitmap
+ * in the top image, ENOMEM).
+ */
+extern int qcow2_bitmap_open (struct qcow2_image *img, const char *name,
+                              struct qcow2_bitmap **ret,
+                              char *err, size_t errlen);
+extern void qcow2_bitmap_close (struct qcow2_bitmap *bm);
+/* Granularity (bytes) of the bitmap in the top image. */
+extern uint64_t qcow2_bitmap_granularity (const struct qcow2_bitmap *bm);
+/* Number of layers whose bitmaps are merged (1 = the top only). */
+extern unsigned qcow2_bitmap_layers (const struct qcow2_bitmap *bm);
+
+/* Called for each bitmap of the top image, in directory order: BM is
+ * the opened bitmap (valid during the call only), or NULL with WHY
+ * saying why it cannot be used.  Return 0 to continue, -1 to stop
+ * (qcow2_list_bitmaps then returns -1 without writing ERR).
+ */
+typedef int (*qcow2_bitmap_fn) (void *opaque, const char *name,
+                                const struct qcow2_bitmap *bm,
+                                const char *why);
+
+/* Bitmaps beyond the first this many are listed as unusable (each
+ * usable one costs a look through the directories of the chain).
+ */
+#define QCOW2_MAX_LISTED_BITMAPS 256
+
+/* List the bitmaps of the top image (none in a version 2 image or if
+ * the bitmaps extension is absent or marked inconsistent).  Return 0,
+ * or -1 with a message in ERR if the bitmap directory itself is broken.
+ */
+extern int qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
+                               void *opaque, char *err, size_t errlen);
+
+/* Map [OFFSET, OFFSET+COUNT) through bitmap BM of IMG (the @since view):
+ * HOLE alone where no bit is set (unchanged), and where bits are set
+ * the chain's map with ZERO alone for what reads as zero, data (0)
+ * elsewhere.  Same contract as qcow2_map otherwise.
+ */
+extern int qcow2_map_since (struct qcow2_image *img,
+                            const struct qcow2_bitmap *bm,
+                            uint64_t offset, uint64_t count,
+                            qcow2_extent_fn fn, void *opaque,
+                            char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

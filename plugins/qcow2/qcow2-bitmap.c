@@ -1,0 +1,689 @@
+/* sparsebackup: qcow2 reader: persistent bitmaps (the @since view).
+ *
+ * Written from the "Bitmaps extension" and "Bitmaps" sections of
+ * QEMU's docs/interop/qcow2.txt.  Nothing here runs while an image is
+ * opened: the header parser only records the extension, and it is
+ * checked when a bitmap is opened or listed, so a broken bitmap never
+ * affects reading or mapping the disk.
+ *
+ * Memory: the bitmap directory is read whole (at most
+ * BM_MAX_DIR_BYTES, and never more than the file holds); the bitmap
+ * tables are checked in chunks of CHUNK_ENTRIES and read one entry at a
+ * time; the bitmap data is read through a window of BM_WINDOW bytes.
+ *
+ * See qcow2-internal.h for a map of the files.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2-internal.h"
+#include "minmax.h"
+#include "rounding.h"
+
+#define BM_MAX_BITMAPS 65535            /* QEMU's limit */
+#define BM_MAX_DIR_BYTES (1024 * BM_MAX_BITMAPS)
+#define BM_ENTRY_LEN 24                 /* fixed part of an entry */
+#define BM_MAX_NAME 1023
+#define BM_MIN_GBITS 9
+#define BM_MAX_GBITS 31
+#define BM_MAX_TABLE_ENTRIES UINT32_C(0x8000000) /* QEMU's limit */
+
+#define BM_FLAG_IN_USE        UINT32_C(1)
+#define BM_FLAG_AUTO          UINT32_C(2)
+#define BM_FLAG_EXTRA_COMPAT  UINT32_C(4)
+#define BM_FLAGS_KNOWN        UINT32_C(7)
+#define BM_TYPE_DIRTY         1
+
+#define BT_OFFSET_MASK   UINT64_C(0x00fffffffffffe00)
+#define BT_ALL_ONES      UINT64_C(1)
+#define BT_RESERVED      (~(BT_OFFSET_MASK | BT_ALL_ONES))
+
+#define CHUNK_ENTRIES UINT64_C(512)              /* table entries checked at once */
+
+/* The bitmap directory of one layer. */
+struct bm_dir {
+  uint8_t *buf;
+  uint64_t size;
+  uint32_t nb;
+};
+
+/* One directory entry (NAME points into the directory, NAME_SIZE bytes,
+ * not NUL-terminated).
+ */
+struct bm_dirent {
+  uint64_t table_off;
+  uint32_t table_size;
+  uint32_t flags;
+  uint8_t type, gbits;
+  uint16_t name_size;
+  uint32_t extra_size;
+  const char *name;
+};
+
+/* Read and check the bitmaps extension and the directory of layer L.
+ * No bitmaps (D->nb = 0) for raw layers, version 2 images, no
+ * extension, or an extension that the autoclear bit 0 does not mark
+ * consistent (it was written by software not knowing bitmaps).
+ */
+static int
+dir_load (struct layer *l, struct bm_dir *d, struct err *e)
+{
+  uint32_t reserved;
+  uint64_t doff;
+
+  memset (d, 0, sizeof *d);
+  if (l->raw || l->version < 3 || l->bm_ext_count == 0 ||
+      !(l->autoclear & AUTOCLEAR_BITMAPS))
+    return 0;
+  if (l->bm_ext_count > 1) {
+    q2_seterr (e, l->name, "the bitmaps extension appears %" PRIu32
+               " times (at most once)", l->bm_ext_count);
+    return -1;
+  }
+  if (l->bm_ext_len != BITMAPS_EXT_LEN) {
+    q2_seterr (e, l->name, "the bitmaps extension has length %" PRIu32
+               " (must be %d)", l->bm_ext_len, BITMAPS_EXT_LEN);
+    return -1;
+  }
+  d->nb = be32 (l->bm_ext);
+  reserved = be32 (l->bm_ext + 4);
+  d->size = be64 (l->bm_ext + 8);
+  doff = be64 (l->bm_ext + 16);
+  if (reserved != 0) {
+    q2_seterr (e, l->name, "the reserved field of the bitmaps extension is "
+               "0x%" PRIx32 " (must be 0)", reserved);
+    return -1;
+  }
+  if (d->nb == 0 || d->nb > BM_MAX_BITMAPS) {
+    q2_seterr (e, l->name, "nb_bitmaps %" PRIu32 " is out of range "
+               "(1 to %d)", d->nb, BM_MAX_BITMAPS);
+    return -1;
+  }
+  /* Each entry takes at least 24 bytes and a name, rounded up to 8. */
+  if (d->size < (uint64_t) d->nb * 32 || d->size > BM_MAX_DIR_BYTES) {
+    q2_seterr (e, l->name, "bitmap_directory_size %" PRIu64 " is out of "
+               "range for %" PRIu32 " bitmaps (%" PRIu64 " to %d)",
+               d->size, d->nb, (uint64_t) d->nb * 32, BM_MAX_DIR_BYTES);
+    return -1;
+  }
+  if (doff == 0 || !is_aligned (doff, l->cluster_size)) {
+    q2_seterr (e, l->name, "bitmap_directory_offset 0x%" PRIx64 " is %s "
+               "(cluster size 0x%" PRIx64 ")", doff,
+               doff == 0 ? "0, in the header" :
+               "not aligned to the cluster size", l->cluster_size);
+    return -1;
+  }
+  if (doff >= l->io.size || d->size > l->io.size - doff) {
+    q2_seterr (e, l->name, "bitmap directory at offset 0x%" PRIx64
+               " (%" PRIu64 " bytes) is beyond the end of the file "
+               "(size 0x%" PRIx64 ")", doff, d->size, l->io.size);
+    return -1;
+  }
+  d->buf = malloc (d->size);
+  if (d->buf == NULL) {
+    q2_seterr_oom (e, l->name);
+    return -1;
+  }
+  if (q2_io_read (&l->io, l->name, d->buf, d->size, doff, e) == -1) {
+    free (d->buf);
+    d->buf = NULL;
+    return -1;
+  }
+  return 0;
+}
+
+/* Entry I of the directory, at *POS; *POS moves to the next one. */
+static int
+dir_entry (struct layer *l, const struct bm_dir *d, uint32_t i,
+           uint64_t *pos, struct bm_dirent *ent, struct err *e)
+{
+  const uint8_t *p = d->buf + *pos;
+  uint64_t len, k;
+
+  if (d->size - *pos < BM_ENTRY_LEN) {
+    q2_seterr (e, l->name, "bitmap directory entry %" PRIu32 " at offset %"
+               PRIu64 " runs past the end of the directory (size %" PRIu64
+               ")", i, *pos, d->size);
+    return -1;
+  }
+  ent->table_off = be64 (p);
+  ent->table_size = be32 (p + 8);
+  ent->flags = be32 (p + 12);
+  ent->type = p[16];
+  ent->gbits = p[17];
+  ent->name_size = (uint16_t) ((p[18] << 8) | p[19]);
+  ent->extra_size = be32 (p + 20);
+  if (ent->name_size == 0 || ent->name_size > BM_MAX_NAME) {
+    q2_seterr (e, l->name, "bitmap directory entry %" PRIu32 ": name_size %"
+               PRIu16 " is out of range (1 to %d)", i, ent->name_size,
+               BM_MAX_NAME);
+    return -1;
+  }
+  len = round_up ((uint64_t) BM_ENTRY_LEN + ent->extra_size +
+                  ent->name_size, 8);
+  if (len > d->size - *pos) {
+    q2_seterr (e, l->name, "bitmap directory entry %" PRIu32 " (extra_data_"
+               "size %" PRIu32 ", name_size %" PRIu16 ") runs past the end "
+               "of the directory (size %" PRIu64 ")", i, ent->extra_size,
+               ent->name_size, d->size);
+    return -1;
+  }
+  ent->name = (const char *) p + BM_ENTRY_LEN + ent->extra_size;
+  if (memchr (ent->name, 0, ent->name_size) != NULL) {
+    q2_seterr (e, l->name, "the name of bitmap directory entry %" PRIu32
+               " contains a NUL byte", i);
+    return -1;
+  }
+  for (k = BM_ENTRY_LEN + ent->extra_size + ent->name_size; k < len; ++k)
+    if (p[k] != 0) {
+      q2_seterr (e, l->name, "the padding of bitmap directory entry %"
+                 PRIu32 " is not zero", i);
+      return -1;
+    }
+  *pos += len;
+  return 0;
+}
+
+/* Walk the whole directory: call FN on each entry (FN returns -1 to
+ * fail), and check that the entries fill the directory exactly.
+ */
+typedef int (*dirent_fn) (struct layer *l, const struct bm_dirent *ent,
+                          void *opaque, struct err *e);
+
+static int
+dir_walk (struct layer *l, const struct bm_dir *d, dirent_fn fn,
+          void *opaque, struct err *e)
+{
+  uint64_t pos = 0;
+  uint32_t i;
+
+  for (i = 0; i < d->nb; ++i) {
+    struct bm_dirent ent;
+    if (dir_entry (l, d, i, &pos, &ent, e) == -1 ||
+        fn (l, &ent, opaque, e) == -1)
+      return -1;
+  }
+  if (pos != d->size) {
+    q2_seterr (e, l->name, "the bitmap directory has %" PRIu64 " bytes "
+               "after its %" PRIu32 " entries (bitmap_directory_size %"
+               PRIu64 ")", d->size - pos, d->nb, d->size);
+    return -1;
+  }
+  return 0;
+}
+
+struct find_ctx {
+  const char *name;
+  size_t name_len;
+  bool found;
+  struct bm_dirent ent;
+};
+
+static int
+find_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
+         struct err *e)
+{
+  struct find_ctx *c = opaque;
+
+  if (ent->name_size != c->name_len ||
+      memcmp (ent->name, c->name, c->name_len) != 0)
+    return 0;
+  if (c->found) {
+    q2_seterr (e, l->name, "two bitmaps are named '%s'", c->name);
+    return -1;
+  }
+  c->found = true;
+  c->ent = *ent;
+  return 0;
+}
+
+/* Check table entry I of bitmap NAME in L (NAME is only for the
+ * message).
+ */
+static int
+check_table_entry (struct layer *l, const char *name, uint64_t i,
+                   uint64_t entry, struct err *e)
+{
+  uint64_t host = entry & BT_OFFSET_MASK;
+  const char *why = NULL;
+
+  if (entry & BT_RESERVED)
+    why = "reserved bits are set";
+  else if (host != 0 && (entry & BT_ALL_ONES))
+    why = "bit 0 is set with an offset";
+  else if (!is_aligned (host, l->cluster_size))
+    why = "the offset is not aligned to the cluster size";
+  else if (host != 0 && (host >= l->io.size ||
+                         l->io.size - host < l->cluster_size))
+    why = "the cluster is beyond the end of the file";
+  if (why) {
+    q2_seterr (e, l->name, "bitmap '%s': bitmap table entry %" PRIu64
+               " is 0x%016" PRIx64 ": %s", name, i, entry, why);
+    return -1;
+  }
+  return 0;
+}
+
+/* Check the directory entry of bitmap NAME in layer L, then its table,
+ * and fill B.
+ */
+static int
+check_bitmap (struct layer *l, const char *name,
+              const struct bm_dirent *ent, struct bm_layer *b,
+              struct err *e)
+{
+  uint64_t gran, needed, i;
+  uint8_t chunk[CHUNK_ENTRIES * 8];
+
+  if (ent->flags & ~BM_FLAGS_KNOWN) {
+    q2_seterr (e, l->name, "bitmap '%s': reserved flags are set (flags 0x%"
+               PRIx32 ")", name, ent->flags);
+    return -1;
+  }
+  if (ent->flags & BM_FLAG_IN_USE) {
+    q2_seterr (e, l->name, "bitmap '%s' is in use (flag in_use): the image "
+               "was not closed cleanly, so the bitmap may miss changes; "
+               "take a full backup instead", name);
+    return -1;
+  }
+  if (ent->type != BM_TYPE_DIRTY) {
+    q2_seterr (e, l->name, "bitmap '%s': type %u is not supported (only 1, "
+               "dirty tracking)", name, ent->type);
+    return -1;
+  }
+  if (!(ent->flags & BM_FLAG_AUTO)) {
+    q2_seterr (e, l->name, "bitmap '%s' is disabled (flag auto is clear): "
+               "it does not track changes", name);
+    return -1;
+  }
+  if (ent->extra_size != 0 && !(ent->flags & BM_FLAG_EXTRA_COMPAT)) {
+    q2_seterr (e, l->name, "bitmap '%s' has %" PRIu32 " bytes of unknown "
+               "extra data and is not marked extra_data_compatible",
+               name, ent->extra_size);
+    return -1;
+  }
+  if (ent->gbits < BM_MIN_GBITS || ent->gbits > BM_MAX_GBITS) {
+    q2_seterr (e, l->name, "bitmap '%s': granularity_bits %u is out of "
+               "range (%d to %d)", name, ent->gbits, BM_MIN_GBITS,
+               BM_MAX_GBITS);
+    return -1;
+  }
+  gran = UINT64_C(1) << ent->gbits;
+  needed = div_round_up (div_round_up (div_round_up (l->size, gran), 8),
+                         l->cluster_size);
+  if (ent->table_size != needed) {
+    q2_seterr (e, l->name, "bitmap '%s': bitmap_table_size %" PRIu32
+               " does not match the virtual size (0x%" PRIx64 " at "
+               "granularity %" PRIu64 " needs %" PRIu64 " entries)", name,
+               ent->table_size, l->size, gran, needed);
+    return -1;
+  }
+  if (needed > BM_MAX_TABLE_ENTRIES) {
+    q2_seterr (e, l->name, "bitmap '%s': bitmap_table_size %" PRIu32
+               " is larger than the limit of %" PRIu32 " entries", name,
+               ent->table_size, BM_MAX_TABLE_ENTRIES);
+    return -1;
+  }
+  if (needed > 0 &&
+      (ent->table_off == 0 || !is_aligned (ent->table_off, l->cluster_size) ||
+       ent->table_off >= l->io.size ||
+       needed * 8 > l->io.size - ent->table_off)) {
+    q2_seterr (e, l->name, "bitmap '%s': bitmap_table_offset 0x%" PRIx64
+               " (%" PRIu64 " entries) is %s (cluster size 0x%" PRIx64
+               ", file size 0x%" PRIx64 ")", name, ent->table_off, needed,
+               ent->table_off == 0 ? "0, in the header" :
+               !is_aligned (ent->table_off, l->cluster_size) ?
+               "not aligned to the cluster size" :
+               "beyond the end of the file", l->cluster_size, l->io.size);
+    return -1;
+  }
+  for (i = 0; i < needed; i += CHUNK_ENTRIES) {
+    uint64_t n = MIN (needed - i, CHUNK_ENTRIES), j;
+    if (q2_io_read (&l->io, l->name, chunk, n * 8, ent->table_off + i * 8,
+                    e) == -1)
+      return -1;
+    for (j = 0; j < n; ++j)
+      if (check_table_entry (l, name, i + j, be64 (chunk + 8 * j), e) == -1)
+        return -1;
+  }
+  b->l = l;
+  b->name = name;
+  b->gbits = ent->gbits;
+  b->table_off = ent->table_off;
+  b->table_size = ent->table_size;
+  return 0;
+}
+
+/* The directories of the layers, loaded once for a whole listing (each
+ * at most BM_MAX_DIR_BYTES, and no larger than its file).
+ */
+struct dir_cache {
+  bool loaded[QCOW2_MAX_DEPTH];
+  struct bm_dir d[QCOW2_MAX_DEPTH];
+};
+
+static void
+dir_cache_free (struct dir_cache *dc)
+{
+  unsigned k;
+
+  for (k = 0; k < QCOW2_MAX_DEPTH; ++k)
+    if (dc->loaded[k])
+      free (dc->d[k].buf);
+}
+
+/* The directory of layer L at depth K: from DC if not NULL (loaded
+ * there on first use), else in *LOCAL (to be freed by the caller).
+ */
+static const struct bm_dir *
+dir_get (struct layer *l, unsigned k, struct dir_cache *dc,
+         struct bm_dir *local, struct err *e)
+{
+  if (dc && dc->loaded[k])
+    return &dc->d[k];
+  if (dir_load (l, local, e) == -1)
+    return NULL;
+  if (dc == NULL)
+    return local;
+  dc->d[k] = *local;
+  dc->loaded[k] = true;
+  local->buf = NULL;
+  return &dc->d[k];
+}
+
+/* Bitmap NAME of the chain: found in the top layer and in the layers
+ * below it down to the first one without it.  DC: see dir_get.
+ */
+static int
+bitmap_build (struct qcow2_image *img, const char *name,
+              struct qcow2_bitmap *bm, struct dir_cache *dc, struct err *e)
+{
+  struct layer *l;
+
+  memset (bm, 0, sizeof *bm);
+  if (strlen (name) > BM_MAX_NAME) {
+    q2_seterr (e, img->top->name, "bitmap name of %zu bytes is too long "
+               "(at most %d)", strlen (name), BM_MAX_NAME);
+    e->errnum = ENOENT;
+    return -1;
+  }
+  strcpy (bm->name, name);
+  name = bm->name;
+  for (l = img->top; l && bm->n < QCOW2_MAX_DEPTH; l = l->backing) {
+    struct find_ctx c = { .name = name, .name_len = strlen (name) };
+    struct bm_dir local = { .buf = NULL };
+    const struct bm_dir *d;
+    int r = -1;
+
+    d = dir_get (l, bm->n, dc, &local, e);
+    if (d)
+      r = dir_walk (l, d, find_fn, &c, e);
+    if (r == 0 && c.found)
+      r = check_bitmap (l, name, &c.ent, &bm->layers[bm->n], e);
+    free (local.buf);
+    if (r == -1)
+      return -1;
+    if (!c.found) {
+      if (l == img->top) {
+        q2_seterr (e, l->name, "there is no bitmap named '%s' in the top "
+                   "image", name);
+        e->errnum = ENOENT;
+        return -1;
+      }
+      break;
+    }
+    bm->n++;
+  }
+  return 0;
+}
+
+int
+qcow2_bitmap_open (struct qcow2_image *img, const char *name,
+                   struct qcow2_bitmap **ret, char *errbuf, size_t errlen)
+{
+  struct err e = { errbuf, errlen, 0 };
+  struct qcow2_bitmap *bm;
+
+  bm = malloc (sizeof *bm);
+  if (bm == NULL) {
+    q2_seterr_oom (&e, img->top->name);
+    errno = ENOMEM;
+    return -1;
+  }
+  if (bitmap_build (img, name, bm, NULL, &e) == -1) {
+    free (bm);
+    errno = e.errnum ? e.errnum : EIO;
+    return -1;
+  }
+  *ret = bm;
+  return 0;
+}
+
+void
+qcow2_bitmap_close (struct qcow2_bitmap *bm)
+{
+  free (bm);
+}
+
+uint64_t
+qcow2_bitmap_granularity (const struct qcow2_bitmap *bm)
+{
+  return UINT64_C(1) << bm->layers[0].gbits;
+}
+
+unsigned
+qcow2_bitmap_layers (const struct qcow2_bitmap *bm)
+{
+  return bm->n;
+}
+
+struct list_ctx {
+  struct qcow2_image *img;
+  qcow2_bitmap_fn fn;
+  void *opaque;
+  struct dir_cache dc;
+  uint32_t n;
+  bool stopped;
+};
+
+static int
+list_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
+         struct err *e)
+{
+  struct list_ctx *c = opaque;
+  char name[BM_MAX_NAME + 1];
+  char why[QCOW2_ERRLEN];
+  struct err be = { why, sizeof why, 0 };
+  struct qcow2_bitmap bm;
+  int r;
+
+  memcpy (name, ent->name, ent->name_size);
+  name[ent->name_size] = '\0';
+  /* Each one looks through the directories: not too many. */
+  if (c->n++ >= QCOW2_MAX_LISTED_BITMAPS) {
+    q2_seterr (&be, l->name, "only the first %d bitmaps are listed",
+               QCOW2_MAX_LISTED_BITMAPS);
+    r = c->fn (c->opaque, name, NULL, why);
+  }
+  else if (bitmap_build (c->img, name, &bm, &c->dc, &be) == -1)
+    r = c->fn (c->opaque, name, NULL, why);
+  else
+    r = c->fn (c->opaque, name, &bm, NULL);
+  if (r == -1) {
+    c->stopped = true;
+    return -1;
+  }
+  return 0;
+}
+
+int
+qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
+                    void *opaque, char *errbuf, size_t errlen)
+{
+  struct err e = { errbuf, errlen, 0 };
+  struct list_ctx c = { .img = img, .fn = fn, .opaque = opaque };
+  struct bm_dir local = { .buf = NULL };
+  const struct bm_dir *d;
+  int r = -1;
+
+  d = dir_get (img->top, 0, &c.dc, &local, &e);
+  if (d)
+    r = dir_walk (img->top, d, list_fn, &c, &e);
+  dir_cache_free (&c.dc);
+  if (r == -1) {
+    if (c.stopped && errbuf && errlen)
+      errbuf[0] = '\0';
+    errno = e.errnum ? e.errnum : EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/*----------------------------------------------------------------------
+ * Reading the bits.
+ */
+
+/* Table entry TIDX of B (checked again: the file is read again). */
+static int
+table_entry (const struct bm_layer *b, struct bm_cursor *c, uint64_t tidx,
+             uint64_t *entry, struct err *e)
+{
+  uint8_t raw[8];
+
+  if (c->have_entry && c->tidx == tidx) {
+    *entry = c->tentry;
+    return 0;
+  }
+  if (tidx >= b->table_size) {
+    q2_seterr (e, b->l->name, "internal error: bitmap table index %" PRIu64
+               " out of range", tidx);
+    return -1;
+  }
+  if (q2_io_read (&b->l->io, b->l->name, raw, 8, b->table_off + tidx * 8,
+                  e) == -1)
+    return -1;
+  *entry = be64 (raw);
+  if (check_table_entry (b->l, b->name, tidx, *entry, e) == -1)
+    return -1;
+  c->have_entry = true;
+  c->tidx = tidx;
+  c->tentry = *entry;
+  return 0;
+}
+
+/* The byte at host offset HOST of a bitmap data cluster. */
+static int
+data_byte (const struct bm_layer *b, struct bm_cursor *c, uint64_t host,
+           uint8_t *byte, struct err *e)
+{
+  uint64_t base = round_down (host, BM_WINDOW);
+
+  if (!c->have_win || c->win_host != base) {
+    c->have_win = false;
+    if (q2_io_read (&b->l->io, b->l->name, c->win, BM_WINDOW, base,
+                    e) == -1)
+      return -1;
+    c->have_win = true;
+    c->win_host = base;
+  }
+  *byte = c->win[host - base];
+  return 0;
+}
+
+/* The bits from FIRST (< LIMIT) equal to bit FIRST: up to *END. */
+static int
+bit_run (const struct bm_layer *b, struct bm_cursor *c, uint64_t first,
+         uint64_t limit, uint64_t *end, bool *set, struct err *e)
+{
+  uint64_t bpc = b->l->cluster_size * 8;  /* bits per bitmap cluster */
+  uint64_t pos = first;
+  int v = -1;
+
+  /* LIMIT is the same for every call of one request. */
+  if (c->have_run && first >= c->run_first && first < c->run_end) {
+    *end = c->run_end;
+    *set = c->run_set;
+    return 0;
+  }
+  while (pos < limit) {
+    uint64_t tidx = pos / bpc, cstart = tidx * bpc;
+    uint64_t cend = MIN (cstart + bpc, limit);
+    uint64_t entry, host;
+
+    if (table_entry (b, c, tidx, &entry, e) == -1)
+      return -1;
+    host = entry & BT_OFFSET_MASK;
+    if (host == 0) {
+      int u = (entry & BT_ALL_ONES) != 0;
+      if (v == -1)
+        v = u;
+      if (u != v)
+        break;
+      pos = cend;
+      continue;
+    }
+    while (pos < cend) {
+      uint8_t byte;
+      int u;
+
+      if (data_byte (b, c, host + (pos - cstart) / 8, &byte, e) == -1)
+        return -1;
+      if (pos % 8 == 0 && cend - pos >= 8 && (byte == 0 || byte == 0xff)) {
+        u = byte != 0;
+        if (v == -1)
+          v = u;
+        if (u != v)
+          goto done;
+        pos += 8;
+        continue;
+      }
+      u = (byte >> (pos % 8)) & 1;
+      if (v == -1)
+        v = u;
+      if (u != v)
+        goto done;
+      pos++;
+    }
+  }
+ done:
+  *end = pos;
+  *set = v == 1;
+  c->have_run = true;
+  c->run_first = first;
+  c->run_end = pos;
+  c->run_set = *set;
+  return 0;
+}
+
+int
+q2_bitmap_run (const struct qcow2_bitmap *bm, struct bm_cursor *cur,
+               uint64_t offset, uint64_t count, uint64_t *len, bool *dirty,
+               struct err *e)
+{
+  unsigned i;
+
+  *len = count;
+  *dirty = false;
+  for (i = 0; i < bm->n; ++i) {
+    const struct bm_layer *b = &bm->layers[i];
+    uint64_t size = b->l->size, lim, end, run;
+    bool set;
+
+    if (offset >= size)
+      continue;                 /* beyond this layer: unchanged there */
+    lim = MIN (count, size - offset);
+    if (bit_run (b, &cur[i], offset >> b->gbits,
+                 div_round_up (offset + lim, UINT64_C(1) << b->gbits),
+                 &end, &set, e) == -1)
+      return -1;
+    run = MIN ((end << b->gbits) - offset, lim);
+    *len = MIN (*len, run);
+    *dirty |= set;
+  }
+  return 0;
+}
