@@ -38,58 +38,13 @@
 #include "blockmap.h"
 #include "changes.h"
 
-static unsigned failures;
+#define TEST_NAME "test-blockmap"
+#define TEST_RNG_SEED UINT64_C (0x2545F4914F6CDD1D)
+#include "unit-test.h"
+
 static unsigned failures_before;   /* before the current randomized test */
 
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-blockmap: FAIL (line %d): " fmt "\n",        \
-             __LINE__, __VA_ARGS__);                                    \
-    if (++failures > 20) exit (EXIT_FAILURE);                           \
-  } while (0)
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond))                                                        \
-      FAIL ("%s", #cond);                                               \
-  } while (0)
-
-#define CHECK_EQ(a, b)                                                  \
-  do {                                                                  \
-    uint64_t a_ = (a), b_ = (b);                                        \
-    if (a_ != b_)                                                       \
-      FAIL ("%s == %" PRIu64 ", expected %s == %" PRIu64,               \
-            #a, a_, #b, b_);                                            \
-  } while (0)
-
 static const char *state_names[] = { "UNKNOWN", "ALLOCATED", "DATA", "ZERO" };
-
-/* Deterministic PRNG (xorshift64*), one state per thread. */
-static uint64_t
-rnd_r (uint64_t *s)
-{
-  *s ^= *s >> 12;
-  *s ^= *s << 25;
-  *s ^= *s >> 27;
-  return *s * UINT64_C (2685821657736338717);
-}
-
-static uint64_t rng_state = UINT64_C (0x2545F4914F6CDD1D);
-
-static uint64_t
-rnd (void)
-{
-  return rnd_r (&rng_state);
-}
-
-static double
-now (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 #define BIG_BUDGET (UINT64_C (1) << 30)     /* never forgets in tests */
 

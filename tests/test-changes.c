@@ -33,55 +33,9 @@
 
 #include "changes.h"
 
-static unsigned failures;
-
-#define FAIL(fmt, ...)                                                  \
-  do {                                                                  \
-    fprintf (stderr, "test-changes: FAIL (line %d): " fmt "\n",         \
-             __LINE__, __VA_ARGS__);                                    \
-    if (++failures > 20) exit (EXIT_FAILURE);                           \
-  } while (0)
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond))                                                        \
-      FAIL ("%s", #cond);                                               \
-  } while (0)
-
-#define CHECK_EQ(a, b)                                                  \
-  do {                                                                  \
-    uint64_t a_ = (a), b_ = (b);                                        \
-    if (a_ != b_)                                                       \
-      FAIL ("%s == %" PRIu64 ", expected %s == %" PRIu64,               \
-            #a, a_, #b, b_);                                            \
-  } while (0)
-
-/* Deterministic PRNG (xorshift64*), one state per thread. */
-static uint64_t
-rnd_r (uint64_t *s)
-{
-  *s ^= *s >> 12;
-  *s ^= *s << 25;
-  *s ^= *s >> 27;
-  return *s * UINT64_C (2685821657736338717);
-}
-
-static uint64_t rng_state = UINT64_C (0x9E3779B97F4A7C15);
-
-static uint64_t
-rnd (void)
-{
-  return rnd_r (&rng_state);
-}
-
-static double
-now (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+#define TEST_NAME "test-changes"
+#define TEST_RNG_SEED UINT64_C (0x9E3779B97F4A7C15)
+#include "unit-test.h"
 
 static struct changes *
 new_changes (unsigned history)
