@@ -366,7 +366,8 @@ bm_set_uniform (struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
  * failed for want of memory (the edits before it stay).
  */
 int
-bm_transform (struct blockmap *bm, uint64_t a, uint64_t b, const unsigned *table)
+bm_transform (struct blockmap *bm, uint64_t a, uint64_t b,
+              const unsigned *table)
 {
   struct pos p = bm_find (bm, a);
   uint64_t cur = a;

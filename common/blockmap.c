@@ -474,7 +474,8 @@ blockmap_change (struct blockmap *bm, uint64_t offset, uint64_t count,
       bm_transform (bm, out.first, in.first, zero_to_unknown) == -1)
     bm_reset_unknown (bm);
   if (in.end < out.end &&
-      bm_transform (bm, MAX (in.end, out.first), out.end, zero_to_unknown) == -1)
+      bm_transform (bm, MAX (in.end, out.first), out.end,
+                    zero_to_unknown) == -1)
     bm_reset_unknown (bm);
   if (has_in)
     set_or_reset (bm, in.first, in.end, BM_UNKNOWN);

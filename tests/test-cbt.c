@@ -55,29 +55,7 @@
 #include "unit-test.h"
 
 /* Layout (doc/cbt-format.md). */
-#define SB_SIZE 4096
-#define SB_VERSION 8
-#define SB_HEADER_SIZE 12
-#define SB_SEQ 16
-#define SB_INCOMPAT 24
-#define SB_COMPAT 32
-#define SB_AUTOCLEAR 40
-#define SB_DISK_SIZE 48
-#define SB_GRAN_BITS 56
-#define SB_NR_CPS 60
-#define SB_TABLE_OFF 64
-#define SB_TABLE_SIZE 72
-#define SB_TABLE_CRC 76
-#define SB_CUR_OFF 80
-#define SB_CUR_CRC 88
-#define SB_ID_LEN 92
-#define SB_ID 96
-#define SB_CRC 4092
-#define ENTRY 128
-#define CP_STATE 64
-#define CP_FLAGS 68
-#define CP_BM_OFF 72
-#define CP_BM_CRC 80
+#include "cbt-format.h"
 #define CP_RESERVED 100
 
 static uint64_t rnd_state = 0x2545F4914F6CDD1DULL;
@@ -419,7 +397,7 @@ fix_table (uint8_t *f)
 static uint8_t *
 entry (uint8_t *f, unsigned i)
 {
-  return f + get64 (active_sb (f) + SB_TABLE_OFF) + i * ENTRY;
+  return f + get64 (active_sb (f) + SB_TABLE_OFF) + i * ENTRY_SIZE;
 }
 
 /* Fix the crc of the frozen bitmap of entry I. */
@@ -460,7 +438,7 @@ C (c_nr_other) { put32 (sb + SB_NR_CPS, 2); }
 C (c_table_off_unaligned) { put64 (sb + SB_TABLE_OFF, get64 (sb + SB_TABLE_OFF) + 8); }
 C (c_table_off_past) { put64 (sb + SB_TABLE_OFF, 1u << 30); }
 C (c_table_off_header) { put64 (sb + SB_TABLE_OFF, 4096); }
-C (c_table_size) { put32 (sb + SB_TABLE_SIZE, 2 * ENTRY); }
+C (c_table_size) { put32 (sb + SB_TABLE_SIZE, 2 * ENTRY_SIZE); }
 C (c_table_crc) { put32 (sb + SB_TABLE_CRC, get32 (sb + SB_TABLE_CRC) ^ 1); }
 C (c_cur_off_past) { put64 (sb + SB_CUR_OFF, UINT64_MAX - 4095); }
 C (c_cur_off_unaligned) { put64 (sb + SB_CUR_OFF, get64 (sb + SB_CUR_OFF) + 1); }
