@@ -218,4 +218,31 @@ make_good (void)
   read_file (&good, &good_len);
 }
 
+/* ---- Start and end of a test program -------------------------------- */
+
+/* Make the temporary directory; the cbt file is PATH inside it. */
+static inline void
+cbt_test_start (void)
+{
+  if (mkdtemp (tmpdir) == NULL) {
+    perror ("mkdtemp");
+    exit (EXIT_FAILURE);
+  }
+  snprintf (path, sizeof path, "%s/cbt", tmpdir);
+}
+
+/* Remove the file and the directory, say how it went; main's status. */
+static inline int
+cbt_test_end (void)
+{
+  unlink (path);
+  rmdir (tmpdir);
+  if (failures) {
+    fprintf (stderr, TEST_NAME ": %u failures\n", failures);
+    return EXIT_FAILURE;
+  }
+  printf (TEST_NAME ": PASS\n");
+  return EXIT_SUCCESS;
+}
+
 #endif /* SPARSEBACKUP_CBT_TEST_LIB_H */

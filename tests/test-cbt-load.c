@@ -311,22 +311,11 @@ feature_test (void)
 int
 main (void)
 {
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
-    exit (EXIT_FAILURE);
-  }
-  snprintf (path, sizeof path, "%s/cbt", tmpdir);
+  cbt_test_start ();
 
   corruption_tests ();
   torn_test ();
   feature_test ();
 
-  unlink (path);
-  rmdir (tmpdir);
-  if (failures) {
-    fprintf (stderr, "test-cbt-load: %u failures\n", failures);
-    return EXIT_FAILURE;
-  }
-  printf ("test-cbt-load: PASS\n");
-  return EXIT_SUCCESS;
+  return cbt_test_end ();
 }

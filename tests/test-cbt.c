@@ -496,11 +496,7 @@ group_commit_test (void)
 int
 main (void)
 {
-  if (mkdtemp (tmpdir) == NULL) {
-    perror ("mkdtemp");
-    exit (EXIT_FAILURE);
-  }
-  snprintf (path, sizeof path, "%s/cbt", tmpdir);
+  cbt_test_start ();
 
   CHECK (cbt_name_valid ("a") && cbt_name_valid ("backup-2024.01_x"));
   CHECK (!cbt_name_valid ("") && !cbt_name_valid ("a b") &&
@@ -526,12 +522,5 @@ main (void)
   write_error_test ();
   group_commit_test ();
 
-  unlink (path);
-  rmdir (tmpdir);
-  if (failures) {
-    fprintf (stderr, "test-cbt: %u failures\n", failures);
-    return EXIT_FAILURE;
-  }
-  printf ("test-cbt: PASS\n");
-  return EXIT_SUCCESS;
+  return cbt_test_end ();
 }
