@@ -147,14 +147,6 @@ ref_set (struct ref *ref, struct ref_range r, unsigned char st)
     ref->st[b] = st;
 }
 
-static int
-cmp_u64pair (const void *av, const void *bv)
-{
-  const uint64_t *a = av, *b = bv;
-
-  return a[0] < b[0] ? -1 : a[0] > b[0];
-}
-
 /* The parts of [OFFSET, OFFSET+COUNT) that no change touched since SNAP
  * (other than EXCEPT while in flight), straight from the definition.
  * Returns the number of parts in PARTS (pairs offset, count).

@@ -153,14 +153,6 @@ ref_lost_gen (void)
   return 0;
 }
 
-static int
-cmp_u64pair (const void *av, const void *bv)
-{
-  const uint64_t *a = av, *b = bv;
-
-  return a[0] < b[0] ? -1 : a[0] > b[0];
-}
-
 /* The expected parts, straight from the definition. */
 static uint64_t
 ref_unchanged (uint64_t snap, uint64_t except, uint64_t offset,

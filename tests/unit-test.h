@@ -10,8 +10,8 @@
  *
  * Also: a deterministic PRNG (xorshift64*), rnd_r() on a per-thread
  * state and rnd() on a global one seeded with TEST_RNG_SEED (both only
- * if TEST_RNG_SEED is defined before the include), and now() (monotonic
- * seconds).
+ * if TEST_RNG_SEED is defined before the include), now() (monotonic
+ * seconds) and cmp_u64pair() (qsort of uint64_t pairs by their first).
  */
 #ifndef SPARSEBACKUP_UNIT_TEST_H
 #define SPARSEBACKUP_UNIT_TEST_H
@@ -64,6 +64,15 @@ rnd (void)
   return rnd_r (&rng_state);
 }
 #endif /* TEST_RNG_SEED */
+
+/* For qsort: pairs of uint64_t (offset, count or end) by their first. */
+static inline int
+cmp_u64pair (const void *av, const void *bv)
+{
+  const uint64_t *a = av, *b = bv;
+
+  return a[0] < b[0] ? -1 : a[0] > b[0];
+}
 
 static inline double
 now (void)
