@@ -1,32 +1,9 @@
 /* sparsebackup: the block map.
  *
- * Pure C: no nbdkit headers.  See blockmap.h for the contract.
- *
- * Representation
- * --------------
- * The map is a sorted sequence of runs.  Each run is one 64 bit entry:
- * the index of its first block (shifted left by 8) and its state (low 8
- * bits).  A run lasts until the start of the next run, or the end of the
- * export.  The first run always starts at block 0, and two adjacent runs
- * never have the same state (they are merged), so the number of entries
- * is the number of state changes + 1.
- *
- * The sequence is cut into chunks of at most CHUNK_CAP entries, and an
- * array of chunk pointers is kept in order.  Finding the run of a block
- * is a binary search on the chunks (by their first entry) followed by a
- * binary search inside one chunk.  Editing touches one or a few chunks:
- * a full chunk is split in two halves, and small neighbouring chunks are
- * merged, so memory stays proportional to the number of runs (at worst
- * about 4 entries' worth of memory per run, typically 1.5).
- *
- * Every edit is expressed as "set blocks [A, B) to state S"
- * (set_uniform), which replaces the runs overlapping [A, B) by at most 3
- * runs.  The allocations it may need (one spare chunk, one more slot in
- * the chunk array) are made before anything is changed, so an edit
- * either happens completely or not at all.  Where an edit must not be
- * lost (clearing zero knowledge before a write), a failure to allocate
- * resets the whole map to "unknown", which needs no memory and is always
- * safe.
+ * Pure C: no nbdkit headers.  See blockmap.h for the contract.  This file
+ * holds the public functions and the memory budget; the representation
+ * and its editing (the sequence of runs) are in blockmap-runs.c, the
+ * shared types in blockmap-internal.h.
  *
  * Memory budget
  * -------------
@@ -61,190 +38,10 @@
 #include <pthread.h>
 
 #include "blockmap.h"
+#include "blockmap-internal.h"
 #include "changes.h"
 #include "ispowerof2.h"
 #include "minmax.h"
-
-#define MIN_BLKSIZE 512
-#define MAX_BLKSIZE (64 * 1024 * 1024)
-#define MAX_SIZE (UINT64_C (1) << 63)
-
-/* Entries per chunk.  256 * 8 bytes = 2 KiB per chunk. */
-#define CHUNK_CAP 256
-/* Two neighbouring chunks holding this many entries or fewer together are
- * merged into one.
- */
-#define MERGE_THRESHOLD (CHUNK_CAP / 2)
-
-/* The smallest memory budget accepted. */
-#define MIN_BUDGET (64 * 1024)
-
-#define STATE_BITS 8
-#define STATE_FIELD ((UINT64_C (1) << STATE_BITS) - 1)
-
-struct chunk {
-  uint32_t n;                   /* entries used */
-  uint64_t e[CHUNK_CAP];        /* start block << STATE_BITS | state */
-};
-
-/* A position in the sequence of runs: chunk C, entry K. */
-struct pos {
-  size_t c;
-  uint32_t k;
-};
-
-/* A block range [first, end). */
-struct range {
-  uint64_t first, end;
-};
-
-struct blockmap {
-  pthread_mutex_t lock;
-
-  /* Immutable after blockmap_new. */
-  uint64_t size;
-  uint64_t nblocks;
-  uint32_t blksize;
-  unsigned blkshift;
-
-  /* The runs. */
-  struct chunk **chunks;
-  size_t nchunks, chunks_cap;
-  struct chunk *spare;          /* preallocated for the next split */
-  uint64_t nruns;
-
-  /* The disk's change tracker (not owned). */
-  struct changes *changes;
-
-  /* Memory budget. */
-  uint64_t budget;
-  uint64_t evict_cursor;        /* block where the next eviction starts */
-  uint64_t forgotten;           /* bytes forgotten for the budget */
-};
-
-/*----------------------------------------------------------------------
- * Entries and positions.
- */
-
-static inline uint64_t
-mkent (uint64_t start, unsigned state)
-{
-  return start << STATE_BITS | state;
-}
-
-static inline uint64_t
-ent_start (uint64_t e)
-{
-  return e >> STATE_BITS;
-}
-
-static inline unsigned
-ent_state (uint64_t e)
-{
-  return e & STATE_FIELD;
-}
-
-static inline uint64_t
-ent_at (const struct blockmap *bm, struct pos p)
-{
-  return bm->chunks[p.c]->e[p.k];
-}
-
-/* The position after P, false if P is the last run. */
-static inline bool
-pos_next (const struct blockmap *bm, struct pos p, struct pos *next)
-{
-  if (p.k + 1 < bm->chunks[p.c]->n) {
-    next->c = p.c;
-    next->k = p.k + 1;
-    return true;
-  }
-  if (p.c + 1 < bm->nchunks) {
-    next->c = p.c + 1;
-    next->k = 0;
-    return true;
-  }
-  return false;
-}
-
-/* The position before P, false if P is the first run. */
-static inline bool
-pos_prev (const struct blockmap *bm, struct pos p, struct pos *prev)
-{
-  if (p.k > 0) {
-    prev->c = p.c;
-    prev->k = p.k - 1;
-    return true;
-  }
-  if (p.c > 0) {
-    prev->c = p.c - 1;
-    prev->k = bm->chunks[p.c - 1]->n - 1;
-    return true;
-  }
-  return false;
-}
-
-/* The end block of the run at P. */
-static inline uint64_t
-run_end (const struct blockmap *bm, struct pos p)
-{
-  struct pos next;
-
-  if (pos_next (bm, p, &next))
-    return ent_start (ent_at (bm, next));
-  return bm->nblocks;
-}
-
-/* The run containing BLOCK (BLOCK < nblocks, or 0 for an empty export). */
-static struct pos
-find (const struct blockmap *bm, uint64_t block)
-{
-  struct pos p;
-  size_t lo, hi;
-  uint32_t klo, khi;
-  const struct chunk *ch;
-
-  /* Last chunk whose first run starts at or before BLOCK.  Chunk 0
-   * starts at block 0, so there is one.
-   */
-  lo = 0;
-  hi = bm->nchunks;
-  while (hi - lo > 1) {
-    size_t mid = lo + (hi - lo) / 2;
-
-    if (ent_start (bm->chunks[mid]->e[0]) <= block)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  ch = bm->chunks[lo];
-
-  klo = 0;
-  khi = ch->n;
-  while (khi - klo > 1) {
-    uint32_t mid = klo + (khi - klo) / 2;
-
-    if (ent_start (ch->e[mid]) <= block)
-      klo = mid;
-    else
-      khi = mid;
-  }
-
-  p.c = lo;
-  p.k = klo;
-  return p;
-}
-
-/* Bytes covered by blocks [FIRST, END) (the last block may be partial). */
-static inline uint64_t
-blocks_to_bytes (const struct blockmap *bm, uint64_t first, uint64_t end)
-{
-  uint64_t b = end << bm->blkshift;
-
-  if (b > bm->size)
-    b = bm->size;
-  return b - (first << bm->blkshift);
-}
 
 /* Clip a byte range to the export and round it outward to blocks.
  * Returns false if nothing is left.
@@ -282,332 +79,6 @@ round_inward (const struct blockmap *bm, uint64_t offset, uint64_t count,
 }
 
 /*----------------------------------------------------------------------
- * Editing the sequence of runs.
- */
-
-/* Make sure that one split can happen without allocating. */
-static int
-reserve (struct blockmap *bm)
-{
-  if (bm->spare == NULL) {
-    bm->spare = malloc (sizeof (struct chunk));
-    if (bm->spare == NULL)
-      return -1;
-  }
-  if (bm->nchunks + 1 > bm->chunks_cap) {
-    size_t cap = bm->chunks_cap * 2;
-    struct chunk **chunks;
-
-    chunks = realloc (bm->chunks, cap * sizeof *chunks);
-    if (chunks == NULL)
-      return -1;
-    bm->chunks = chunks;
-    bm->chunks_cap = cap;
-  }
-  return 0;
-}
-
-static void
-release_chunk (struct blockmap *bm, struct chunk *ch)
-{
-  if (bm->spare == NULL)
-    bm->spare = ch;
-  else
-    free (ch);
-}
-
-/* Remove chunk C from the chunk array (its memory is released). */
-static void
-remove_chunk (struct blockmap *bm, size_t c)
-{
-  release_chunk (bm, bm->chunks[c]);
-  memmove (&bm->chunks[c], &bm->chunks[c + 1],
-           (bm->nchunks - c - 1) * sizeof bm->chunks[0]);
-  bm->nchunks--;
-}
-
-/* Merge chunk C + 1 into chunk C if both are small. */
-static bool
-maybe_merge (struct blockmap *bm, size_t c)
-{
-  struct chunk *a, *b;
-
-  if (c + 1 >= bm->nchunks)
-    return false;
-  a = bm->chunks[c];
-  b = bm->chunks[c + 1];
-  if (a->n + b->n > MERGE_THRESHOLD)
-    return false;
-  memcpy (&a->e[a->n], b->e, b->n * sizeof b->e[0]);
-  a->n += b->n;
-  remove_chunk (bm, c + 1);
-  return true;
-}
-
-/* Merge small chunks around chunk C. */
-static void
-rebalance (struct blockmap *bm, size_t c)
-{
-  if (c >= bm->nchunks)
-    c = bm->nchunks - 1;
-  while (c > 0 && maybe_merge (bm, c - 1))
-    c--;
-  while (maybe_merge (bm, c))
-    ;
-}
-
-/* Delete COUNT entries starting at P (P may be one past the end of its
- * chunk).  The entries exist.
- */
-static void
-delete_entries (struct blockmap *bm, struct pos p, uint64_t count)
-{
-  size_t c = p.c;
-  uint32_t k = p.k;
-  size_t first_empty = SIZE_MAX, nempty = 0;
-
-  while (count > 0) {
-    struct chunk *ch = bm->chunks[c];
-    uint32_t d;
-
-    if (k == ch->n) {
-      c++;
-      k = 0;
-      continue;
-    }
-    d = ch->n - k;
-    if (d > count)
-      d = count;
-    memmove (&ch->e[k], &ch->e[k + d], (ch->n - k - d) * sizeof ch->e[0]);
-    ch->n -= d;
-    count -= d;
-    if (ch->n == 0) {
-      /* Empty chunks are consecutive. */
-      if (first_empty == SIZE_MAX)
-        first_empty = c;
-      nempty++;
-    }
-  }
-
-  if (nempty > 0) {
-    size_t i;
-
-    for (i = first_empty; i < first_empty + nempty; i++)
-      release_chunk (bm, bm->chunks[i]);
-    memmove (&bm->chunks[first_empty], &bm->chunks[first_empty + nempty],
-             (bm->nchunks - first_empty - nempty) * sizeof bm->chunks[0]);
-    bm->nchunks -= nempty;
-    if (first_empty < c)
-      c = first_empty;
-  }
-
-  rebalance (bm, c);
-}
-
-/* Insert the M (<= 3) entries NEW before position P (P may be one past
- * the end of its chunk).  reserve() must have succeeded.
- */
-static void
-insert_entries (struct blockmap *bm, struct pos p,
-                const uint64_t *new, unsigned m)
-{
-  struct chunk *ch = bm->chunks[p.c];
-
-  if (ch->n + m > CHUNK_CAP) {
-    struct chunk *nc = bm->spare;
-    uint32_t half = ch->n / 2;
-
-    /* Appending at the end of a chunk (a map built in order): leave it
-     * full and start a new one.
-     */
-    if (p.k == ch->n)
-      half = ch->n;
-
-    bm->spare = NULL;
-    nc->n = ch->n - half;
-    memcpy (nc->e, &ch->e[half], nc->n * sizeof nc->e[0]);
-    ch->n = half;
-    memmove (&bm->chunks[p.c + 2], &bm->chunks[p.c + 1],
-             (bm->nchunks - p.c - 1) * sizeof bm->chunks[0]);
-    bm->chunks[p.c + 1] = nc;
-    bm->nchunks++;
-    if (p.k > half || (p.k == half && half + m > CHUNK_CAP)) {
-      p.c++;
-      p.k -= half;
-      ch = nc;
-    }
-  }
-
-  memmove (&ch->e[p.k + m], &ch->e[p.k], (ch->n - p.k) * sizeof ch->e[0]);
-  memcpy (&ch->e[p.k], new, m * sizeof new[0]);
-  ch->n += m;
-}
-
-/* Replace NDEL entries starting at P by the NNEW (<= 3) entries NEW.
- * reserve() must have succeeded.
- */
-static void
-splice (struct blockmap *bm, struct pos p, uint64_t ndel,
-        const uint64_t *new, unsigned nnew)
-{
-  unsigned i, w = ndel < nnew ? (unsigned) ndel : nnew;
-
-  for (i = 0; i < w; i++) {
-    if (p.k == bm->chunks[p.c]->n) {
-      p.c++;
-      p.k = 0;
-    }
-    bm->chunks[p.c]->e[p.k++] = new[i];
-  }
-  if (ndel > w)
-    delete_entries (bm, p, ndel - w);
-  else if (nnew > w)
-    insert_entries (bm, p, new + w, nnew - w);
-  bm->nruns = bm->nruns + nnew - ndel;
-}
-
-/* Number of entries from A to B inclusive (A <= B). */
-static uint64_t
-distance (const struct blockmap *bm, struct pos a, struct pos b)
-{
-  uint64_t d;
-  size_t c;
-
-  if (a.c == b.c)
-    return b.k - a.k + 1;
-  d = bm->chunks[a.c]->n - a.k;
-  for (c = a.c + 1; c < b.c; c++)
-    d += bm->chunks[c]->n;
-  return d + b.k + 1;
-}
-
-/* Forget everything.  Needs no memory, so it cannot fail. */
-static void
-reset_unknown (struct blockmap *bm)
-{
-  size_t c;
-
-  for (c = 1; c < bm->nchunks; c++)
-    release_chunk (bm, bm->chunks[c]);
-  bm->nchunks = 1;
-  bm->chunks[0]->n = 1;
-  bm->chunks[0]->e[0] = mkent (0, BM_UNKNOWN);
-  bm->nruns = 1;
-}
-
-/* Set blocks [A, B) (A < B <= nblocks) to state ST.  Returns -1 (and
- * changes nothing) if memory could not be allocated.
- */
-static int
-set_uniform (struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
-{
-  struct pos pi, pj, prev, next;
-  uint64_t si, endj, ndel;
-  unsigned sti, stj;
-  int prev_state;
-  bool has_next;
-  uint64_t new[3];
-  unsigned nn = 0;
-
-  pi = find (bm, a);
-  si = ent_start (ent_at (bm, pi));
-  sti = ent_state (ent_at (bm, pi));
-  has_next = pos_next (bm, pi, &next);
-  endj = has_next ? ent_start (ent_at (bm, next)) : bm->nblocks;
-
-  /* Nothing to do if [A, B) is inside a single run of state ST. */
-  if (sti == st && b <= endj)
-    return 0;
-
-  if (reserve (bm) == -1)
-    return -1;
-
-  if (b <= endj)
-    pj = pi;
-  else {
-    pj = find (bm, b - 1);
-    has_next = pos_next (bm, pj, &next);
-    endj = has_next ? ent_start (ent_at (bm, next)) : bm->nblocks;
-  }
-  stj = ent_state (ent_at (bm, pj));
-
-  if (si < a) {
-    new[nn++] = mkent (si, sti);
-    prev_state = sti;
-  }
-  else if (pos_prev (bm, pi, &prev))
-    prev_state = ent_state (ent_at (bm, prev));
-  else
-    prev_state = -1;
-  if (prev_state != (int) st)
-    new[nn++] = mkent (a, st);
-
-  ndel = distance (bm, pi, pj);
-  if (b < endj) {
-    if (stj != st)
-      new[nn++] = mkent (b, stj);
-  }
-  else if (has_next && ent_state (ent_at (bm, next)) == st)
-    ndel++;                     /* the next run merges into ours */
-
-  splice (bm, pi, ndel, new, nn);
-  return 0;
-}
-
-/* Apply the state mapping TABLE to blocks [A, B).  Returns -1 if an edit
- * failed for want of memory (the edits before it stay).
- */
-static int
-transform (struct blockmap *bm, uint64_t a, uint64_t b, const unsigned *table)
-{
-  struct pos p = find (bm, a);
-  uint64_t cur = a;
-
-  while (cur < b) {
-    uint64_t e = run_end (bm, p);
-    unsigned st = ent_state (ent_at (bm, p));
-    unsigned ns = table[st & BM_STATE_MASK];
-
-    if (e > b)
-      e = b;
-    if (ns != st) {
-      if (set_uniform (bm, cur, e, ns) == -1)
-        return -1;
-      cur = e;
-      if (cur < b)
-        p = find (bm, cur);
-    }
-    else {
-      cur = e;
-      if (cur < b && !pos_next (bm, p, &p))
-        break;
-    }
-  }
-  return 0;
-}
-
-/* Bytes of blocks [A, B) that are not in state ST. */
-static uint64_t
-bytes_not_in (const struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
-{
-  struct pos p = find (bm, a);
-  uint64_t cur = a, total = 0;
-
-  while (cur < b) {
-    uint64_t e = run_end (bm, p);
-
-    if (e > b)
-      e = b;
-    if (ent_state (ent_at (bm, p)) != st)
-      total += blocks_to_bytes (bm, cur, e);
-    cur = e;
-    if (cur < b && !pos_next (bm, p, &p))
-      break;
-  }
-  return total;
-}
-
-/*----------------------------------------------------------------------
  * The memory budget.
  */
 
@@ -633,16 +104,16 @@ enforce_budget (struct blockmap *bm)
 
     if (bm->evict_cursor >= bm->nblocks)
       bm->evict_cursor = 0;
-    p = find (bm, bm->evict_cursor);
+    p = bm_find (bm, bm->evict_cursor);
     if (p.c + 1 >= bm->nchunks)
       p.c--;                    /* the last two chunks */
     a = p.c == 0 ? 0 : ent_start (bm->chunks[p.c]->e[0]);
     b = p.c + 2 < bm->nchunks ?
       ent_start (bm->chunks[p.c + 2]->e[0]) : bm->nblocks;
-    bm->forgotten += bytes_not_in (bm, a, b, BM_UNKNOWN);
-    if (set_uniform (bm, a, b, BM_UNKNOWN) == -1) {
-      bm->forgotten += bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
-      reset_unknown (bm);
+    bm->forgotten += bm_bytes_not_in (bm, a, b, BM_UNKNOWN);
+    if (bm_set_uniform (bm, a, b, BM_UNKNOWN) == -1) {
+      bm->forgotten += bm_bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
+      bm_reset_unknown (bm);
       break;
     }
     bm->evict_cursor = b;
@@ -655,8 +126,8 @@ enforce_budget (struct blockmap *bm)
 static void
 set_or_reset (struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
 {
-  if (set_uniform (bm, a, b, st) == -1)
-    reset_unknown (bm);
+  if (bm_set_uniform (bm, a, b, st) == -1)
+    bm_reset_unknown (bm);
   else
     enforce_budget (bm);
 }
@@ -757,8 +228,8 @@ blockmap_resize (struct blockmap *bm, uint64_t size)
     return -1;
   }
   pthread_mutex_lock (&bm->lock);
-  bm->forgotten += bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
-  reset_unknown (bm);
+  bm->forgotten += bm_bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
+  bm_reset_unknown (bm);
   bm->size = size;
   bm->nblocks = (size >> bm->blkshift) + ((size & (bm->blksize - 1)) != 0);
   bm->evict_cursor = 0;
@@ -781,7 +252,7 @@ blockmap_lookup (struct blockmap *bm, uint64_t offset, uint64_t limit,
     return BM_UNKNOWN;
   }
   limit = MIN (limit, bm->size - offset);
-  p = find (bm, offset >> bm->blkshift);
+  p = bm_find (bm, offset >> bm->blkshift);
   st = ent_state (ent_at (bm, p));
   end = blocks_to_bytes (bm, 0, run_end (bm, p));
   pthread_mutex_unlock (&bm->lock);
@@ -805,7 +276,7 @@ blockmap_is_zero (struct blockmap *bm, uint64_t offset, uint64_t count)
     ret = false;
   else {
     round_outward (bm, offset, count, &r);
-    p = find (bm, r.first);
+    p = bm_find (bm, r.first);
     ret = ent_state (ent_at (bm, p)) == BM_ZERO && run_end (bm, p) >= r.end;
   }
   pthread_mutex_unlock (&bm->lock);
@@ -824,8 +295,8 @@ transform_bytes (struct blockmap *bm, uint64_t offset, uint64_t count,
 
   if (!round_outward (bm, offset, count, &r))
     return;
-  if (transform (bm, r.first, r.end, table) == -1 && lossless)
-    reset_unknown (bm);
+  if (bm_transform (bm, r.first, r.end, table) == -1 && lossless)
+    bm_reset_unknown (bm);
   enforce_budget (bm);
 }
 
@@ -876,8 +347,8 @@ zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
   else
     b >>= bm->blkshift;
   /* A block seen to hold data must not stay ZERO. */
-  if (a < b && transform (bm, a, b, table) == -1)
-    reset_unknown (bm);
+  if (a < b && bm_transform (bm, a, b, table) == -1)
+    bm_reset_unknown (bm);
   enforce_budget (bm);
  out:
   pthread_mutex_unlock (&bm->lock);
@@ -897,7 +368,7 @@ blockmap_learn_data (struct blockmap *bm, uint64_t snap,
   pthread_mutex_lock (&bm->lock);
   if (round_outward (bm, offset, count, &r)) {
     transform_bytes (bm, offset, count, weak_to_data, false);
-    some_zero = bytes_not_in (bm, r.first, r.end, BM_ZERO) !=
+    some_zero = bm_bytes_not_in (bm, r.first, r.end, BM_ZERO) !=
       blocks_to_bytes (bm, r.first, r.end);
   }
   pthread_mutex_unlock (&bm->lock);
@@ -937,14 +408,14 @@ learn_zero_cb (void *opaque, uint64_t offset, uint64_t count)
   if (!round_inward (bm, offset, count, &r))
     return;
   pthread_mutex_lock (&bm->lock);
-  before = bytes_not_in (bm, r.first, r.end, BM_ZERO);
+  before = bm_bytes_not_in (bm, r.first, r.end, BM_ZERO);
   if (before > 0) {
     if (l->contents) {
-      if (set_uniform (bm, r.first, r.end, BM_ZERO) == 0)
+      if (bm_set_uniform (bm, r.first, r.end, BM_ZERO) == 0)
         l->learnt += before;
     }
-    else if (transform (bm, r.first, r.end, weak_to_zero) == 0)
-      l->learnt += before - bytes_not_in (bm, r.first, r.end, BM_ZERO);
+    else if (bm_transform (bm, r.first, r.end, weak_to_zero) == 0)
+      l->learnt += before - bm_bytes_not_in (bm, r.first, r.end, BM_ZERO);
     enforce_budget (bm);
   }
   pthread_mutex_unlock (&bm->lock);
@@ -961,7 +432,7 @@ blockmap_learn_zero (struct blockmap *bm, uint64_t snap, uint64_t except,
   /* Nothing to learn if it is all known already. */
   pthread_mutex_lock (&bm->lock);
   known = !round_inward (bm, offset, count, &r) ||
-    bytes_not_in (bm, r.first, r.end, BM_ZERO) == 0;
+    bm_bytes_not_in (bm, r.first, r.end, BM_ZERO) == 0;
   pthread_mutex_unlock (&bm->lock);
   if (known)
     return 0;
@@ -1000,11 +471,12 @@ blockmap_change (struct blockmap *bm, uint64_t offset, uint64_t count,
   if (!has_in)
     in.first = in.end = out.end;
   if (out.first < in.first &&
-      transform (bm, out.first, in.first, zero_to_unknown) == -1)
-    reset_unknown (bm);
+      bm_transform (bm, out.first, in.first, zero_to_unknown) == -1)
+    bm_reset_unknown (bm);
   if (in.end < out.end &&
-      transform (bm, MAX (in.end, out.first), out.end, zero_to_unknown) == -1)
-    reset_unknown (bm);
+      bm_transform (bm, MAX (in.end, out.first), out.end,
+                    zero_to_unknown) == -1)
+    bm_reset_unknown (bm);
   if (has_in)
     set_or_reset (bm, in.first, in.end, BM_UNKNOWN);
   else

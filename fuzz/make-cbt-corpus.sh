@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate fuzz/cbt-corpus/, the seed corpus of fuzz-cbt.c, with the
-# library itself (common/cbt.c, compiled here with the host cc):
+# library itself (common/cbt*.c, compiled here with the host cc):
 #   empty       a new set, no checkpoints, closed cleanly
 #   three       three good checkpoints with changes, closed cleanly
 #   pending     two good checkpoints and a pending one (merged at load)
@@ -112,7 +112,9 @@ main (int argc, char **argv)
 }
 C
 "${CC:-cc}" -std=gnu11 -O1 -I"$tmp" -I"$top/common" -DHAVE_CONFIG_H \
-    "$tmp/gen.c" "$top/common/cbt.c" -lz -pthread -o "$tmp/gen"
+    "$tmp/gen.c" "$top/common/cbt.c" "$top/common/cbt-checkpoints.c" \
+    "$top/common/cbt-io.c" "$top/common/cbt-load.c" -lz -pthread \
+    -o "$tmp/gen"
 rm -rf "$out"
 mkdir -p "$out"
 "$tmp/gen" "$out"

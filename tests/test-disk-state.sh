@@ -11,6 +11,8 @@
 #  4. the map's memory is bounded (sparsebackup-map-memory=), whatever the
 #     client writes, and what it forgets is counted.
 source "${srcdir:-.}/functions.sh"
+# The Python parts import nbdlib.py (next to functions.sh).
+export PYTHONPATH="$_functions_dir${PYTHONPATH:+:$PYTHONPATH}"
 requires_nbdsh
 requires nbdinfo --version
 requires_filter sparsebackup
@@ -25,16 +27,8 @@ requires_plugin null
 cat > "$tmp/inflight.py" <<'PY'
 import nbd, sys, time
 sock = sys.argv[1]
-def conn(name):
-    h = nbd.NBD(); h.set_export_name(name)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_unix(sock); return h
-def zero_flags(h, off, length):
-    seen = []
-    def cb(ctx, o, entries, err):
-        seen.extend(entries[1::2])
-    h.block_status(length, off, cb)
-    return [f for f in seen if f & nbd.STATE_ZERO]
+from nbdlib import connect, zero_flags
+def conn(name): return connect(sock, name)
 data = b"\xa5" * 65536
 a = conn("writer")
 buf = nbd.Buffer.from_bytearray(bytearray(data))

@@ -6,26 +6,16 @@
 # data.  A disk that changed size resets the map; connections of the old
 # size keep working.
 source "${srcdir:-.}/functions.sh"
+# The Python parts import nbdlib.py (next to functions.sh).
+export PYTHONPATH="$_functions_dir${PYTHONPATH:+:$PYTHONPATH}"
 requires_nbdsh
 requires_filter sparsebackup
 
 cat > "$tmp/names.py" <<'PY'
 import nbd, sys
 sock = sys.argv[1]
-def conn(name):
-    h = nbd.NBD(); h.set_export_name(name)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_unix(sock); return h
-def zero_claimed(h, off, length):
-    seen = []
-    def cb(ctx, o, entries, err):
-        pos = o
-        for i in range(0, len(entries), 2):
-            if entries[i + 1] & nbd.STATE_ZERO and pos < off + length and pos + entries[i] > off:
-                seen.append((pos, entries[i]))
-            pos += entries[i]
-    h.block_status(length, off, cb)
-    return seen
+from nbdlib import connect, zero_claimed
+def conn(name): return connect(sock, name)
 a = conn("a")
 assert a.pread(4096, 0) == bytes(4096)        # map "a" learns block 0 zero
 assert zero_claimed(a, 0, 4096)
@@ -89,10 +79,8 @@ start_nbdkit --filter=sparsebackup file "$tmp/r.img"
 cat > "$tmp/many.py" <<'PY'
 import nbd, sys
 sock = sys.argv[1]
-def conn(name):
-    h = nbd.NBD(); h.set_export_name(name)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_unix(sock); return h
+from nbdlib import connect
+def conn(name): return connect(sock, name)
 held = [conn("busy%d" % i) for i in range(40)]
 d = conn("")                          # the default export: the map
 assert d.pread(4096, 0) == bytes(4096)  # learns block 0 zero

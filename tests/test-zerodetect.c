@@ -21,28 +21,8 @@
 #include "zerodetect.h"
 
 #define TEST_NAME "test-zerodetect"
+#define TEST_RNG_SEED UINT64_C (0x9E3779B97F4A7C15)
 #include "unit-test.h"
-
-/* Deterministic PRNG (xorshift64*). */
-static uint64_t rng_state = UINT64_C (0x9E3779B97F4A7C15);
-
-static uint64_t
-rnd (void)
-{
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return rng_state * UINT64_C (2685821657736338717);
-}
-
-static double
-now (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 #define SMALL_MAX 300
 #define ALIGN_MAX 16
