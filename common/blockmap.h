@@ -91,7 +91,9 @@ extern void blockmap_learn_allocated (struct blockmap *bm,
 /* Contents seen non-zero by a read issued after SNAP: the blocks touched
  * (rounded outward) become BM_DATA, except that a BM_ZERO block stays
  * ZERO where a change since SNAP touched it (that knowledge is newer than
- * the read).
+ * the read), or where the tracker cannot tell (its history overflowed).
+ * Keeping ZERO then is still right: a block is ZERO only if it was
+ * learnt zero after the last change that began on it.
  */
 extern void blockmap_learn_data (struct blockmap *bm, uint64_t snap,
                                  uint64_t offset, uint64_t count);

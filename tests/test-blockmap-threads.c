@@ -104,8 +104,18 @@ thread_main (void *vp)
     case 3:
       snap = changes_snapshot (td->ch);
       blockmap_learn_data (td->bm, snap, off, n * bs);
-      for (b = first; b < first + n; b++)
+      /* A ZERO block stays ZERO if the tracker cannot tell whether a
+       * change touched it (the other threads may have flooded its
+       * history meanwhile): then take what the map says.
+       */
+      for (b = first; b < first + n; b++) {
+        uint64_t run;
+
+        if (td->st[b] == BM_ZERO &&
+            blockmap_lookup (td->bm, (base + b) * bs, bs, &run) == BM_ZERO)
+          continue;
         td->st[b] = BM_DATA;
+      }
       break;
     case 4:
       blockmap_learn_allocated (td->bm, off, n * bs);
