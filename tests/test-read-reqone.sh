@@ -19,7 +19,7 @@ run_case ()
     shift 3
     for r in $lay; do data=$((data + ${r#*:})); done
     echo "=== $name"
-    start_nbdkit "$@"
+    start_nbdkit "$@" sparsebackup-min-zero-extent=0
     $prog "$uri" 4096 $((sz - data)) || fail "$name"
     stop_nbdkit
 }

@@ -19,27 +19,65 @@
 #include <inttypes.h>
 #include <string.h>
 #include <errno.h>
+#include <pthread.h>
 
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
 #include "zerodetect.h"
 
-/* Extents of unknown ranges are asked of the plugin at least this far. */
-#define EXTENTS_AHEAD (64 * 1024 * 1024)
+/* Extents of unknown ranges are asked of the plugin at least this far:
+ * nbdcopy asks 128M at a time, so a 1T disk cost 8192 plugin calls
+ * (each with its map updates) at 64M; at 1G, 1024.
+ */
+#define EXTENTS_AHEAD (1024 * 1024 * 1024)
+
+/* sparsebackup-min-zero-extent=auto: the shortest zero run reported as
+ * ZERO to a REQ_ONE client (qemu-img), which pays one round trip per
+ * extent; see the man page.  Other clients get the exact map.
+ */
+#define AUTO_MIN_ZERO_REQ_ONE (256 * 1024)
+
+static uint64_t
+min_zero_extent (uint32_t flags)
+{
+  if (cfg_min_zero_extent >= 0)
+    return cfg_min_zero_extent;
+  return (flags & NBDKIT_FLAG_REQ_ONE) ? AUTO_MIN_ZERO_REQ_ONE : 0;
+}
+
+/* The length of the zero run of the map at POS (RUN bytes already
+ * looked up), up to END: runs split inside the map are joined.
+ */
+static uint64_t
+zero_run_length (struct blockmap *bm, uint64_t pos, uint64_t end,
+                 uint64_t run)
+{
+  uint64_t more;
+
+  while (pos + run < end &&
+         blockmap_lookup (bm, pos + run, end - pos - run, &more) == BM_ZERO &&
+         more > 0)
+    run += more;
+  return run;
+}
+
+/* Data runs of a scanned buffer closer than this are cached as one
+ * entry (copying the zeros between them), farther ones separately.
+ */
+#define CACHE_JOIN_GAP (16 * 1024)
 
 /* Teach the map what BUF (LEN bytes read from disk offset OFFSET after
- * changes_snapshot returned SNAP) holds.  Returns in *FIRST and *LAST the
- * range of the buffer covered by data blocks (*FIRST == *LAST if none).
+ * changes_snapshot returned SNAP) holds.  If SC, the data runs are kept
+ * in the scan cache (runs closer than CACHE_JOIN_GAP as one entry).
  */
 static void
-learn_buffer (struct blockmap *bm, uint64_t snap,
-              const char *buf, size_t len, uint64_t offset,
-              size_t *first, size_t *last)
+learn_buffer (struct blockmap *bm, struct scancache *sc, uint64_t snap,
+              const char *buf, size_t len, uint64_t offset)
 {
   size_t p, n;
   bool zero;
-  size_t f = len, l = 0;
+  size_t f = 0, l = 0;          /* data to cache: [f, l) */
 
   for (p = 0; p < len; p += n) {
     n = zero_run (buf, len, p, offset, disk.blksize, &zero);
@@ -47,12 +85,53 @@ learn_buffer (struct blockmap *bm, uint64_t snap,
       blockmap_learn_zero (bm, snap, 0, offset + p, n, true);
     else {
       blockmap_learn_data (bm, snap, offset + p, n);
-      if (p < f) f = p;
-      l = p + n;
+      if (sc) {
+        if (l > f && p - l >= CACHE_JOIN_GAP) {
+          scancache_insert (sc, snap, offset + f, buf + f, l - f);
+          f = l;
+        }
+        if (l == f)
+          f = p;
+        l = p + n;
+      }
     }
   }
-  if (first) *first = f < l ? f : 0;
-  if (last) *last = f < l ? l : 0;
+  if (sc && l > f)
+    scancache_insert (sc, snap, offset + f, buf + f, l - f);
+}
+
+/* The scan buffer of this thread (disk.scan_chunk bytes), kept for the
+ * thread's life: a fresh malloc of megabytes per scan is an mmap, and
+ * faulting its pages in cost more than the zero detection.
+ */
+static pthread_key_t scan_buf_key;
+static pthread_once_t scan_buf_once = PTHREAD_ONCE_INIT;
+
+static void
+scan_buf_key_create (void)
+{
+  if (pthread_key_create (&scan_buf_key, free) != 0)
+    abort ();
+}
+
+static char *
+scan_buffer (void)
+{
+  char *buf;
+
+  pthread_once (&scan_buf_once, scan_buf_key_create);
+  buf = pthread_getspecific (scan_buf_key);
+  if (buf == NULL) {
+    buf = malloc (disk.scan_chunk);
+    if (buf == NULL)
+      return NULL;
+    if (pthread_setspecific (scan_buf_key, buf) != 0) {
+      free (buf);
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  return buf;
 }
 
 /* Scan [START, END) (START block aligned, END block aligned or the size).
@@ -63,10 +142,8 @@ scan_range (nbdkit_next *next, struct sb_handle *h,
             uint64_t start, uint64_t end, int *err)
 {
   uint64_t pos;
-  char *buf;
-  size_t bufsize = MIN ((uint64_t) disk.scan_chunk, end - start);
+  char *buf = scan_buffer ();
 
-  buf = malloc (bufsize);
   if (buf == NULL) {
     *err = errno;
     nbdkit_error ("sparsebackup: scan buffer: %m");
@@ -74,26 +151,17 @@ scan_range (nbdkit_next *next, struct sb_handle *h,
   }
 
   for (pos = start; pos < end; ) {
-    uint32_t n = MIN ((uint64_t) bufsize, end - pos);
+    uint32_t n = MIN ((uint64_t) disk.scan_chunk, end - pos);
     uint64_t snap = changes_snapshot (disk.changes);
-    size_t first, last;
 
-    if (next->pread (next, buf, n, pos, 0, err) == -1) {
-      free (buf);
+    if (next->pread (next, buf, n, pos, 0, err) == -1)
       return -1;
-    }
     STAT_ADD (scan_bytes, n);
     STAT_ADD (plugin_read_bytes, n);
-    learn_buffer (h->bm, snap, buf, n, pos, &first, &last);
-    if (h->sc && first < last)
-      scancache_insert (h->sc, snap, pos + first, buf + first,
-                        last - first);
-    VERBOSE ("scan %" PRIu32 "@%" PRIu64 ": data in [%zu, %zu)",
-             n, pos, first, last);
+    learn_buffer (h->bm, h->sc, snap, buf, n, pos);
+    VERBOSE ("scan %" PRIu32 "@%" PRIu64, n, pos);
     pos += n;
   }
-
-  free (buf);
   return 0;
 }
 
@@ -156,6 +224,7 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
   struct sb_handle *h = handle;
   const uint32_t bs = disk.blksize;
   const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  const uint64_t min_zero = min_zero_extent (flags);
   uint64_t end, pos = offset;
   uint64_t budget = disk.scan_max;
   uint64_t queried_end = 0;
@@ -235,7 +304,19 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
        */
     }
 
-    type = st == BM_ZERO ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0;
+    type = 0;
+    if (st == BM_ZERO) {
+      /* A zero run too short to be worth a round trip (or a zero
+       * command) for this client, that does not reach the end of the
+       * request (where it may go on), is answered as data: always safe,
+       * and it merges with the data around it.
+       */
+      run = zero_run_length (h->bm, pos, end, run);
+      if (run >= min_zero || pos + run >= end)
+        type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+      else
+        STAT_ADD (merged_zero_bytes, run);
+    }
     if (req_one && first_type != -1 && type != first_type)
       break;
     if (nbdkit_add_extent (extents, pos, run, type) == -1) {
@@ -265,7 +346,7 @@ read_plugin (nbdkit_next *next, struct sb_handle *h,
   if (next->pread (next, buf, count, offset, flags, err) == -1)
     return -1;
   STAT_ADD (plugin_read_bytes, count);
-  learn_buffer (h->bm, snap, buf, count, offset, NULL, NULL);
+  learn_buffer (h->bm, NULL, snap, buf, count, offset);
   return 0;
 }
 

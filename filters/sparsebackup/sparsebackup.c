@@ -40,6 +40,7 @@ enum scan_mode cfg_scan = SCAN_AUTO;
 uint64_t cfg_scan_max = 32 * 1024 * 1024;
 uint64_t cfg_scan_cache = 64 * 1024 * 1024;
 uint64_t cfg_map_memory = 64 * 1024 * 1024;
+int64_t cfg_min_zero_extent = -1;
 static char *scan_max_str = NULL;
 
 #define MIN_MAP_MEMORY (64 * 1024)
@@ -155,6 +156,13 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     cfg_map_memory = v;
     return 0;
   }
+  else if (strcmp (key, "sparsebackup-min-zero-extent") == 0) {
+    if (strcmp (value, "auto") == 0)
+      cfg_min_zero_extent = -1;
+    else if (parse_size_key (key, value, &cfg_min_zero_extent) == -1)
+      return -1;
+    return 0;
+  }
   else if (strcmp (key, "sparsebackup-statsfile") == 0) {
     if (value[0] == '\0') {
       nbdkit_error ("%s: '%s' is not a file name", key, value);
@@ -201,6 +209,10 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
   "sparsebackup-scan-max=<SIZE>   Bytes scanned per extents request (32M).\n" \
   "sparsebackup-scan-cache=<SIZE> Cache of scanned data, 0 disables (64M).\n" \
   "sparsebackup-map-memory=<SIZE> Memory budget of the map (64M).\n" \
+  "sparsebackup-min-zero-extent=<SIZE>|auto\n" \
+  "                               Shorter zero runs between data are\n" \
+  "                               reported as data (auto: 256K for REQ_ONE\n" \
+  "                               clients, else exact).\n" \
   "sparsebackup-statsfile=<FILE>  Write statistics to FILE at exit."
 
 

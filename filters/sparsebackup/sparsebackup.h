@@ -31,6 +31,7 @@ extern enum scan_mode cfg_scan;
 extern uint64_t cfg_scan_max;
 extern uint64_t cfg_scan_cache;
 extern uint64_t cfg_map_memory;
+extern int64_t cfg_min_zero_extent;     /* -1 = auto */
 
 /* Debug flags (-D sparsebackup.verbose=1, -D sparsebackup.stats=1). */
 extern int sparsebackup_debug_verbose;
@@ -56,6 +57,7 @@ struct sb_stats {
   uint64_t plugin_read_bytes;
   uint64_t scan_bytes;
   uint64_t extents_calls;
+  uint64_t merged_zero_bytes;
   uint64_t passthrough_requests;
 };
 extern struct sb_stats stats;

@@ -107,6 +107,7 @@ print_stats (FILE *fp, const struct blockmap_stats *bs,
   fprintf (fp, "plugin-read-bytes: %" PRIu64 "\n", LOAD (plugin_read_bytes));
   fprintf (fp, "scan-bytes: %" PRIu64 "\n", LOAD (scan_bytes));
   fprintf (fp, "extents-calls: %" PRIu64 "\n", LOAD (extents_calls));
+  fprintf (fp, "merged-zero-bytes: %" PRIu64 "\n", LOAD (merged_zero_bytes));
   fprintf (fp, "passthrough-requests: %" PRIu64 "\n",
            LOAD (passthrough_requests));
   fprintf (fp, "map-runs: %" PRIu64 "\n", bs->runs);
