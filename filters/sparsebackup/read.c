@@ -106,12 +106,12 @@ learn_buffer (struct blockmap *bm, struct scancache *sc, uint64_t snap,
  */
 static pthread_key_t scan_buf_key;
 static pthread_once_t scan_buf_once = PTHREAD_ONCE_INIT;
+static int scan_buf_key_err;    /* pthread_key_create failed */
 
 static void
 scan_buf_key_create (void)
 {
-  if (pthread_key_create (&scan_buf_key, free) != 0)
-    abort ();
+  scan_buf_key_err = pthread_key_create (&scan_buf_key, free);
 }
 
 static char *
@@ -120,6 +120,10 @@ scan_buffer (void)
   char *buf;
 
   pthread_once (&scan_buf_once, scan_buf_key_create);
+  if (scan_buf_key_err != 0) {
+    errno = scan_buf_key_err;
+    return NULL;
+  }
   buf = pthread_getspecific (scan_buf_key);
   if (buf == NULL) {
     buf = malloc (disk.scan_chunk);
