@@ -145,10 +145,20 @@ cat map
 grep -E -q '^ +1048576 +131072 +2 +zero$' map || fail "1M: not zero"
 grep -E -q '^ +0 +524288 +1 +hole$' map || fail "0: not a hole"
 
-# The incremental restores the image.
+# Through the sparsebackup filter the view is passed through: the same
+# map, HOLE-only answers included.
+b=ck1 nbdkit -U - --filter=sparsebackup qcow2 file=disk.qcow2 \
+    --run "nbdinfo --map \"$since\"" > map.filter
+diff -u map map.filter || fail "the filter changed the map of @since:ck1"
+
+# The incremental restores the image (through the filter too).
 b=ck1 nbdkit -U - qcow2 file=disk.qcow2 \
     --run "qemu-img convert -f raw -O qcow2 -B full.qcow2 -F qcow2 \"$since\" inc.qcow2"
 qemu-img compare disk.qcow2 inc.qcow2
+rm -f inc2.qcow2
+b=ck1 nbdkit -U - --filter=sparsebackup qcow2 file=disk.qcow2 \
+    --run "qemu-img convert -f raw -O qcow2 -B full.qcow2 -F qcow2 \"$since\" inc2.qcow2"
+qemu-img compare disk.qcow2 inc2.qcow2
 # ... and copies no more than what changed.
 b=ck1 nbdkit -U - qcow2 file=disk.qcow2 \
     --run "qemu-img convert -f raw -O raw \"$since\" since.raw"

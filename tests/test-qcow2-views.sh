@@ -81,3 +81,25 @@ nbdkit -U - qcow2 file=top.qcow2 \
 failed_cleanly $rc "export @nope"
 cat err
 assert_contains err "unknown view '@nope'"
+
+# Through the sparsebackup filter the view is passed through: the same
+# HOLE-only map, the same content, the same overlay; the export list is
+# the plugin's.
+requires_filter sparsebackup
+nbdkit -U - --filter=sparsebackup qcow2 file=top.qcow2 \
+    --run 'nbdinfo --map "nbd+unix:///@top?socket=$unixsocket"' > map.filter
+diff -u map.expected map.filter || fail "the filter changed the map of @top"
+nbdkit -U - --filter=sparsebackup qcow2 file=top.qcow2 \
+    --run 'nbdinfo --list --json "$uri"' > list.filter.json
+python3 - list.filter.json <<'PY'
+import json, sys
+names = sorted(e["export-name"] for e in json.load(open(sys.argv[1]))["exports"])
+assert names == ["", "@top"], names
+PY
+rm -f top-copy2.qcow2
+nbdkit -U - --filter=sparsebackup qcow2 file=top.qcow2 \
+    --run 'qemu-img convert -f raw -O qcow2 -B base.qcow2 -F qcow2 "nbd+unix:///@top?socket=$unixsocket" top-copy2.qcow2'
+qemu-img compare top.qcow2 top-copy2.qcow2
+[ "$(depth0 top-copy2.qcow2)" -le "$top_alloc" ] ||
+    fail "through the filter the copy allocates more than the top"
+echo "$0: OK"
