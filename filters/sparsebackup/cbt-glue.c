@@ -34,7 +34,8 @@
 #include "cbt-glue.h"
 
 char *cfg_cbt_path = NULL;
-static uint32_t cfg_cbt_gran = CBT_DEFAULT_GRANULARITY;
+/* 0: the file's, or CBT_DEFAULT_GRANULARITY for a new file. */
+static uint32_t cfg_cbt_gran = 0;
 static enum cbt_mode cfg_cbt_mode = CBT_MODE_IN_USE;
 static bool cfg_cbt_reset = false;
 static char *cfg_cbt_id = NULL;
@@ -115,8 +116,10 @@ cbt_config (const char *key, const char *value)
   if (strcmp (key, "sparsebackup-cbt-reset") == 0) {
     int r = nbdkit_parse_bool (value);
 
-    if (r == -1)
-      return -1;                /* nbdkit names the value */
+    if (r == -1) {
+      nbdkit_error ("%s: '%s' is not a boolean", key, value);
+      return -1;
+    }
     cfg_cbt_reset = r;
     return 0;
   }
@@ -395,6 +398,11 @@ cbt_view_prepare (const char *exportname, uint64_t size)
   if (cbt_prepare (exportname, size) == -1)
     return -1;
   c = cbt_get ();
+  if (!cbt_name_valid (name)) {
+    nbdkit_error ("sparsebackup: export '%s': '%s' is not a valid "
+                  "checkpoint name", exportname, name);
+    return -1;
+  }
   if (cbt_find (c, name, &info) == -1) {
     nbdkit_error ("sparsebackup: export '%s': no checkpoint '%s'%s",
                   exportname, name, cbt_invalidated ?
