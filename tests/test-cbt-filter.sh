@@ -7,7 +7,8 @@
 # log filter below the filter saw them reach the plugin; a granule never
 # touched is HOLE only; a failed backup merges its changes back.  Fails
 # if a change of any export name is not recorded, if a view reports a
-# changed granule HOLE-only, or if a checkpoint loses changes.
+# changed granule HOLE-only, or if a checkpoint loses changes; and if a
+# write in flight during backup-begin is not marked again after it.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/cbt-lib.sh"
 requires_nbdsh
@@ -115,3 +116,29 @@ view_data "$sock" @since:c1 "$tmp/view1b"
 covers $gran "$tmp/since1" "$tmp/view1b"
 stop_nbdkit
 [ ! -e "$ctlsock" ] || fail "the control socket was not removed at exit"
+
+# A write in flight while backup-begin creates the checkpoint (it is
+# slowed down by the delay filter below): it lands after c2, so it must
+# be in @since:c2 (cbt.h's rule: changes in flight are marked again).
+requires_filter delay
+rm -f "$tmp/slow.cbt"
+start_nbdkit --filter=sparsebackup --filter=delay file "$tmp/disk.raw" \
+    delay-write=2 sparsebackup-cbt="$tmp/slow.cbt" \
+    sparsebackup-control="$ctlsock"
+nbdinfo --size "$uri" >/dev/null
+ctl backup-begin c1 >/dev/null
+ctl backup-end c1 --ok >/dev/null
+"$nbd_python" -c '
+import nbd, sys
+h = nbd.NBD(); h.set_export_name("other"); h.connect_unix(sys.argv[1])
+h.pwrite(b"\x5a" * 4096, 5 << 20)' "$sock" &
+writer=$!
+sleep 0.7
+ctl backup-begin c2 --since c1 >/dev/null
+wait $writer
+ctl backup-end c2 --ok >/dev/null
+echo "$((5 << 20)) 4096" > "$tmp/slow"
+view_data "$sock" @since:c2 "$tmp/viewslow"
+covers $gran "$tmp/slow" "$tmp/viewslow"
+view_data "$sock" @since:c1 "$tmp/viewslow1"
+covers $gran "$tmp/slow" "$tmp/viewslow1"
