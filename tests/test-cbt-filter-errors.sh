@@ -147,3 +147,18 @@ ctl backup-begin c3 >/dev/null
 view_err @since:c3 "sparsebackup: export '@since:c3': checkpoint 'c3' is pending: its backup has not ended"
 ctl backup-end c3 --ok >/dev/null
 nbdinfo --size "nbd+unix:///@since:c3?socket=$sock" >/dev/null
+
+# A client idle inside a line does not hold up nbdkit's exit.
+"$nbd_python" -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.recv(100); s.send(b"stat"); time.sleep(30)' "$ctlsock" &
+idle=$!
+sleep 0.5
+start=$(date +%s)
+kill "$pid"
+for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null && fail "nbdkit did not exit with a control client connected"
+kill "$idle" 2>/dev/null || true
+[ ! -e "$ctlsock" ] || fail "the control socket was not removed at exit"
+echo "nbdkit exited in $(( $(date +%s) - start )) s with an idle control client"

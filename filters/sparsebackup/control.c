@@ -39,6 +39,12 @@ static int listen_fd = -1;
 static int stop_pipe[2] = { -1, -1 };
 static pthread_t thread;
 static bool thread_running;
+/* The client being served, or -1: control_stop shuts it down so that a
+ * read blocked inside a line returns at once.
+ */
+static pthread_mutex_t client_lock = PTHREAD_MUTEX_INITIALIZER;
+static int client_fd = -1;
+static bool stopping;
 
 int
 control_open (void)
@@ -392,8 +398,19 @@ control_thread (void *arg)
       nbdkit_error ("sparsebackup-control: accept: %m");
       return NULL;
     }
+    pthread_mutex_lock (&client_lock);
+    if (stopping) {
+      pthread_mutex_unlock (&client_lock);
+      close (fd);
+      return NULL;
+    }
+    client_fd = fd;
+    pthread_mutex_unlock (&client_lock);
     serve (fd);
+    pthread_mutex_lock (&client_lock);
+    client_fd = -1;
     close (fd);
+    pthread_mutex_unlock (&client_lock);
   }
 }
 
@@ -425,6 +442,11 @@ control_stop (void)
 
     if (write (stop_pipe[1], &b, 1) != 1)
       nbdkit_error ("sparsebackup-control: write: %m");
+    pthread_mutex_lock (&client_lock);
+    stopping = true;
+    if (client_fd >= 0)
+      shutdown (client_fd, SHUT_RDWR);
+    pthread_mutex_unlock (&client_lock);
     pthread_join (thread, NULL);
     thread_running = false;
   }
