@@ -24,6 +24,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
+#include "cbt-glue.h"
 #include "zerodetect.h"
 
 /* Extents of unknown ranges are asked of the plugin at least this far:
@@ -236,6 +237,8 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
   int64_t first_type = -1;
   int can_extents;
 
+  if (h->view)
+    return cbt_view_extents (next, h, count, offset, flags, extents, err);
   if (h->bm == NULL) {
     STAT_ADD (passthrough_requests, 1);
     return next->extents (next, count, offset, flags, extents, err);

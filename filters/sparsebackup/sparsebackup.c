@@ -22,6 +22,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
+#include "cbt-glue.h"
 
 /* -D sparsebackup.verbose=1: log decisions. */
 NBDKIT_DLL_PUBLIC int sparsebackup_debug_verbose = 0;
@@ -170,6 +171,8 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return stats_open (value);
   }
+  else if ((v = cbt_config (key, value)) != 1)
+    return v;
   else if (strncmp (key, "sparsebackup-", 13) == 0) {
     nbdkit_error ("%s: unknown sparsebackup parameter (value '%s')",
                   key, value);
@@ -192,6 +195,8 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
                   scan_max_str ? scan_max_str : "?", b);
     return -1;
   }
+  if (cbt_config_complete () == -1)
+    return -1;
   return next (nxdata);
 }
 
@@ -213,7 +218,16 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
   "                               Shorter zero runs between data are\n" \
   "                               reported as data (auto: 256K for REQ_ONE\n" \
   "                               clients, else exact).\n" \
-  "sparsebackup-statsfile=<FILE>  Write statistics to FILE at exit."
+  "sparsebackup-statsfile=<FILE>  Write statistics to FILE at exit.\n" \
+  "sparsebackup-cbt=<FILE>        Record every change in FILE (changed-block\n" \
+  "                               tracking, delta views @since:CHECKPOINT).\n" \
+  "sparsebackup-cbt-granularity=<SIZE>\n" \
+  "                               Bytes per tracked granule (64K).\n" \
+  "sparsebackup-cbt-mode=in-use|write-ahead\n" \
+  "                               Durability of the record (in-use).\n" \
+  "sparsebackup-cbt-reset=true    Discard what FILE holds.\n" \
+  "sparsebackup-cbt-id=<STRING>   Identity of the disk stored in FILE.\n" \
+  "sparsebackup-control=<SOCKET>  Serve the control protocol on SOCKET."
 
 
 static int
@@ -235,7 +249,15 @@ sparsebackup_get_ready (int thread_model)
     nbdkit_error ("sparsebackup: cannot create the change tracker: %m");
     return -1;
   }
+  if (cbt_get_ready () == -1 || control_open () == -1)
+    return -1;
   return 0;
+}
+
+static int
+sparsebackup_after_fork (nbdkit_backend *nxdata)
+{
+  return control_start ();
 }
 
 static void
@@ -243,6 +265,8 @@ sparsebackup_unload (void)
 {
   int r = stats_close ();
 
+  control_stop ();
+  cbt_unload ();
   blockmap_free (disk.bm);
   scancache_free (disk.sc);
   changes_free (disk.changes);
@@ -299,6 +323,7 @@ change_end (struct sb_change *c, bool ok)
   if (!ok && bm)
     blockmap_forget (bm, c->offset, c->count);
   changes_end (disk.changes, c->ticket);
+  cbt_change_end (c->offset, c->count);
   c->ticket = 0;
 }
 
@@ -309,8 +334,10 @@ sparsebackup_open (nbdkit_next_open *next, nbdkit_context *nxdata,
                    int readonly, const char *exportname, int is_tls)
 {
   struct sb_handle *h;
+  bool view = cbt_is_view (exportname);
 
-  if (next (nxdata, readonly, exportname) == -1)
+  /* A delta view reads the default export, read-only. */
+  if (next (nxdata, view ? 1 : readonly, view ? "" : exportname) == -1)
     return NULL;
 
   h = calloc (1, sizeof *h);
@@ -324,6 +351,7 @@ sparsebackup_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     free (h);
     return NULL;
   }
+  h->view = view;
   return h;
 }
 
@@ -417,6 +445,7 @@ disk_prepare (nbdkit_next *next, uint64_t size)
     if (disk.sc)
       scancache_drop (disk.sc, 0, UINT64_MAX);
     changes_end (disk.changes, c.ticket);
+    cbt_change_end (0, UINT64_MAX);
     return 0;
   }
 
@@ -455,6 +484,21 @@ sparsebackup_prepare (nbdkit_next *next, void *handle, int readonly)
   if (size == -1)
     return -1;
   h->size = size;
+
+  if (h->view) {
+    pthread_mutex_lock (&disk_lock);
+    r = cbt_view_prepare (h->exportname, size);
+    pthread_mutex_unlock (&disk_lock);
+    return r;
+  }
+  /* Every connection, whatever its name, may change the disk: the cbt
+   * file is opened by the first one (cbt-glue.c).
+   */
+  pthread_mutex_lock (&disk_lock);
+  r = cbt_prepare (h->exportname, size);
+  pthread_mutex_unlock (&disk_lock);
+  if (r == -1)
+    return -1;
 
   /* Only the default export uses the map.  Other names (views beginning
    * with '@' included: the filter owns none yet) are passed through, but
@@ -509,6 +553,16 @@ sparsebackup_block_size (nbdkit_next *next, void *handle,
 }
 
 static int
+sparsebackup_can_write (nbdkit_next *next, void *handle)
+{
+  struct sb_handle *h = handle;
+
+  if (h->view)
+    return 0;                   /* delta views are read-only */
+  return next->can_write (next);
+}
+
+static int
 sparsebackup_can_zero (nbdkit_next *next, void *handle)
 {
   struct sb_handle *h = handle;
@@ -543,7 +597,7 @@ sparsebackup_can_extents (nbdkit_next *next, void *handle)
 {
   struct sb_handle *h = handle;
 
-  if (h->bm == NULL)
+  if (h->bm == NULL && !h->view)
     return next->can_extents (next);
   return 1;
 }
@@ -565,6 +619,16 @@ sparsebackup_can_multi_conn (nbdkit_next *next, void *handle)
   return next->can_multi_conn (next);
 }
 
+static int
+sparsebackup_list_exports (nbdkit_next_list_exports *next,
+                           nbdkit_backend *nxdata, int readonly, int is_tls,
+                           struct nbdkit_exports *exports)
+{
+  if (next (nxdata, readonly, exports) == -1)
+    return -1;
+  return cbt_list_exports (exports);
+}
+
 static struct nbdkit_filter filter = {
   .name              = "sparsebackup",
   .longname          = "nbdkit sparsebackup filter",
@@ -573,10 +637,13 @@ static struct nbdkit_filter filter = {
   .config_complete   = sparsebackup_config_complete,
   .config_help       = sparsebackup_config_help,
   .get_ready         = sparsebackup_get_ready,
+  .after_fork        = sparsebackup_after_fork,
+  .list_exports      = sparsebackup_list_exports,
   .open              = sparsebackup_open,
   .prepare           = sparsebackup_prepare,
   .close             = sparsebackup_close,
   .block_size        = sparsebackup_block_size,
+  .can_write         = sparsebackup_can_write,
   .can_zero          = sparsebackup_can_zero,
   .can_fast_zero     = sparsebackup_can_fast_zero,
   .can_extents       = sparsebackup_can_extents,

@@ -115,6 +115,7 @@ struct sb_handle {
   struct scancache *sc;
   uint64_t size;                /* of this connection's export */
   char *exportname;
+  bool view;                    /* "@since:X": a delta view (cbt-glue.c) */
 };
 
 /* ---- Write side (write.c) ------------------------------------------ */

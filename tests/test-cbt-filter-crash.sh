@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# nbdkit killed (SIGKILL) during a storm of writes.
+#  in-use:      the file is found in use at the next start: every
+#               checkpoint is lost, backup-begin --since is refused with
+#               the "full backup" message, and a full backup works.
+#  write-ahead: every write that the log filter (below the filter) saw
+#               on its way to the plugin is in the set after the restart.
+# Fails if a crash is not detected (in-use) or if a write reached the
+# plugin before its record was durable (write-ahead).
+source "${srcdir:-.}/functions.sh"
+source "${srcdir:-.}/cbt-lib.sh"
+requires_nbdsh
+requires qemu-img --version
+requires_filter sparsebackup
+requires_filter log
+requires_plugin file
+
+cat > "$tmp/storm.py" <<'PY'
+import nbd, random, sys
+rng = random.Random(int(sys.argv[2]))
+hs = []
+for name in ("", "other"):
+    h = nbd.NBD(); h.set_export_name(name); h.connect_unix(sys.argv[1]); hs.append(h)
+size = hs[0].get_size(); i = 0
+try:
+    while True:
+        h = hs[i % 2]; i += 1
+        n = rng.choice([512, 4096, 65536, 200000]); off = rng.randrange(0, size - n)
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i % 255 + 1]) * n), off)
+        while h.aio_in_flight() > 8:
+            h.poll(-1)
+except nbd.Error:
+    pass
+PY
+
+storm ()   # storm SEED: writes until nbdkit dies, killed after 1.5 s
+{
+    "$nbd_python" "$tmp/storm.py" "$sock" "$1" &
+    local w=$!
+    sleep 1.5
+    kill -9 "$pid"
+    wait "$w" || true
+    _wait_pid "$pid"
+}
+
+for mode in in-use write-ahead; do
+    truncate -s 0 "$tmp/disk.raw"; truncate -s 32M "$tmp/disk.raw"
+    rm -f "$tmp/disk.cbt" "$tmp/ops.log"
+    ctlsock=$tmp/ctl.sock
+    start_nbdkit --filter=sparsebackup --filter=log file "$tmp/disk.raw" \
+        logfile="$tmp/ops.log" sparsebackup-cbt="$tmp/disk.cbt" \
+        sparsebackup-cbt-mode=$mode sparsebackup-control="$ctlsock"
+    nbdinfo --size "$uri" >/dev/null
+    ctl backup-begin c1 >/dev/null
+    ctl backup-end c1 --ok >/dev/null
+    mark=$(wc -l < "$tmp/ops.log")
+    storm 7
+    tail -n +"$((mark + 1))" "$tmp/ops.log" > "$tmp/after"
+    : > "$tmp/reached"
+    log_ranges "$tmp/after" "$tmp/reached"
+    echo "$mode: $(wc -l < "$tmp/reached") writes reached the plugin before the kill"
+    [ -s "$tmp/reached" ] || fail "$mode: no write reached the plugin"
+
+    start_nbdkit --filter=sparsebackup file "$tmp/disk.raw" \
+        sparsebackup-cbt="$tmp/disk.cbt" sparsebackup-cbt-mode=$mode \
+        sparsebackup-control="$ctlsock"
+    nbdinfo --size "$uri" >/dev/null
+    if [ $mode = in-use ]; then
+        assert_contains "$server_log" "disk.cbt: .*in use"
+        st=0
+        ctl backup-begin c2 --since c1 >"$tmp/out" 2>"$tmp/err" || st=$?
+        assert_eq "$st" 1
+        assert_eq "$(cat "$tmp/err")" "ERR no-such-checkpoint checkpoint 'c1' was lost: the cbt file was not closed cleanly (nbdkit did not exit cleanly): a full backup is needed (backup-begin c2 without --since)"
+        st=0
+        nbdinfo "nbd+unix:///@since:c1?socket=$sock" >/dev/null 2>&1 || st=$?
+        [ $st != 0 ] || fail "@since:c1 accepted after the crash"
+        assert_contains "$server_log" "export '@since:c1': no checkpoint 'c1' \(the cbt file was not closed cleanly: every checkpoint was lost, a full backup is needed\)"
+        ctl backup-begin c2 >/dev/null
+        qemu-img convert -f raw -O qcow2 "$uri" "$tmp/full.qcow2"
+        ctl backup-end c2 --ok >/dev/null
+        qemu-img compare -q -f qcow2 -F raw "$tmp/full.qcow2" "$tmp/disk.raw" ||
+            fail "the full backup after the crash differs"
+    else
+        ctl map --since c1 | grep -v '^OK' > "$tmp/map"
+        covers 65536 "$tmp/reached" "$tmp/map"
+        view_data "$sock" @since:c1 "$tmp/view"
+        covers 65536 "$tmp/reached" "$tmp/view"
+    fi
+    stop_nbdkit
+done

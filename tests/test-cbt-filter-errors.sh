@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Changed-block tracking: bad parameters, a cbt file of another disk,
+# bad control commands and unknown @since names, each with its exact
+# message naming the bad value.  Fails if anything bad is accepted or a
+# message stops naming what is wrong.
+source "${srcdir:-.}/functions.sh"
+source "${srcdir:-.}/cbt-lib.sh"
+requires_nbdsh
+requires nbdinfo --version
+requires_filter sparsebackup
+requires_plugin file
+requires_plugin null
+
+# ---- Parameters -----------------------------------------------------------
+refused sparsebackup-cbt=
+assert_contains "$tmp/err" "sparsebackup-cbt: '' is not a file name"
+for g in 256 1000 2G 0; do
+    refused sparsebackup-cbt-granularity=$g
+    assert_contains "$tmp/err" "sparsebackup-cbt-granularity: '$g' is not a power of 2 between 512 and 1G"
+done
+refused sparsebackup-cbt-granularity=lots
+assert_contains "$tmp/err" "sparsebackup-cbt-granularity: 'lots' is not a valid size"
+refused sparsebackup-cbt-mode=sync
+assert_contains "$tmp/err" "sparsebackup-cbt-mode: 'sync' is not one of in-use, write-ahead"
+refused sparsebackup-cbt-reset=maybe
+assert_contains "$tmp/err" "sparsebackup-cbt-reset: 'maybe' is not a boolean"
+refused "sparsebackup-cbt-id=a$(printf '\t')b"
+assert_contains "$tmp/err" "holds a byte outside printable ASCII \(0x09 at 1\)"
+refused sparsebackup-control=
+assert_contains "$tmp/err" "sparsebackup-control: '' is not a socket path"
+long=$tmp/$(printf 'x%.0s' $(seq 120))
+refused sparsebackup-control="$long"
+assert_contains "$tmp/err" "is longer than a Unix socket path can be \(107 bytes\)"
+nbdkit_refuses "sparsebackup-control: '$tmp/c.sock' needs sparsebackup-cbt=FILE" \
+    --filter=sparsebackup null 1M sparsebackup-control="$tmp/c.sock"
+touch "$tmp/notsock"
+nbdkit_refuses "sparsebackup-control: '$tmp/notsock' exists and is not a socket" \
+    --filter=sparsebackup null 1M sparsebackup-cbt="$tmp/x.cbt" \
+    sparsebackup-control="$tmp/notsock"
+accepted sparsebackup-cbt="$tmp/ok.cbt" sparsebackup-cbt-granularity=4K \
+    sparsebackup-cbt-mode=write-ahead sparsebackup-cbt-reset=true \
+    sparsebackup-cbt-id="disk 1"
+
+# ---- A cbt file of another disk: connections refused, the field named ---
+nbdkit -U - --filter=sparsebackup null 1M sparsebackup-cbt="$tmp/a.cbt" \
+    --run 'nbdinfo --size "$uri"' >/dev/null
+connect_err ()   # connect_err EXPECTED PARAMS...
+{
+    local want=$1; shift
+    nbdkit -U - --filter=sparsebackup null 1M "$@" \
+        --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" &&
+        fail "connection with $* accepted"
+    assert_contains "$tmp/err" "$(ere_quote "$want")"
+}
+connect_err "sparsebackup: cbt file $tmp/a.cbt: cbt: granularity: the file has 65536, 1048576 was asked for (reset to start afresh)" \
+    sparsebackup-cbt="$tmp/a.cbt" sparsebackup-cbt-granularity=1M
+connect_err "sparsebackup: cbt file $tmp/a.cbt: cbt: identity: the file is for disk '', this disk is 'other' (reset to start afresh)" \
+    sparsebackup-cbt="$tmp/a.cbt" sparsebackup-cbt-id=other
+nbdkit -U - --filter=sparsebackup null 2M sparsebackup-cbt="$tmp/a.cbt" \
+    --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" &&
+    fail "a cbt file of another size was accepted"
+grep -E "cbt file .*a\.cbt: .*(size|2097152)" "$tmp/err" >/dev/null ||
+    { cat "$tmp/err"; fail "the size mismatch is not named"; }
+# reset=true starts afresh.
+nbdkit -U - --filter=sparsebackup null 2M sparsebackup-cbt="$tmp/a.cbt" \
+    sparsebackup-cbt-reset=true --run 'nbdinfo --size "$uri"' >/dev/null
+# Delta views need a cbt file.
+nbdkit -U - --filter=sparsebackup null 1M \
+    --run 'nbdinfo "nbd+unix:///@since:x?socket=$unixsocket"' \
+    >"$tmp/out" 2>"$tmp/err" && fail "@since:x without a cbt file accepted"
+assert_contains "$tmp/err" "sparsebackup: export '@since:x': delta views need sparsebackup-cbt=FILE"
+
+# ---- The control socket ---------------------------------------------------
+truncate -s 4M "$tmp/disk.raw"
+ctlsock=$tmp/ctl.sock
+start_nbdkit --filter=sparsebackup file "$tmp/disk.raw" \
+    sparsebackup-cbt="$tmp/disk.cbt" sparsebackup-control="$ctlsock"
+
+# expect STATUS LINE -- COMMAND: the exact reply line (stdout or stderr).
+expect ()
+{
+    local want=$1 line=$2 st=0; shift 3
+    ctl "$@" >"$tmp/out" 2>"$tmp/err" || st=$?
+    assert_eq "$want" "$st" "exit status of '$*'"
+    assert_eq "$line" "$(cat "$tmp/out" "$tmp/err" | tail -n 1)" "reply to '$*'"
+}
+expect 1 "ERR state the cbt file is not open yet: it is opened by the first NBD connection (it needs the disk size)" -- status
+nbdinfo --size "$uri" >/dev/null
+expect 0 "OK version=1 mode=in-use disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
+expect 1 "ERR no-such-checkpoint no good checkpoint" -- map
+expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- map --since nope
+expect 1 "ERR no-such-checkpoint no checkpoint 'nope'" -- backup-begin c1 --since nope
+expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- backup-end nope --ok
+expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- checkpoint-delete nope
+expect 0 "OK checkpoint=c1 state=pending since=-" -- backup-begin c1
+expect 1 "ERR busy cbt: checkpoint 'c1' is pending: end its backup first" -- backup-begin c2
+expect 1 "ERR state checkpoint 'c1' is pending: its backup has not ended" -- backup-begin c2 --since c1
+expect 1 "ERR state cbt: checkpoint 'c1' is pending: its backup has not ended" -- map --since c1
+expect 0 "OK checkpoint=c1 state=good" -- backup-end c1 --ok
+expect 1 "ERR state cbt: checkpoint 'c1' is not pending" -- backup-end c1 --ok
+expect 1 "ERR exists cbt: checkpoint 'c1' exists" -- backup-begin c1
+expect 0 "OK since=c1 extents=0 bytes=0 granularity=65536" -- map
+expect 0 "OK checkpoint=c2 state=pending since=c1" -- backup-begin c2 --since c1
+expect 0 "OK checkpoint=c2 state=deleted" -- backup-end c2 --failed
+expect 0 "OK checkpoints=1" -- checkpoint-list
+
+# What sparsebackup-ctl would refuse locally, sent raw: the server's own
+# checks, and the connection stays usable after each.
+"$nbd_python" - "$ctlsock" > "$tmp/raw" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+f = s.makefile("rwb", buffering=0)
+print(f.readline().decode().rstrip())
+for req in [b"bogus", b"backup-begin", b"backup-begin -x", b"backup-end c1",
+            b"x" * 2000, b"status \x01", b"map --since", b"checkpoint-list extra"]:
+    f.write(req + b"\n")
+    while True:
+        l = f.readline().decode().rstrip()
+        print(l)
+        if not l.startswith("* "):
+            break
+PY
+cat > "$tmp/want" <<'EOF2'
+HELLO sparsebackup-ctl 1
+ERR unknown-command unknown command 'bogus' (commands: backup-begin, backup-end, checkpoint-list, checkpoint-delete, map, status)
+ERR syntax backup-begin: missing checkpoint name
+ERR invalid-name checkpoint '-x' is not a valid checkpoint name (1-63 printable characters, no space, not starting with '-')
+ERR syntax backup-end: missing --ok or --failed
+ERR too-long the request line is longer than 1024 bytes
+ERR syntax the request holds a byte outside printable ASCII
+EOF2
+head -n 7 "$tmp/raw" | diff -u "$tmp/want" - || fail "raw control replies differ"
+[ "$(wc -l < "$tmp/raw")" = 9 ] || { cat "$tmp/raw"; fail "not one reply per request"; }
+grep -q '^ERR syntax' <(sed -n 8p "$tmp/raw") || fail "map --since without a name accepted"
+grep -q '^ERR syntax' <(sed -n 9p "$tmp/raw") || fail "checkpoint-list extra accepted"
+
+# ---- Delta view names ------------------------------------------------------
+view_err ()   # view_err NAME MESSAGE
+{
+    nbdinfo "nbd+unix:///$1?socket=$sock" >/dev/null 2>&1 &&
+        fail "export '$1' accepted"
+    assert_contains "$server_log" "$(ere_quote "$2")"
+}
+view_err @since:nope "sparsebackup: export '@since:nope': no checkpoint 'nope'"
+view_err @since: "sparsebackup: export '@since:': '' is not a valid checkpoint name"
+ctl backup-begin c3 >/dev/null
+view_err @since:c3 "sparsebackup: export '@since:c3': checkpoint 'c3' is pending: its backup has not ended"
+ctl backup-end c3 --ok >/dev/null
+nbdinfo --size "nbd+unix:///@since:c3?socket=$sock" >/dev/null
+
+# A client idle inside a line does not hold up nbdkit's exit.
+"$nbd_python" -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.recv(100); s.send(b"stat"); time.sleep(30)' "$ctlsock" &
+idle=$!
+sleep 0.5
+start=$(date +%s)
+kill "$pid"
+for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null && fail "nbdkit did not exit with a control client connected"
+kill "$idle" 2>/dev/null || true
+[ ! -e "$ctlsock" ] || fail "the control socket was not removed at exit"
+echo "nbdkit exited in $(( $(date +%s) - start )) s with an idle control client"
