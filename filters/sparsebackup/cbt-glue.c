@@ -377,10 +377,15 @@ cbt_find (struct cbt *c, const char *name, struct cbt_checkpoint_info *info)
 
 /* ---- Delta views "@since:X" ------------------------------------------- */
 
+/* The filter owns "@since:" names only when it tracks changes; without
+ * sparsebackup-cbt they are passed through (the qcow2 plugin has
+ * @since:BITMAP views of its own).
+ */
 bool
 cbt_is_view (const char *exportname)
 {
-  return strncmp (exportname, SINCE_PREFIX, strlen (SINCE_PREFIX)) == 0;
+  return cfg_cbt_path != NULL &&
+    strncmp (exportname, SINCE_PREFIX, strlen (SINCE_PREFIX)) == 0;
 }
 
 int
@@ -390,11 +395,6 @@ cbt_view_prepare (const char *exportname, uint64_t size)
   struct cbt_checkpoint_info info;
   struct cbt *c;
 
-  if (cfg_cbt_path == NULL) {
-    nbdkit_error ("sparsebackup: export '%s': delta views need "
-                  "sparsebackup-cbt=FILE", exportname);
-    return -1;
-  }
   if (cbt_prepare (exportname, size) == -1)
     return -1;
   c = cbt_get ();
