@@ -73,6 +73,37 @@ echo "allocated: top $top_alloc, copy $copy_alloc"
 [ "$copy_alloc" -le "$top_alloc" ] ||
     fail "the copy allocates $copy_alloc bytes, more than the top ($top_alloc)"
 
+# Chains of 3 and 4 layers, with subclusters (extended L2) in the top:
+# data, zero clusters and discards over backing data; the overlay made
+# from @top over the layers below reads as the chain and allocates no
+# more than the top.
+qemu-img create -q -f qcow2 l1.qcow2 8M
+qemu-io -f qcow2 -c 'write -P 0x61 0 8M' l1.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b l1.qcow2 -F qcow2 l2.qcow2
+qemu-io -f qcow2 -c 'write -P 0x62 1M 1M' -c 'write -z 3M 512k' l2.qcow2 \
+    >/dev/null
+qemu-img create -q -f qcow2 -b l2.qcow2 -F qcow2 l3.qcow2
+qemu-io -f qcow2 -c 'write -P 0x63 2M 64k' -c 'discard 5M 64k' l3.qcow2 \
+    >/dev/null
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k \
+    -b l3.qcow2 -F qcow2 l4.qcow2
+qemu-io -f qcow2 -c 'write -P 0x64 4k 8k' -c 'write -z 1M 4k' \
+    -c 'discard 6M 128k' -c 'write -P 0x65 7M 32k' l4.qcow2 >/dev/null
+for top in l3 l4; do
+    case $top in
+        l3) below=l2 opts=cluster_size=64k ;;
+        l4) below=l3 opts=extended_l2=on,cluster_size=128k ;;
+    esac
+    rm -f "$top-copy.qcow2"
+    nbdkit -U - qcow2 file=$top.qcow2 \
+        --run "qemu-img convert -f raw -O qcow2 -o $opts -B $below.qcow2 -F qcow2 \"nbd+unix:///@top?socket=\$unixsocket\" $top-copy.qcow2"
+    qemu-img compare $top.qcow2 $top-copy.qcow2 ||
+        fail "$top: the copy of @top over $below differs from the chain"
+    a=$(depth0 $top.qcow2) b=$(depth0 $top-copy.qcow2)
+    echo "$top: allocated: top $a, copy $b"
+    [ "$b" -le "$a" ] || fail "$top: the copy allocates $b bytes, more than $a"
+done
+
 # Unknown views are refused with a message naming them.
 rc=0
 nbdkit -U - qcow2 file=top.qcow2 \
