@@ -103,14 +103,16 @@ cbt_config (const char *key, const char *value)
     return 0;
   }
   if (strcmp (key, "sparsebackup-cbt-mode") == 0) {
-    if (strcmp (value, "in-use") == 0)
-      cfg_cbt_mode = CBT_MODE_IN_USE;
-    else if (strcmp (value, "write-ahead") == 0)
-      cfg_cbt_mode = CBT_MODE_WRITE_AHEAD;
-    else {
-      nbdkit_error ("%s: '%s' is not one of in-use, write-ahead", key, value);
+    static const struct sb_choice c[] = {
+      { "in-use", CBT_MODE_IN_USE, false },
+      { "write-ahead", CBT_MODE_WRITE_AHEAD, false },
+      { NULL, 0, false },
+    };
+    int r;
+
+    if (parse_choice (key, value, c, &r) == -1)
       return -1;
-    }
+    cfg_cbt_mode = r;
     return 0;
   }
   if (strcmp (key, "sparsebackup-cbt-reset") == 0) {

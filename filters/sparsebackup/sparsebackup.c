@@ -71,6 +71,26 @@ parse_size_key (const char *key, const char *value, int64_t *r)
   return 0;
 }
 
+int
+parse_choice (const char *key, const char *value,
+              const struct sb_choice *choices, int *r)
+{
+  char list[256] = "";
+  size_t i, len = 0;
+
+  for (i = 0; choices[i].name != NULL; ++i) {
+    if (strcmp (value, choices[i].name) == 0) {
+      *r = choices[i].value;
+      return 0;
+    }
+    if (!choices[i].alias && len < sizeof list)
+      len += snprintf (list + len, sizeof list - len, "%s%s",
+                       len ? ", " : "", choices[i].name);
+  }
+  nbdkit_error ("%s: '%s' is not one of %s", key, value, list);
+  return -1;
+}
+
 static int
 sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                      const char *key, const char *value)
@@ -89,40 +109,39 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return 0;
   }
   else if (strcmp (key, "sparsebackup-detect-zeroes") == 0) {
-    if (strcmp (value, "unmap") == 0)
-      cfg_detect_zeroes = DZ_UNMAP;
-    else if (strcmp (value, "on") == 0)
-      cfg_detect_zeroes = DZ_ON;
-    else if (strcmp (value, "off") == 0)
-      cfg_detect_zeroes = DZ_OFF;
-    else {
-      nbdkit_error ("%s: '%s' is not one of unmap, on, off", key, value);
+    static const struct sb_choice c[] = {
+      { "unmap", DZ_UNMAP, false }, { "on", DZ_ON, false },
+      { "off", DZ_OFF, false }, { NULL, 0, false },
+    };
+    int r;
+
+    if (parse_choice (key, value, c, &r) == -1)
       return -1;
-    }
+    cfg_detect_zeroes = r;
     return 0;
   }
   else if (strcmp (key, "sparsebackup-no-hole") == 0) {
-    if (strcmp (value, "honour") == 0 || strcmp (value, "honor") == 0)
-      cfg_no_hole = NH_HONOUR;
-    else if (strcmp (value, "ignore") == 0)
-      cfg_no_hole = NH_IGNORE;
-    else {
-      nbdkit_error ("%s: '%s' is not one of honour, ignore", key, value);
+    static const struct sb_choice c[] = {
+      { "honour", NH_HONOUR, false }, { "honor", NH_HONOUR, true },
+      { "ignore", NH_IGNORE, false }, { NULL, 0, false },
+    };
+    int r;
+
+    if (parse_choice (key, value, c, &r) == -1)
       return -1;
-    }
+    cfg_no_hole = r;
     return 0;
   }
   else if (strcmp (key, "sparsebackup-scan") == 0) {
-    if (strcmp (value, "auto") == 0)
-      cfg_scan = SCAN_AUTO;
-    else if (strcmp (value, "always") == 0)
-      cfg_scan = SCAN_ALWAYS;
-    else if (strcmp (value, "never") == 0)
-      cfg_scan = SCAN_NEVER;
-    else {
-      nbdkit_error ("%s: '%s' is not one of auto, always, never", key, value);
+    static const struct sb_choice c[] = {
+      { "auto", SCAN_AUTO, false }, { "always", SCAN_ALWAYS, false },
+      { "never", SCAN_NEVER, false }, { NULL, 0, false },
+    };
+    int r;
+
+    if (parse_choice (key, value, c, &r) == -1)
       return -1;
-    }
+    cfg_scan = r;
     return 0;
   }
   else if (strcmp (key, "sparsebackup-scan-max") == 0) {

@@ -33,6 +33,19 @@ extern uint64_t cfg_scan_cache;
 extern uint64_t cfg_map_memory;
 extern int64_t cfg_min_zero_extent;     /* -1 = auto */
 
+/* One value of an enumerated parameter; ALIAS: accepted, not listed. */
+struct sb_choice {
+  const char *name;
+  int value;
+  bool alias;
+};
+
+/* Set *R to the value of the choice named VALUE, or fail with
+ * "KEY: 'VALUE' is not one of A, B, C" (the choices end with a NULL name).
+ */
+extern int parse_choice (const char *key, const char *value,
+                         const struct sb_choice *choices, int *r);
+
 /* Debug flags (-D sparsebackup.verbose=1, -D sparsebackup.stats=1). */
 extern int sparsebackup_debug_verbose;
 extern int sparsebackup_debug_stats;
