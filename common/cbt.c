@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "cbt-internal.h"
+#include "minmax.h"
 #include "rounding.h"
 
 /* ---- Recording ----------------------------------------------------- */
@@ -231,10 +232,20 @@ int
 cbt_map (struct cbt *c, const char *since, cbt_extent_fn extent,
          void *opaque, char *err, size_t errlen)
 {
+  return cbt_map_range (c, since, NULL, 0, UINT64_MAX, extent, opaque,
+                        err, errlen);
+}
+
+int
+cbt_map_range (struct cbt *c, const char *since, const char *until,
+               uint64_t start, uint64_t end, cbt_extent_fn extent,
+               void *opaque, char *err, size_t errlen)
+{
   uint64_t gran = UINT64_C (1) << c->gran_bits;
   uint64_t run = 0, run_len = 0;        /* granules */
+  uint64_t g_lo, g_hi, b_lo, b_hi;      /* granules, bitmap bytes */
   uint8_t *buf = NULL, *tmp = NULL;
-  ssize_t k;
+  ssize_t k, u;
   int r = -1;
 
   pthread_mutex_lock (&c->lock);
@@ -250,6 +261,32 @@ cbt_map (struct cbt *c, const char *since, cbt_extent_fn extent,
     errno = EINVAL;
     goto out;
   }
+  /* Records k .. u-1 are on disk; without UNTIL the current one too. */
+  u = (ssize_t) c->n - 1;
+  if (until) {
+    u = cbt_find_cp (c, until);
+    if (u < 0) {
+      cbt_seterr (err, errlen, "cbt: no checkpoint '%s'", until);
+      errno = ENOENT;
+      goto out;
+    }
+    if (u <= k) {
+      cbt_seterr (err, errlen, "cbt: checkpoint '%s' is not newer than "
+                  "'%s'", until, since);
+      errno = EINVAL;
+      goto out;
+    }
+  }
+  if (end > c->disk_size)
+    end = c->disk_size;
+  if (start >= end) {
+    r = 0;
+    goto out;
+  }
+  g_lo = start >> c->gran_bits;
+  g_hi = ((end - 1) >> c->gran_bits) + 1;
+  b_lo = g_lo / 8;
+  b_hi = MIN ((g_hi + 7) / 8, c->bm_bytes);
   buf = malloc (CHUNK);
   tmp = malloc (CHUNK);
   if (buf == NULL || tmp == NULL) {
@@ -257,11 +294,14 @@ cbt_map (struct cbt *c, const char *since, cbt_extent_fn extent,
     errno = ENOMEM;
     goto out;
   }
-  for (uint64_t pos = 0; pos < c->bm_bytes; pos += CHUNK) {
-    size_t len = chunk_len (c, pos);
+  for (uint64_t pos = b_lo; pos < b_hi; pos += CHUNK) {
+    size_t len = MIN (b_hi - pos, (uint64_t) CHUNK);
 
-    memcpy (buf, c->cur + pos, len);
-    if (cbt_or_frozen (c, (size_t) k, c->n - 1, pos, buf, len, tmp) == -1) {
+    if (until)
+      memset (buf, 0, len);
+    else
+      memcpy (buf, c->cur + pos, len);
+    if (cbt_or_frozen (c, (size_t) k, (size_t) u, pos, buf, len, tmp) == -1) {
       cbt_seterr (err, errlen, "cbt: reading a checkpoint bitmap: %m");
       goto out;
     }
@@ -270,10 +310,11 @@ cbt_map (struct cbt *c, const char *since, cbt_extent_fn extent,
         continue;
       for (unsigned b = 0; b < 8; ++b) {
         uint64_t g = (pos + j) * 8 + b;
+        bool set = g >= g_lo && g < g_hi && (buf[j] & (1u << b));
 
         if (g >= c->nr_gran)
           break;
-        if (buf[j] & (1u << b)) {
+        if (set) {
           if (run_len == 0)
             run = g;
           run_len++;

@@ -212,5 +212,15 @@ typedef int (*cbt_extent_fn) (uint64_t offset, uint64_t length,
 extern int cbt_map (struct cbt *cbt, const char *since,
                     cbt_extent_fn extent, void *opaque,
                     char *err, size_t errlen);
+/* The same over [START, END) only (granules that overlap it; END is
+ * clipped to the disk), and with UNTIL (NULL: now) the changes from
+ * SINCE up to checkpoint UNTIL (newer than SINCE, pending or good)
+ * only: the union of the records from SINCE to the one before UNTIL.
+ * Reads only the bitmap pages that cover the range.
+ */
+extern int cbt_map_range (struct cbt *cbt, const char *since,
+                          const char *until, uint64_t start, uint64_t end,
+                          cbt_extent_fn extent, void *opaque,
+                          char *err, size_t errlen);
 
 #endif /* SPARSEBACKUP_CBT_H */

@@ -493,6 +493,82 @@ group_commit_test (void)
   xclose (gc_cbt);
 }
 
+/* cbt_map_range: granules since FROM until UNTIL over [START, END), as
+ * a string of granule numbers ("10 11 20").
+ */
+static int
+range_map (struct cbt *c, const char *from, const char *until,
+           uint64_t start, uint64_t end, char *out, size_t outlen)
+{
+  struct set_ctx s = {
+    .gran = cbt_granularity (c), .disk_size = cbt_disk_size (c),
+  };
+  size_t len = 0;
+  int r;
+
+  s.nr = (s.disk_size + s.gran - 1) / s.gran;
+  s.g = calloc (s.nr, 1);
+  r = cbt_map_range (c, from, until, start, end, collect, &s, err,
+                     sizeof err);
+  CHECK (!s.bad);
+  out[0] = '\0';
+  for (uint64_t g = 0; g < s.nr && len < outlen; ++g)
+    if (s.g[g])
+      len += snprintf (out + len, outlen - len, "%s%" PRIu64,
+                       len ? " " : "", g);
+  free (s.g);
+  return r;
+}
+
+static void
+map_range_test (void)
+{
+  struct cbt_options o = options (DISK, GRAN, CBT_MODE_IN_USE);
+  struct cbt *c;
+  char got[256];
+
+  unlink (path);
+  c = xopen (&o, NULL);
+#define MARK(g) CHECK (cbt_mark (c, (uint64_t) (g) * GRAN, 1, NULL) == 0)
+#define EXPECT(from, until, start, end, want)                           \
+  do {                                                                  \
+    if (range_map (c, from, until, start, end, got, sizeof got) == -1)  \
+      FAIL ("map_range %s..%s: %s", from, until ? until : "now", err);  \
+    else if (strcmp (got, want) != 0)                                   \
+      FAIL ("map_range %s..%s [%" PRIu64 ", %" PRIu64 "): '%s', "       \
+            "expected '%s'", from, until ? until : "now",               \
+            (uint64_t) (start), (uint64_t) (end), got, want);           \
+  } while (0)
+  MARK (1); MARK (2);
+  CHECK (cbt_checkpoint_create (c, "a", false, err, sizeof err) == 0);
+  MARK (10); MARK (11);
+  CHECK (cbt_checkpoint_create (c, "b", false, err, sizeof err) == 0);
+  MARK (20);
+  CHECK (cbt_checkpoint_create (c, "c", true, err, sizeof err) == 0);
+  MARK (30); MARK (NR_GRAN - 1);
+  EXPECT ("a", "c", 0, DISK, "10 11 20");
+  EXPECT ("a", "b", 0, DISK, "10 11");
+  EXPECT ("b", "c", 0, DISK, "20");
+  EXPECT ("a", NULL, 0, DISK, "10 11 20 30 699");
+  EXPECT ("a", NULL, 0, UINT64_MAX, "10 11 20 30 699");
+  EXPECT ("a", NULL, 11 * GRAN + 5, 21 * GRAN, "11 20");
+  EXPECT ("a", "c", 11 * GRAN + 5, 20 * GRAN, "11");
+  EXPECT ("a", NULL, DISK - 1, DISK, "699");
+  EXPECT ("a", NULL, DISK, DISK + 10, "");
+  EXPECT ("b", NULL, 12 * GRAN, 20 * GRAN, "");
+  CHECK (range_map (c, "b", "a", 0, DISK, got, sizeof got) == -1 &&
+         errno == EINVAL);
+  CHECK (strstr (err, "checkpoint 'a' is not newer than 'b'") != NULL);
+  CHECK (range_map (c, "a", "zz", 0, DISK, got, sizeof got) == -1 &&
+         errno == ENOENT);
+  CHECK (range_map (c, "c", NULL, 0, DISK, got, sizeof got) == -1 &&
+         errno == EINVAL);
+#undef MARK
+#undef EXPECT
+  xclose (c);
+  unlink (path);
+}
+
 int
 main (void)
 {
@@ -521,6 +597,8 @@ main (void)
   mode_switch_test ();
   write_error_test ();
   group_commit_test ();
+  map_range_test ();
+  printf ("test-cbt: map range test done\n");
 
   return cbt_test_end ();
 }
