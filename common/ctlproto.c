@@ -42,6 +42,7 @@ static const char *const code_names[] = {
   [CTL_E_LIMIT] = "limit",
   [CTL_E_IO] = "io",
   [CTL_E_INTERNAL] = "internal",
+  [CTL_E_BROKEN] = "broken",
 };
 
 /* What each command takes. */

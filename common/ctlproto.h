@@ -49,6 +49,7 @@ enum ctl_code {
   CTL_E_LIMIT,                  /* "limit" */
   CTL_E_IO,                     /* "io" */
   CTL_E_INTERNAL,               /* "internal" */
+  CTL_E_BROKEN,                 /* "broken": a point-in-time backup */
 };
 
 struct ctl_request {

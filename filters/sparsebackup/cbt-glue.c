@@ -32,6 +32,7 @@
 #include "cbt.h"
 #include "sparsebackup.h"
 #include "cbt-glue.h"
+#include "frozen.h"
 
 char *cfg_cbt_path = NULL;
 /* 0: the file's, or CBT_DEFAULT_GRANULARITY for a new file. */
@@ -507,12 +508,24 @@ changed_extents (nbdkit_next *next, int can_ext, uint64_t *pos, uint64_t end,
   return 0;
 }
 
+/* The extents of the changed range [*POS, END): from the live disk, or
+ * from the frozen one.
+ */
+static int
+changed_part (nbdkit_next *next, struct sb_handle *h, int can_ext,
+              uint64_t *pos, uint64_t end, uint32_t flags,
+              struct nbdkit_extents *extents, int *err)
+{
+  if (h->frozen)
+    return frozen_extents (next, h, pos, end, flags, extents, err);
+  return changed_extents (next, can_ext, pos, end, flags, extents, err);
+}
+
 int
 cbt_view_extents (nbdkit_next *next, struct sb_handle *h, uint32_t count,
                   uint64_t offset, uint32_t flags,
                   struct nbdkit_extents *extents, int *err)
 {
-  const char *name = h->exportname + strlen (SINCE_PREFIX);
   struct collect k = { .start = offset,
                       .end = MIN (offset + count, h->size) };
   char msg[CBT_ERRLEN];
@@ -520,8 +533,19 @@ cbt_view_extents (nbdkit_next *next, struct sb_handle *h, uint32_t count,
   uint64_t pos = offset;
   int can_ext, r = -1;
 
-  if (cbt_map (cbt_get (), name, collect_fn, &k, msg, sizeof msg) == -1 &&
-      !k.past) {
+  if (h->since == NULL) {       /* "@frozen": the whole frozen disk */
+    while (pos < k.end) {
+      if (frozen_extents (next, h, &pos, k.end, flags, extents, err) == -1)
+        return -1;
+      if (one)
+        break;
+    }
+    return 0;
+  }
+  /* Only what the request covers; a frozen view: up to the freeze. */
+  if (cbt_map_range (cbt_get (), h->since, h->frozen ? h->until : NULL,
+                     k.start, k.end, collect_fn, &k, msg,
+                     sizeof msg) == -1 && !k.past) {
     if (msg[0] == '\0')
       snprintf (msg, sizeof msg, "%s", strerror (errno));
     nbdkit_error ("sparsebackup: export '%s': %s", h->exportname, msg);
@@ -551,7 +575,8 @@ cbt_view_extents (nbdkit_next *next, struct sb_handle *h, uint32_t count,
       }
     }
     while (pos < b) {
-      if (changed_extents (next, can_ext, &pos, b, flags, extents, err) == -1)
+      if (changed_part (next, h, can_ext, &pos, b, flags, extents,
+                        err) == -1)
         goto out;
       if (one) {
         r = 0;

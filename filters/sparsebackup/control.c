@@ -32,6 +32,7 @@
 #include "ctlproto.h"
 #include "sparsebackup.h"
 #include "cbt-glue.h"
+#include "frozen.h"
 
 #define CLIENT_TIMEOUT 60
 
@@ -230,7 +231,7 @@ do_begin (struct conn *k, struct cbt *c, const struct ctl_request *req)
     }
   }
   msg[0] = '\0';
-  if (cbt_begin_checkpoint (c, req->name, msg, sizeof msg) == -1) {
+  if (frozen_backup_begin (c, req->name, msg, sizeof msg) == -1) {
     send_cbt_err (k, msg);
     return;
   }
@@ -245,21 +246,23 @@ do_status (struct conn *k, struct cbt *c)
   struct cbt_checkpoint_info cp, latest;
   const char *pending = "-";
   size_t n = cbt_checkpoint_count (c);
+  char frozen[2 * CBT_NAME_MAX + 128];
 
   if (n > 0 && cbt_checkpoint_get (c, n - 1, &cp) == 0 &&
       cp.state == CBT_STATE_PENDING)
     pending = cp.name;
   if (cbt_checkpoint_latest_good (c, &latest) == -1)
     snprintf (latest.name, sizeof latest.name, "-");
+  frozen_status (frozen, sizeof frozen);
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
               "version=%d mode=%s disk-size=%" PRIu64 " granularity=%"
-              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s",
+              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s",
               CTL_VERSION,
               cbt_mode (c) == CBT_MODE_IN_USE ? "in-use" : "write-ahead",
               cbt_disk_size (c), cbt_granularity (c), n, pending,
               latest.name,
               __atomic_load_n (&cbt_io_error, __ATOMIC_RELAXED) ?
-              "io-error" : "ok"));
+              "io-error" : "ok", frozen));
 }
 
 static void
@@ -287,16 +290,20 @@ request (struct conn *k, const char *line)
   case CTL_BACKUP_BEGIN:
     do_begin (k, c, &req);
     return;
-  case CTL_BACKUP_END:
-    r = req.ok ? cbt_checkpoint_confirm (c, req.name, msg, sizeof msg)
-               : cbt_checkpoint_fail (c, req.name, msg, sizeof msg);
-    if (r == -1)
+  case CTL_BACKUP_END: {
+    bool broken;
+
+    r = frozen_backup_end (c, req.name, req.ok, &broken, msg, sizeof msg);
+    if (r == -1 && broken)
+      send_err (k, CTL_E_BROKEN, msg);
+    else if (r == -1)
       send_cbt_err (k, msg);
     else
       send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
                                   "checkpoint=%s state=%s", req.name,
                                   req.ok ? "good" : "deleted"));
     return;
+  }
   case CTL_CHECKPOINT_LIST: {
     size_t i;
 

@@ -25,6 +25,7 @@
 
 #include "sparsebackup.h"
 #include "cbt-glue.h"
+#include "frozen.h"
 #include "zerodetect.h"
 
 /* Extents of unknown ranges are asked of the plugin at least this far:
@@ -370,6 +371,8 @@ sparsebackup_pread (nbdkit_next *next, void *handle,
   bool plugin_called = false;
 
   STAT_ADD (read_bytes, count);
+  if (h->frozen)
+    return frozen_pread (next, h, buf, count, offset, flags, err);
   if (h->bm == NULL) {
     STAT_ADD (passthrough_requests, 1);
     STAT_ADD (plugin_read_bytes, count);

@@ -23,6 +23,7 @@
 
 #include "sparsebackup.h"
 #include "cbt-glue.h"
+#include "frozen.h"
 
 /* -D sparsebackup.verbose=1: log decisions. */
 NBDKIT_DLL_PUBLIC int sparsebackup_debug_verbose = 0;
@@ -192,6 +193,8 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   }
   else if ((v = cbt_config (key, value)) != 1)
     return v;
+  else if ((v = frozen_config (key, value)) != 1)
+    return v;
   else if (strncmp (key, "sparsebackup-", 13) == 0) {
     nbdkit_error ("%s: unknown sparsebackup parameter (value '%s')",
                   key, value);
@@ -214,7 +217,7 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
                   scan_max_str ? scan_max_str : "?", b);
     return -1;
   }
-  if (cbt_config_complete () == -1)
+  if (cbt_config_complete () == -1 || frozen_config_complete () == -1)
     return -1;
   return next (nxdata);
 }
@@ -246,7 +249,13 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
   "                               Durability of the record (in-use).\n" \
   "sparsebackup-cbt-reset=true    Discard what FILE holds.\n" \
   "sparsebackup-cbt-id=<STRING>   Identity of the disk stored in FILE.\n" \
-  "sparsebackup-control=<SOCKET>  Serve the control protocol on SOCKET."
+  "sparsebackup-control=<SOCKET>  Serve the control protocol on SOCKET.\n" \
+  "sparsebackup-scratch=<FILE>    Point-in-time backups (@frozen): save\n" \
+  "                               the old data of changes in FILE.\n" \
+  "sparsebackup-scratch-size=<SIZE>\n" \
+  "                               At most SIZE bytes in FILE (no limit).\n" \
+  "sparsebackup-scratch-error=break-backup|fail-write\n" \
+  "                               When FILE is full or fails (break-backup)."
 
 
 static int
@@ -268,7 +277,8 @@ sparsebackup_get_ready (int thread_model)
     nbdkit_error ("sparsebackup: cannot create the change tracker: %m");
     return -1;
   }
-  if (cbt_get_ready () == -1 || control_open () == -1)
+  if (cbt_get_ready () == -1 || frozen_get_ready () == -1 ||
+      control_open () == -1)
     return -1;
   return 0;
 }
@@ -285,6 +295,7 @@ sparsebackup_unload (void)
   int r = stats_close ();
 
   control_stop ();
+  frozen_unload ();
   cbt_unload ();
   blockmap_free (disk.bm);
   scancache_free (disk.sc);
@@ -310,16 +321,20 @@ sparsebackup_unload (void)
  */
 
 int
-change_begin (struct sb_change *c, bool own, uint64_t offset, uint64_t count,
-              enum bm_state newstate, int *err)
+change_begin (struct sb_change *c, nbdkit_next *next, bool own,
+              uint64_t offset, uint64_t count, enum bm_state newstate,
+              int *err)
 {
   struct blockmap *bm;
   struct scancache *sc;
 
   c->offset = offset;
   c->count = count;
+  if (frozen_change_begin (next, offset, count, err) == -1)
+    return -1;
   if (changes_begin (disk.changes, offset, count, &c->ticket) == -1) {
     *err = errno;
+    frozen_change_end ();
     return -1;
   }
   /* After changes_begin: a map created from now on hears of it through
@@ -343,6 +358,7 @@ change_end (struct sb_change *c, bool ok)
     blockmap_forget (bm, c->offset, c->count);
   changes_end (disk.changes, c->ticket);
   cbt_change_end (c->offset, c->count);
+  frozen_change_end ();
   c->ticket = 0;
 }
 
@@ -353,7 +369,8 @@ sparsebackup_open (nbdkit_next_open *next, nbdkit_context *nxdata,
                    int readonly, const char *exportname, int is_tls)
 {
   struct sb_handle *h;
-  bool view = cbt_is_view (exportname);
+  bool frozen = frozen_is_view (exportname);
+  bool view = frozen || cbt_is_view (exportname);
 
   /* A delta view reads the default export, read-only. */
   if (next (nxdata, view ? 1 : readonly, view ? "" : exportname) == -1)
@@ -371,6 +388,12 @@ sparsebackup_open (nbdkit_next_open *next, nbdkit_context *nxdata,
     return NULL;
   }
   h->view = view;
+  h->frozen = frozen;
+  if (strncmp (exportname, FROZEN_SINCE_PREFIX,
+               strlen (FROZEN_SINCE_PREFIX)) == 0)
+    h->since = h->exportname + strlen (FROZEN_SINCE_PREFIX);
+  else if (!frozen && view)
+    h->since = h->exportname + strlen (SINCE_PREFIX);
   return h;
 }
 
@@ -506,7 +529,11 @@ sparsebackup_prepare (nbdkit_next *next, void *handle, int readonly)
 
   if (h->view) {
     pthread_mutex_lock (&disk_lock);
-    r = cbt_view_prepare (h->exportname, size);
+    if (h->frozen)
+      r = cbt_prepare (h->exportname, size) == -1 ? -1 :
+        frozen_view_prepare (h);
+    else
+      r = cbt_view_prepare (h->exportname, size);
     pthread_mutex_unlock (&disk_lock);
     return r;
   }
@@ -644,6 +671,8 @@ sparsebackup_list_exports (nbdkit_next_list_exports *next,
                            struct nbdkit_exports *exports)
 {
   if (next (nxdata, readonly, exports) == -1)
+    return -1;
+  if (frozen_list_exports (exports) == -1)
     return -1;
   return cbt_list_exports (exports);
 }

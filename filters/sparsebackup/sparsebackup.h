@@ -12,6 +12,7 @@
 #include <nbdkit-filter.h>
 
 #include "blockmap.h"
+#include "cbt.h"
 #include "changes.h"
 #include "ispowerof2.h"
 #include "minmax.h"
@@ -113,11 +114,12 @@ struct sb_change {
 /* Before a change of [OFFSET, OFFSET+COUNT) is issued: record it with
  * the change tracker, take it out of the map's zero knowledge (its
  * blocks become NEWSTATE if the change comes through a connection that
- * uses the map, OWN, else BM_UNKNOWN) and drop it from the scan cache.
- * Returns -1 with *ERR set if it must not be issued.  After it,
+ * uses the map, OWN, else BM_UNKNOWN) and drop it from the scan cache;
+ * while a backup is frozen, first save the old data it will overwrite
+ * (frozen.c, read through NEXT).  Returns -1 with *ERR set if it must not be issued.  After it,
  * change_end with OK = false if it failed (its blocks become unknown).
  */
-extern int change_begin (struct sb_change *c, bool own,
+extern int change_begin (struct sb_change *c, nbdkit_next *next, bool own,
                          uint64_t offset, uint64_t count,
                          enum bm_state newstate, int *err);
 extern void change_end (struct sb_change *c, bool ok);
@@ -128,7 +130,11 @@ struct sb_handle {
   struct scancache *sc;
   uint64_t size;                /* of this connection's export */
   char *exportname;
-  bool view;                    /* "@since:X": a delta view (cbt-glue.c) */
+  bool view;                    /* a backup view (read-only): */
+  bool frozen;                  /*   "@frozen", "@frozen:since:X" (frozen.c) */
+  const char *since;            /*   X in "@since:X" or "@frozen:since:X" */
+  uint64_t frozen_gen;          /*   the freeze it reads */
+  char until[CBT_NAME_MAX + 1]; /*   the frozen backup's checkpoint */
 };
 
 /* ---- Write side (write.c) ------------------------------------------ */

@@ -61,7 +61,8 @@ write_data (nbdkit_next *next, struct sb_handle *h,
   struct sb_change c;
   int r;
 
-  if (change_begin (&c, h->bm != NULL, offset, count, BM_DATA, err) == -1)
+  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_DATA,
+                    err) == -1)
     return -1;
   r = next->pwrite (next, buf, count, offset, flags, err);
   change_end (&c, r == 0);
@@ -83,7 +84,8 @@ zeroing (nbdkit_next *next, struct sb_handle *h, bool write_zeroes,
   bool refused;
   int r;
 
-  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN, err) == -1)
+  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_UNKNOWN,
+                    err) == -1)
     return -1;
   /* After change_begin: a change that ended before this snapshot ended
    * before the request was issued, which overwrites it.
@@ -358,7 +360,8 @@ plain_change (nbdkit_next *next, struct sb_handle *h, bool trim,
 
   if (h->bm == NULL)
     STAT_ADD (passthrough_requests, 1);
-  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN, err) == -1)
+  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_UNKNOWN,
+                    err) == -1)
     return -1;
   if (trim)
     r = next->trim (next, count, offset, flags, err);
