@@ -425,6 +425,7 @@ struct collect {
   uint64_t start, end;
   struct range *v;
   size_t n, cap;
+  bool one;                     /* REQ_ONE: the first range is enough */
   bool past;
 };
 
@@ -433,7 +434,7 @@ collect_fn (uint64_t offset, uint64_t length, void *opaque)
 {
   struct collect *k = opaque;
 
-  if (offset >= k->end) {
+  if (offset >= k->end || (k->one && k->n > 0)) {
     k->past = true;
     return -1;
   }
@@ -526,10 +527,10 @@ cbt_view_extents (nbdkit_next *next, struct sb_handle *h, uint32_t count,
                   uint64_t offset, uint32_t flags,
                   struct nbdkit_extents *extents, int *err)
 {
-  struct collect k = { .start = offset,
-                      .end = MIN (offset + count, h->size) };
-  char msg[CBT_ERRLEN];
   bool one = flags & NBDKIT_FLAG_REQ_ONE;
+  struct collect k = { .start = offset,
+                      .end = MIN (offset + count, h->size), .one = one };
+  char msg[CBT_ERRLEN];
   uint64_t pos = offset;
   int can_ext, r = -1;
 

@@ -810,8 +810,7 @@ unsaved_extents (nbdkit_next *next, int can_ext, uint64_t pos,
     return add (extents, pos, rend, 0, err) == -1 ? -1 : (int64_t) rend;
   pthread_mutex_unlock (&fz.lock);
   ex = nbdkit_extents_new (pos, rend);
-  r = ex ? next->extents (next, rend - pos, pos, flags & ~NBDKIT_FLAG_REQ_ONE,
-                          ex, err) : -1;
+  r = ex ? next->extents (next, rend - pos, pos, flags, ex, err) : -1;
   if (ex == NULL)
     *err = errno;
   pthread_mutex_lock (&fz.lock);
