@@ -150,6 +150,39 @@ view_err @since:c3 "sparsebackup: export '@since:c3': checkpoint 'c3' is pending
 ctl backup-end c3 --ok >/dev/null
 nbdinfo --size "nbd+unix:///@since:c3?socket=$sock" >/dev/null
 
+# Several control clients at once: 8 idle clients do not hold up a
+# ninth... which is one too many (ERR busy); once one leaves, a new
+# client is served at once.
+cat > "$tmp/idle.py" <<'PY'
+import socket, sys, time
+ss = []
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+    assert s.recv(100).startswith(b"HELLO"); ss.append(s)
+open(sys.argv[3], "w").close()
+time.sleep(float(sys.argv[4]))
+PY
+rm -f "$tmp/ready"
+"$nbd_python" "$tmp/idle.py" "$ctlsock" 7 "$tmp/ready" 30 &
+idle7=$!
+for _ in $(seq 100); do [ -e "$tmp/ready" ] && break; sleep 0.1; done
+t0=$(date +%s.%N)
+ctl status > "$tmp/out" || fail "status with 7 other control clients connected"
+t1=$(date +%s.%N)
+awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 5) }' ||
+    fail "status waited for the other control clients"
+rm -f "$tmp/ready"
+"$nbd_python" "$tmp/idle.py" "$ctlsock" 1 "$tmp/ready" 2 &
+idle1=$!
+for _ in $(seq 100); do [ -e "$tmp/ready" ] && break; sleep 0.1; done
+rc=0; ctl status > "$tmp/out" 2> "$tmp/err" || rc=$?
+[ $rc -eq 1 ] || fail "a ninth control client: exit status $rc, expected 1"
+assert_contains "$tmp/err" "ERR busy too many control clients \(at most 8 at once\)"
+wait $idle1
+for _ in $(seq 50); do ctl status > /dev/null 2>&1 && break; sleep 0.1; done
+ctl status > /dev/null || fail "no control client served after one left"
+kill $idle7 2>/dev/null; wait $idle7 2>/dev/null || true
+
 # A client idle inside a line does not hold up nbdkit's exit.
 "$nbd_python" -c '
 import socket, sys, time

@@ -3,8 +3,11 @@
  * A Unix stream socket (mode 0600) created at get_ready, so that a bad
  * path fails at start-up, served by one thread started at after_fork
  * (threads do not survive nbdkit's fork), removed at unload.  It speaks
- * doc/cbt-protocol.md through common/ctlproto: one client at a time,
- * bounded lines, a client idle for CLIENT_TIMEOUT seconds is dropped.
+ * doc/cbt-protocol.md through common/ctlproto: up to MAX_CLIENTS
+ * clients at once, each served by its own thread (more are answered
+ * "ERR busy" and closed), bounded lines, a client idle for
+ * CLIENT_TIMEOUT seconds is dropped.  Every command is thread-safe:
+ * the cbt has its own lock, backups are serialised by frozen.c.
  */
 
 #ifndef _GNU_SOURCE
@@ -35,16 +38,20 @@
 #include "frozen.h"
 
 #define CLIENT_TIMEOUT 60
+#define MAX_CLIENTS 8
 
 static int listen_fd = -1;
 static int stop_pipe[2] = { -1, -1 };
 static pthread_t thread;
 static bool thread_running;
-/* The client being served, or -1: control_stop shuts it down so that a
- * read blocked inside a line returns at once.
+/* The clients being served (-1: a free slot): control_stop shuts them
+ * down so that a read blocked inside a line returns at once, and waits
+ * until every client thread is gone.
  */
 static pthread_mutex_t client_lock = PTHREAD_MUTEX_INITIALIZER;
-static int client_fd = -1;
+static pthread_cond_t client_gone = PTHREAD_COND_INITIALIZER;
+static int client_fds[MAX_CLIENTS] = { -1, -1, -1, -1, -1, -1, -1, -1 };
+static unsigned nr_clients;
 static bool stopping;
 
 int
@@ -391,34 +398,92 @@ serve (int fd)
 }
 
 static void *
+client_thread (void *arg)
+{
+  int slot = (int) (intptr_t) arg, fd;
+
+  pthread_mutex_lock (&client_lock);
+  fd = client_fds[slot];
+  pthread_mutex_unlock (&client_lock);
+  serve (fd);
+  pthread_mutex_lock (&client_lock);
+  client_fds[slot] = -1;
+  close (fd);
+  nr_clients--;
+  pthread_cond_broadcast (&client_gone);
+  pthread_mutex_unlock (&client_lock);
+  return NULL;
+}
+
+/* One client too many: the hello, then (after its request, waiting at
+ * most a second for it so that the client reads the reply rather than
+ * a closed socket) ERR busy.
+ */
+static void
+refuse (int fd)
+{
+  struct conn k = { .fd = fd };
+  char junk[CTL_LINE_MAX];
+
+  send_buf (&k, ctl_format_hello (k.buf, sizeof k.buf));
+  if (wait_fd (fd, 1000) && recv (fd, junk, sizeof junk, MSG_DONTWAIT) < 0)
+    k.broken = true;
+  send_err (&k, CTL_E_BUSY, "too many control clients (at most 8 at once)");
+  close (fd);
+}
+
+static void *
 control_thread (void *arg)
 {
+  pthread_attr_t attr;
+
+  pthread_attr_init (&attr);
+  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
   for (;;) {
-    int fd;
+    pthread_t t;
+    int fd, slot = -1, e;
 
     if (!wait_fd (listen_fd, -1))
-      return NULL;
+      break;
     fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd == -1) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
         continue;
       nbdkit_error ("sparsebackup-control: accept: %m");
-      return NULL;
+      break;
     }
     pthread_mutex_lock (&client_lock);
     if (stopping) {
       pthread_mutex_unlock (&client_lock);
       close (fd);
-      return NULL;
+      break;
     }
-    client_fd = fd;
-    pthread_mutex_unlock (&client_lock);
-    serve (fd);
-    pthread_mutex_lock (&client_lock);
-    client_fd = -1;
-    close (fd);
+    for (int i = 0; i < MAX_CLIENTS; ++i)
+      if (client_fds[i] == -1) {
+        slot = i;
+        break;
+      }
+    if (slot == -1) {
+      pthread_mutex_unlock (&client_lock);
+      refuse (fd);
+      continue;
+    }
+    client_fds[slot] = fd;
+    nr_clients++;
+    e = pthread_create (&t, &attr, client_thread, (void *) (intptr_t) slot);
+    if (e != 0) {
+      client_fds[slot] = -1;
+      nr_clients--;
+      pthread_mutex_unlock (&client_lock);
+      nbdkit_error ("sparsebackup-control: pthread_create: %s",
+                    strerror (e));
+      close (fd);
+      continue;
+    }
     pthread_mutex_unlock (&client_lock);
   }
+  pthread_attr_destroy (&attr);
+  return NULL;
 }
 
 int
@@ -451,8 +516,11 @@ control_stop (void)
       nbdkit_error ("sparsebackup-control: write: %m");
     pthread_mutex_lock (&client_lock);
     stopping = true;
-    if (client_fd >= 0)
-      shutdown (client_fd, SHUT_RDWR);
+    for (int i = 0; i < MAX_CLIENTS; ++i)
+      if (client_fds[i] >= 0)
+        shutdown (client_fds[i], SHUT_RDWR);
+    while (nr_clients > 0)
+      pthread_cond_wait (&client_gone, &client_lock);
     pthread_mutex_unlock (&client_lock);
     pthread_join (thread, NULL);
     thread_running = false;
