@@ -21,6 +21,8 @@
 #  6. kill -9 during a frozen backup (write-ahead): the pending checkpoint
 #     is dropped, the scratch file emptied, and an incremental since the
 #     last good checkpoint restores the disk exactly.
+#  7. A trim and a zero request over a hole during a frozen backup read
+#     nothing (the plugin's extents say zero) and store nothing.
 # Fails on any copy that differs, any missed change, or a wrong message.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/cbt-lib.sh"
@@ -364,6 +366,28 @@ ctl backup-begin g3 --since g1 > /dev/null
 ctl backup-end g3 --ok > /dev/null
 cmp "$tmp/g1.raw" "$tmp/t7.raw" ||
     fail "the incremental since g1 after the crash misses changes"
+stop_nbdkit
+
+# ---- 7. A trim over a hole costs no read ------------------------------
+# Copy before write asks the plugin's extents for large runs: old data
+# that reads as zero is noted, not read (the log filter below sees no
+# Read) nor stored.
+python3 "$_functions_dir/make-disk.py" "$tmp/hole.raw" $((64 << 20)) 0:100000
+start_nbdkit --filter=sparsebackup --filter=log file "$tmp/hole.raw" \
+    logfile="$tmp/hole.log" sparsebackup-cbt="$tmp/hole.cbt" \
+    sparsebackup-control="$ctlsock" sparsebackup-scratch="$scratch"
+nbdinfo --size "$uri" > /dev/null
+cp "$tmp/hole.raw" "$tmp/t8.raw"
+ctl backup-begin h1 > /dev/null
+: > "$tmp/hole.log"
+nbdsh -u "$uri" -c "h.trim(32 << 20, 16 << 20)" -c "h.zero(8 << 20, 50 << 20)"
+grep -q ' Read ' "$tmp/hole.log" && { cat "$tmp/hole.log"; fail "copy before write read a hole"; }
+grep -q ' Trim ' "$tmp/hole.log" || fail "the trim did not reach the plugin"
+ctl status > "$tmp/out"
+assert_contains "$tmp/out" "frozen=h1 scratch-used=0 "
+nbdcopy "$(frozen_uri @frozen)" "$tmp/f8.raw"
+cmp "$tmp/f8.raw" "$tmp/t8.raw" || fail "the frozen disk differs after the trim"
+ctl backup-end h1 --ok > /dev/null
 stop_nbdkit
 
 # ---- Parameters ------------------------------------------------------------

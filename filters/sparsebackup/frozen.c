@@ -72,6 +72,7 @@ static enum scratch_error cfg_scratch_error = SE_BREAK;
 #define MAX_GRANULES (UINT64_C (1) << 27)  /* 16M per bitmap */
 #define MAX_GRANULE (UINT64_C (64) << 20)
 #define SAVE_CHUNK (UINT64_C (4) << 20)   /* bytes read per save */
+#define ZERO_QUERY_MIN (UINT64_C (1) << 20) /* ask extents from here */
 
 static struct {
   pthread_rwlock_t rw;          /* see the top */
@@ -420,6 +421,34 @@ save_failed (uint64_t a, uint64_t done, uint64_t b, bool full,
   return 0;
 }
 
+/* True if the plugin's extents say [OFF, OFF+LEN) reads as zero (only
+ * asked for large runs: a trim or zero request over a hole need not
+ * read it).  The granules are BUSY: no change can land meanwhile.
+ */
+static bool
+plugin_says_zero (nbdkit_next *next, uint64_t off, uint64_t len)
+{
+  struct nbdkit_extents *ex;
+  uint64_t p = off;
+  int e;
+
+  if (len < ZERO_QUERY_MIN || next->can_extents (next) != 1)
+    return false;
+  ex = nbdkit_extents_new (off, off + len);
+  if (ex == NULL)
+    return false;
+  if (next->extents (next, len, off, 0, ex, &e) == 0)
+    for (size_t i = 0; i < nbdkit_extents_count (ex); ++i) {
+      struct nbdkit_extent x = nbdkit_get_extent (ex, i);
+
+      if (x.offset > p || !(x.type & NBDKIT_EXTENT_ZERO))
+        break;
+      p = x.offset + x.length;
+    }
+  nbdkit_extents_free (ex);
+  return p >= off + len;
+}
+
 /* Save the granules [A, B), claimed BUSY (rw held for reading). */
 static int
 save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
@@ -432,6 +461,17 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
   char *buf;
   int e = 0;
 
+  if (plugin_says_zero (next, off, len)) {
+    pthread_mutex_lock (&fz.lock);
+    for (g = a; g < b; ++g) {
+      set_bit (fz.zero, g);
+      set_bit (fz.saved, g);
+      clear_bit (fz.busy, g);
+    }
+    pthread_cond_broadcast (&fz.cond);
+    pthread_mutex_unlock (&fz.lock);
+    return 0;
+  }
   buf = malloc (len);
   if (buf == NULL) {
     snprintf (why, sizeof why, "out of memory to save %" PRIu64 " bytes",
