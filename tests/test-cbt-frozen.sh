@@ -261,6 +261,15 @@ PY
 assert_contains "$server_log" "export '@frozen': backup 'c3' has ended"
 ctl checkpoint-list > "$tmp/out"
 assert_contains "$tmp/out" "OK checkpoints=2"
+# checkpoint-delete of the frozen backup's checkpoint ends the backup.
+ctl backup-begin c4 --since c2 > /dev/null
+nbdinfo --size "$(frozen_uri @frozen)" > /dev/null
+ctl checkpoint-delete c4 > "$tmp/out"
+assert_eq "$(cat "$tmp/out")" "OK checkpoint=c4 state=deleted"
+ctl status > "$tmp/out"
+assert_contains "$tmp/out" "pending=- .* frozen=- scratch-used=0 "
+nbdinfo --size "$(frozen_uri @frozen)" > /dev/null 2>&1 &&
+    fail "@frozen served after its checkpoint was deleted"
 stop_nbdkit
 
 # ---- 4. The scratch file full --------------------------------------------

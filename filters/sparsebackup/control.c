@@ -320,7 +320,7 @@ request (struct conn *k, const char *line)
     return;
   }
   case CTL_CHECKPOINT_DELETE:
-    if (cbt_checkpoint_delete (c, req.name, msg, sizeof msg) == -1)
+    if (frozen_checkpoint_delete (c, req.name, msg, sizeof msg) == -1)
       send_cbt_err (k, msg);
     else
       send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,

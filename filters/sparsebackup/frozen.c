@@ -367,6 +367,23 @@ frozen_backup_end (struct cbt *c, const char *name, bool ok, bool *broken,
   return r;
 }
 
+int
+frozen_checkpoint_delete (struct cbt *c, const char *name, char *err,
+                          size_t errlen)
+{
+  bool ours, broken;
+
+  if (frozen_configured ()) {
+    pthread_mutex_lock (&fz.lock);
+    ours = fz.active && strcmp (fz.name, name) == 0;
+    pthread_mutex_unlock (&fz.lock);
+    /* Deleting the frozen backup's checkpoint ends the backup. */
+    if (ours)
+      return frozen_backup_end (c, name, false, &broken, err, errlen);
+  }
+  return cbt_checkpoint_delete (c, name, err, errlen);
+}
+
 void
 frozen_status (char *buf, size_t len)
 {

@@ -49,6 +49,11 @@ extern int frozen_backup_begin (struct cbt *c, const char *name,
                                 char *err, size_t errlen);
 extern int frozen_backup_end (struct cbt *c, const char *name, bool ok,
                               bool *broken, char *err, size_t errlen);
+/* checkpoint-delete: of the frozen backup's checkpoint, the same as
+ * frozen_backup_end with --failed.
+ */
+extern int frozen_checkpoint_delete (struct cbt *c, const char *name,
+                                     char *err, size_t errlen);
 /* " frozen=NAME scratch-used=N scratch-limit=N backup=ok|broken", or
  * "" without a scratch file.
  */
