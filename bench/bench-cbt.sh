@@ -12,8 +12,9 @@
 #      random  BENCH_RAND_WRITES (default 10000) 4K writes at distinct
 #              random offsets of a BENCH_RAND_SIZE (default 1G) target,
 #              BENCH_QD (default 16) in flight (libnbd python)
-#    Median times, ratios to "off" (goal for in-use: <= 1.03), and the
-#    syncs of the record (statistics file: cbt-syncs) per GiB written.
+#    Median times, ratios to "off" (goal for in-use: <= 1.03), the
+#    server's CPU time per run (mean; /proc/PID/stat), and the syncs of
+#    the record (statistics file: cbt-syncs) per GiB written.
 # 2. A BENCH_SIZE (default 4G) disk, BENCH_DATA_PCT (default 25) percent
 #    of it data in 1M pieces, backed up in full (qemu-img convert after
 #    backup-begin c1); then BENCH_CHANGED_PCT (default 5) percent of it
@@ -58,6 +59,7 @@ cpct=${BENCH_CHANGED_PCT:-5}
 bruns=${BENCH_BACKUP_RUNS:-3}
 gran=65536
 GiB=1073741824
+hz=$(getconf CLK_TCK)
 t_start=$(now)
 
 cat > "$tmp/cbtbench.py" <<'PY'
@@ -170,6 +172,11 @@ per_gib () { awk -v n="$1" -v b="$2" -v g=$GiB 'BEGIN {printf "%.0f", n * g / b}
 
 # ---- 1. The cost of recording on writes --------------------------------
 
+# cputicks: the CPU time of the server $pid so far (user + system, all
+# threads, clock ticks): less disturbed than the wall-clock time by
+# other load on the machine.
+cputicks () { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+
 modes=(off in-use write-ahead)
 # mode_args MODE: the filter parameters of MODE.
 mode_args ()
@@ -187,11 +194,11 @@ mode_args ()
 # with what was written.  Otherwise a timed run over the target of the
 # first (the same blocks allocated in every mode: freeing a big file
 # can take seconds on a loaded machine); appends the seconds to
-# ${KIND}_MODE_t and the syncs to ${KIND}_MODE_s (arrays; "-" in MODE
-# becomes "_").
+# ${KIND}_MODE_t, the syncs to ${KIND}_MODE_s and the server's CPU
+# ticks meanwhile to ${KIND}_MODE_c (arrays; "-" in MODE becomes "_").
 wrun ()
 {
-    local kind="$1" mode="$2" check="${3:-}" t s var="${1}_${2//-/_}" tsize
+    local kind="$1" mode="$2" check="${3:-}" t s c var="${1}_${2//-/_}" tsize
     local tgt="$tmp/$kind-$mode.img"
     [ "$kind" = dense ] && tsize=$wsize || tsize=$rsize
     rm -f "$tmp/t.cbt"
@@ -201,12 +208,14 @@ wrun ()
         sparsebackup-statsfile="$tmp/stats" $(mode_args "$mode")
     # A first connection opens (creates) the cbt file: not timed.
     nbdinfo --size "$uri" >/dev/null
+    c=$(cputicks)
     if [ "$kind" = dense ]; then
         t=$(time1 nbdcopy "$tmp/src.img" "$uri")
     else
         t=$(py rand "$uri" "$rwrites" "$qd" 1 \
                ${check:+"$tmp/expect.img"}) || fail "random writes failed"
     fi
+    c=$(( $(cputicks) - c ))
     stop_nbdkit
     s=0
     [ "$mode" = off ] || s=$(sb cbt-syncs)
@@ -220,25 +229,33 @@ wrun ()
         [ "$kind" = dense ] && ref=$tmp/src.img || ref=$tmp/expect.img
         same raw "$tgt" "$kind writes with recording $mode: the target differs"
     else
-        eval "${var}_t+=($t); ${var}_s+=($s)"
+        eval "${var}_t+=($t); ${var}_s+=($s); ${var}_c+=($c)"
     fi
 }
 
-# wreport KIND BYTES-PER-RUN LABEL
+# sum N...: the sum of the numbers.
+sum () { printf '%s\n' "$@" | awk '{s += $1} END {print s + 0}'; }
+
+# wreport KIND BYTES-PER-RUN LABEL: median times; the server's CPU time
+# (clock ticks, so the mean of all runs: 10 ms resolution per run)
 wreport ()
 {
-    local kind="$1" bytes="$2" mode var m mo ms
+    local kind="$1" bytes="$2" mode var m mo ms mc mco
     echo "$3"
     mo=$(eval median "\${${kind}_off_t[@]}")
+    mco=$(eval sum "\${${kind}_off_c[@]}")
     for mode in "${modes[@]}"; do
         var="${kind}_${mode//-/_}"
         m=$(eval median "\${${var}_t[@]}")
         ms=$(eval median "\${${var}_s[@]}")
-        printf "  %-12s %s  median %7.3f s  %6.0f MiB/s  ratio %s" \
-            "$mode" "$(eval echo "\${${var}_t[*]}")" "$m" \
+        mc=$(eval sum "\${${var}_c[@]}")
+        printf "  %-12s %s\n  %-12s median %.3f s (%.0f MiB/s), ratio %s; server CPU %.0f ms/run, ratio %s" \
+            "$mode" "$(eval echo "\${${var}_t[*]}")" "" "$m" \
             "$(awk -v b="$bytes" -v t="$m" 'BEGIN {print b / t / 1048576}')" \
-            "$(ratio "$m" "$mo")"
-        [ "$mode" = off ] || printf "  syncs %s/GiB" "$(per_gib "$ms" "$bytes")"
+            "$(ratio "$m" "$mo")" \
+            "$(awk -v c="$mc" -v h="$hz" -v n="$runs" 'BEGIN {print c * 1000 / h / n}')" \
+            "$(ratio "$mc" "$mco")"
+        [ "$mode" = off ] || printf "; syncs %s/GiB" "$(per_gib "$ms" "$bytes")"
         echo
     done
 }
@@ -266,7 +283,9 @@ ro=$(median "${random_off_t[@]}"); ri=$(median "${random_in_use_t[@]}")
 rw=$(median "${random_write_ahead_t[@]}")
 rs=$(median "${random_write_ahead_s[@]}")
 echo "in-use / off: dense $(ratio "$mi" "$mo"), random $(ratio "$ri" "$ro")" \
-     "(goal <= 1.03)"
+     "(goal <= 1.03); server CPU: dense" \
+     "$(ratio "$(sum "${dense_in_use_c[@]}")" "$(sum "${dense_off_c[@]}")")," \
+     "random $(ratio "$(sum "${random_in_use_c[@]}")" "$(sum "${random_off_c[@]}")")"
 echo "write-ahead / off: dense $(ratio "$mw" "$mo"), random $(ratio "$rw" "$ro");" \
      "random: $(awk -v n="$rwrites" -v s="$rs" 'BEGIN {printf "%.1f", n / s}')" \
      "writes per sync"
