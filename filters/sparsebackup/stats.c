@@ -4,7 +4,9 @@
  * at unload: a human summary line, then one "key: value" line per counter
  * for scripts, to the statistics file (sparsebackup-statsfile=, opened at
  * start-up so that a bad path fails at once) and, with
- * -D sparsebackup.stats=1, to the debug log.
+ * -D sparsebackup.stats=1, to the debug log.  With sparsebackup-cbt the
+ * cbt's own counters (cbt_get_stats) follow, read before cbt_unload
+ * closes the file (sparsebackup_unload calls stats_close first).
  */
 
 #include <config.h>
@@ -20,6 +22,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
+#include "cbt-glue.h"
 
 struct sb_stats stats;
 
@@ -91,9 +94,22 @@ print_summary (FILE *fp)
            rd, pl, mp, ca, wd, wz, zr, sk);
 }
 
+/* The cbt counters, printed only with sparsebackup-cbt (all 0 when no
+ * connection opened the file).  Read at stats_close, which runs before
+ * cbt_unload closes the file.
+ */
+static void
+print_cbt_stats (FILE *fp, const struct cbt_stats *ts)
+{
+  fprintf (fp, "cbt-marks: %" PRIu64 "\n", ts->marks);
+  fprintf (fp, "cbt-commits: %" PRIu64 "\n", ts->commits);
+  fprintf (fp, "cbt-syncs: %" PRIu64 "\n", ts->syncs);
+  fprintf (fp, "cbt-pages-written: %" PRIu64 "\n", ts->pages_written);
+}
+
 static void
 print_stats (FILE *fp, const struct blockmap_stats *bs,
-             const struct changes_stats *cs)
+             const struct changes_stats *cs, const struct cbt_stats *ts)
 {
   fprintf (fp, "write-data-bytes: %" PRIu64 "\n", LOAD (write_data_bytes));
   fprintf (fp, "write-zero-bytes: %" PRIu64 "\n", LOAD (write_zero_bytes));
@@ -115,11 +131,14 @@ print_stats (FILE *fp, const struct blockmap_stats *bs,
   fprintf (fp, "map-budget: %" PRIu64 "\n", bs->budget);
   fprintf (fp, "map-forgotten-bytes: %" PRIu64 "\n", bs->forgotten);
   fprintf (fp, "changes: %" PRIu64 "\n", cs->begun);
+  if (ts)
+    print_cbt_stats (fp, ts);
 }
 
 /* Print everything to the debug log, line by line. */
 static void
-debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs)
+debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs,
+             const struct cbt_stats *ts)
 {
   char *s = NULL;
   size_t len = 0;
@@ -128,7 +147,7 @@ debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs)
   if (fp) {
     char *line, *saveptr = NULL;
 
-    print_stats (fp, bs, cs);
+    print_stats (fp, bs, cs, ts);
     fclose (fp);
     for (line = strtok_r (s, "\n", &saveptr); line != NULL;
          line = strtok_r (NULL, "\n", &saveptr))
@@ -142,6 +161,8 @@ stats_close (void)
 {
   struct blockmap_stats bs;
   struct changes_stats cs;
+  struct cbt_stats cbts, *ts = NULL;
+  struct cbt *c = cbt_get ();
   char *summary = NULL;
   size_t len = 0;
   FILE *mfp;
@@ -161,6 +182,12 @@ stats_close (void)
   }
   if (disk.changes)
     changes_get_stats (disk.changes, &cs);
+  if (cfg_cbt_path) {
+    memset (&cbts, 0, sizeof cbts);
+    if (c)
+      cbt_get_stats (c, &cbts);
+    ts = &cbts;
+  }
 
   mfp = open_memstream (&summary, &len);
   if (mfp) {
@@ -171,11 +198,11 @@ stats_close (void)
     nbdkit_debug ("%s", summary ? summary : "");
   }
   if (sparsebackup_debug_stats)
-    debug_stats (&bs, &cs);
+    debug_stats (&bs, &cs, ts);
 
   if (statsfp) {
     fprintf (statsfp, "summary: %s\n", summary ? summary : "");
-    print_stats (statsfp, &bs, &cs);
+    print_stats (statsfp, &bs, &cs, ts);
     if (ferror (statsfp) | (fflush (statsfp) == EOF) |
         (fsync (fileno (statsfp)) == -1 && errno != EINVAL)) {
       nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m",
