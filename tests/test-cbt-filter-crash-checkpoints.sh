@@ -7,7 +7,9 @@
 #  2. during checkpoint-delete of a middle checkpoint (a merge), on the
 #     small and on the large disk;
 #  3. during a backup: sparsebackup-copy --delta copying @since:c2 after
-#     backup-begin c4 --since c2; and during its backup-end c4 --ok.
+#     backup-begin c4 --since c2; and during its backup-end c4 --ok;
+#  0. and while the first connection creates the cbt file (of a large
+#     disk): it must load afterwards, with no checkpoint.
 # Then nbdkit is started again on the same cbt file, which must load.
 #  in-use:      every checkpoint is lost, backup-begin --since is refused
 #               with the "full backup is needed" message, and a full
@@ -151,6 +153,23 @@ def kill(ctlsock, pid, delay_ms, line):
         reply = ""
     print(reply or "no reply")
 
+def kill_when(path, pid, minsize, uri):
+    """Open the export (which creates the cbt file PATH) and SIGKILL PID
+    as soon as PATH exists with more than MINSIZE bytes."""
+    import subprocess
+    p = subprocess.Popen(["nbdinfo", "--size", uri], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            if os.stat(path).st_size > minsize:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0002)
+    os.kill(pid, signal.SIGKILL)
+    p.wait()
+
 def inspect(path):
     """The active superblock's sequence and checkpoints, and a hash of
     the bytes of the file outside the slots and the active state."""
@@ -231,6 +250,8 @@ elif cmd == "wait-log":
     wait_log(a[0], int(a[1]), float(a[2]))
 elif cmd == "kill":
     kill(a[0], int(a[1]), float(a[2]), " ".join(a[3:]))
+elif cmd == "kill-when":
+    kill_when(a[0], int(a[1]), int(a[2]), a[3])
 elif cmd == "inspect":
     inspect(a[0])
 elif cmd == "holes":
@@ -391,8 +412,47 @@ crash_case ()
     echo "  checked in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')s"
 }
 
+# create_case MODE MINSIZE: killed while the first connection creates
+# the cbt file of a 64G disk at 512 byte granules (a 16 MiB bitmap is
+# written and synced before the first superblock), as soon as the file
+# holds more than MINSIZE bytes.  The next start must load it: created
+# afresh if no superblock was written, else as it was, with no
+# checkpoint either way.
+create_case ()
+{
+    local mode=$1 min=$2 what="$1 create >$2 bytes 64G/512" found g
+    truncate -s 0 "$disk"; truncate -s 64G "$disk"
+    rm -f "$cbt"
+    start_nbdkit --filter=sparsebackup file "$disk" sparsebackup-cbt="$cbt" \
+        sparsebackup-cbt-granularity=512 sparsebackup-cbt-mode="$mode" \
+        sparsebackup-control="$ctlsock"
+    crash kill-when "$cbt" "$pid" "$min" "$uri"
+    _wait_pid "$pid"
+    found=$(crash inspect "$cbt")
+    # Started again without a granularity: the file's, or the default
+    # for a file created afresh.
+    case $found in
+        none*) found="no superblock yet, $(stat -c %s "$cbt") bytes"; g=65536 ;;
+        *) found="a superblock (the creation was complete)"; g=512 ;;
+    esac
+    echo "$what: killed; the file had $found"
+    start_nbdkit --filter=sparsebackup file "$disk" sparsebackup-cbt="$cbt" \
+        sparsebackup-cbt-mode="$mode" sparsebackup-control="$ctlsock"
+    nbdinfo --size "$uri" >/dev/null 2>&1 ||
+        { cat "$server_log" >&2; fail "$what: the cbt file is refused after the kill"; }
+    ctl checkpoint-list > "$tmp/out"
+    assert_eq "OK checkpoints=0" "$(cat "$tmp/out")" "$what: checkpoints"
+    ctl backup-begin c1 >/dev/null
+    ctl backup-end c1 --ok >/dev/null
+    ctl status > "$tmp/out"
+    assert_contains "$tmp/out" " granularity=$g checkpoints=1 pending=- latest=c1 state=ok$"
+    stop_nbdkit
+}
+
 seed=1
 for mode in in-use write-ahead; do
+    create_case $mode 0
+    create_case $mode $((8192 + (16 << 20) - 1))
     crash_case $mode begin 0 32M 65536 $seed
     crash_case $mode begin 1 32M 65536 $((seed + 1))
     crash_case $mode begin-since 5 32M 65536 $((seed + 2))
