@@ -397,6 +397,50 @@ create_new (struct cbt *c, const struct cbt_options *o,
   return cbt_write_state (c, NULL, 0, true, err, errlen);
 }
 
+/* Is the file what an interrupted creation leaves?  create_new writes
+ * the first state and syncs before it writes the first superblock, so
+ * a kill in between leaves both slots and everything else zero, no
+ * longer than the slots and one bitmap for this disk (at the
+ * granularity asked for; when none is, the file's is accepted, so at
+ * the smallest).  Such a file holds nothing (no superblock was ever
+ * written): it is created afresh.  Only a file that short is read, so
+ * that a large file given by mistake is never scanned (nor truncated).
+ * -1 on a read error.
+ */
+static int
+interrupted_creation (struct cbt *c, const struct cbt_options *o,
+                      const uint8_t sb[2][SB_SIZE], uint64_t file_size)
+{
+  uint32_t g = o->granularity ? o->granularity : CBT_MIN_GRANULARITY;
+  uint64_t bm, limit;
+  uint8_t *buf;
+  int r = 1;
+
+  if (!all_zero (sb[0], SB_SIZE) || !all_zero (sb[1], SB_SIZE) ||
+      o->disk_size == 0 || !is_power_of_2 (g) || g < CBT_MIN_GRANULARITY ||
+      g > CBT_MAX_GRANULARITY)
+    return 0;
+  bm = div_round_up (div_round_up (o->disk_size, g), 8);
+  if (bm > CBT_MAX_BITMAP)
+    return 0;
+  limit = DATA_START + round_up (bm, ALIGN);
+  if (file_size > limit)
+    return 0;
+  buf = malloc (CHUNK);
+  if (buf == NULL)
+    return -1;
+  for (uint64_t pos = DATA_START; r == 1 && pos < file_size; pos += CHUNK) {
+    size_t len = file_size - pos < CHUNK ? file_size - pos : CHUNK;
+
+    if (cbt_pread_full (c->fd, buf, len, pos) == -1)
+      r = -1;
+    else if (!all_zero (buf, len))
+      r = 0;
+  }
+  free (buf);
+  return r;
+}
+
 static int
 load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
       char *err, size_t errlen)
@@ -423,6 +467,19 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
   for (s = 0; s < 2; ++s)
     ok[s] = slot_ok (sb[s], why[s], sizeof why[s]);
   if (!ok[0] && !ok[1]) {
+    switch (interrupted_creation (c, o, (const uint8_t (*)[SB_SIZE]) sb,
+                                  (uint64_t) st.st_size)) {
+    case -1:
+      FAILWITH (errno, "cbt: reading the file: %m");
+    case 1:
+      if (!o->create)
+        FAILWITH (ENOENT, "cbt: the file holds only zeros, no superblock "
+                  "(create it, or reset)");
+      info->created = true;
+      note (info, "cbt: the file held only zeros, no superblock (its "
+            "creation was interrupted): created afresh");
+      return create_new (c, o, err, errlen);
+    }
     if (memcmp (sb[0], cbt_magic, 8) != 0 && memcmp (sb[1], cbt_magic, 8) != 0)
       FAILWITH (EINVAL, "cbt: magic: neither superblock starts with the "
                 "cbt magic: not a cbt file (reset to start afresh)");

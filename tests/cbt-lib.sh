@@ -16,6 +16,13 @@
 #                               not HOLE-only (block_status), to OUT
 #   covers GRAN TRUTH SET       fail unless every granule touched by a
 #                               range of TRUTH is in a range of SET
+#   view_holes SOCK EXPORT PREV [EXPORT PREV]...
+#                               fail unless every HOLE-only extent of
+#                               EXPORT (a delta view) reads as the same
+#                               bytes of PREV (the previous backup, raw)
+#                               and every ZERO extent reads as zeros;
+#                               prints "HOLE-BYTES ZERO-BYTES" checked
+#                               (one line per EXPORT)
 
 ctl_bin=$abs_top_builddir/tools/ctl/sparsebackup-ctl
 ctl () { "$ctl_bin" "$ctlsock" "$@"; }
@@ -86,9 +93,53 @@ if missing:
     sys.exit(1)
 PY
 
+cat > "$tmp/view_holes.py" <<'PY'
+import nbd, sys
+
+def check(sock, name, prev):
+    h = nbd.NBD(); h.set_export_name(name)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_unix(sock)
+    size = h.get_size(); pos = 0; ents = []
+    while pos < size:
+        got = []
+        def cb(ctx, o, e, err):
+            if ctx == nbd.CONTEXT_BASE_ALLOCATION:
+                got.extend(e)
+        h.block_status(min(size - pos, 1 << 30), pos, cb)
+        for i in range(0, len(got), 2):
+            ents.append((pos, got[i], got[i + 1] & 3))
+            pos += got[i]
+    hole = zero = 0
+    with open(prev, "rb") as p:
+        for o, n, t in ents:
+            if t == 0:
+                continue
+            for c in range(o, o + n, 1 << 22):
+                m = min(1 << 22, o + n - c)
+                data = h.pread(m, c)
+                if t & nbd.STATE_ZERO:
+                    if data.count(0) != m:
+                        sys.exit("%s: the ZERO extent at %d (+%d) does not "
+                                 "read as zero (near %d)" % (name, o, n, c))
+                    zero += m
+                else:
+                    p.seek(c)
+                    if data != p.read(m):
+                        sys.exit("%s: the HOLE-only extent at %d (+%d) "
+                                 "differs from %s (near %d): a change "
+                                 "reported as unchanged" % (name, o, n, prev, c))
+                    hole += m
+    h.shutdown()
+    print("%d %d" % (hole, zero))
+
+for i in range(2, len(sys.argv), 2):
+    check(sys.argv[1], sys.argv[i], sys.argv[i + 1])
+PY
+
 cbt_ops () { "$nbd_python" "$tmp/cbt_ops.py" "$@"; }
 view_data () { "$nbd_python" "$tmp/view_data.py" "$@"; }
 covers () { python3 "$tmp/covers.py" "$@" || fail "$2 is not covered by $3"; }
+view_holes () { "$nbd_python" "$tmp/view_holes.py" "$@" || fail "$2...: a HOLE-only extent differs from the previous backup or a ZERO extent is not zero"; }
 log_ranges ()
 {
     sed -n 's/.* \(Write\|Zero\|Trim\) id=[0-9]* offset=\(0x[0-9a-f]*\) count=\(0x[0-9a-f]*\) .*/\2 \3/p' "$1" |

@@ -3,8 +3,11 @@
 # backup-begin c1, random changes, an incremental one of @since:c1 into
 # a qcow2 over the full one (qemu-img convert -B), restored and compared
 # with the disk; the same with sparsebackup-copy --delta over a raw copy
-# of the full backup.  Fails if a changed granule is missing from the
-# delta view (the restore differs) or the view reports it HOLE-only.
+# of the full backup.  Every HOLE-only extent of a delta view must read
+# as the previous backup and every ZERO extent as zeros (for @since:c1
+# and, after more changes, @since:c2).  Fails if a changed granule is
+# missing from the delta view (the restore differs) or the view reports
+# it HOLE-only.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/cbt-lib.sh"
 requires_nbdsh
@@ -51,3 +54,25 @@ covers 131072 "$tmp/p1" "$tmp/view"
 bytes=$(awk '{n += $2} END {print n + 0}' "$tmp/view")
 echo "the incremental backup covers $bytes of $((24 << 20)) bytes"
 [ "$bytes" -lt $((24 << 20)) ] || fail "the delta view reports the whole disk"
+
+# What the view reports HOLE-only is what the previous backup holds:
+# every HOLE-only extent of @since:c1 reads as the full backup, every
+# ZERO extent as zeros.
+view_holes "$sock" @since:c1 "$tmp/full.raw" > "$tmp/holes"
+read -r hole zero < "$tmp/holes"
+echo "@since:c1: $hole bytes HOLE-only (equal to the full backup), $zero bytes ZERO"
+[ "$hole" -gt 0 ] || fail "@since:c1 has no HOLE-only extent to check"
+
+# The next incremental, over the restored one: the same checks for
+# @since:c2 against the backup of c2.
+cbt_ops "$sock" 13 40 "$tmp/p2" "" other
+ctl backup-begin c3 --since c2 > "$tmp/out"
+assert_eq "$(cat "$tmp/out")" "OK checkpoint=c3 state=pending since=c2"
+view_holes "$sock" @since:c2 "$tmp/restored.raw" > "$tmp/holes"
+read -r hole zero < "$tmp/holes"
+echo "@since:c2: $hole bytes HOLE-only (equal to the backup of c2), $zero bytes ZERO"
+[ "$hole" -gt 0 ] || fail "@since:c2 has no HOLE-only extent to check"
+"$copy" -q --delta "nbd+unix:///@since:c2?socket=$sock" "$tmp/restored-copy.raw"
+ctl backup-end c3 --ok >/dev/null
+cmp "$tmp/restored-copy.raw" "$tmp/disk.raw" ||
+    fail "the raw copy brought up to date from @since:c2 differs"

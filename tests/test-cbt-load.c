@@ -6,7 +6,8 @@
  *    with a message naming the field; a torn superblock falls back to
  *    the other copy; unknown compatible bits are kept, unknown
  *    autoclear bits cleared; reset starts afresh; the lock refuses a
- *    second open; identity / size mismatches.
+ *    second open; identity / size mismatches; a file left by a kill
+ *    during its creation (zeros, no superblock) is created afresh.
  *
  * The file layout used to corrupt fields is the one documented in
  * doc/cbt-format.md (cbt-format.h).  The other cbt tests are in
@@ -262,6 +263,75 @@ torn_test (void)
   free (f);
 }
 
+/* What a kill during the creation of a file leaves: zeros (the first
+ * state is written and synced before the first superblock), at most
+ * the two slots and one bitmap long.  It is created afresh; a file with
+ * anything else in it, or longer, is still refused, and without create
+ * so is the all-zero one.
+ */
+static void
+interrupted_creation_test (void)
+{
+  const size_t bm = (NR_GRAN + 7) / 8;
+  const size_t sizes[] = { DATA_START, DATA_START + 50, DATA_START + bm,
+                           DATA_START + ALIGN };
+  struct cbt_options o = options (DISK, GRAN, CBT_MODE_WRITE_AHEAD);
+  struct cbt_load_info info;
+  uint8_t *f = calloc (1, DATA_START + 8 * ALIGN);
+  struct cbt *c;
+
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) {
+    write_file (f, sizes[i]);
+    c = xopen (&o, &info);
+    if (!info.created || cbt_checkpoint_count (c) != 0 ||
+        strstr (info.message, "interrupted") == NULL)
+      FAIL ("%zu zero bytes: created %d, %zu checkpoints, message '%s'",
+            sizes[i], info.created, cbt_checkpoint_count (c), info.message);
+    /* A working file: a mark and a checkpoint survive a reopen. */
+    CHECK (cbt_checkpoint_create (c, "a", false, err, sizeof err) == 0);
+    CHECK (cbt_mark (c, 0, 1, NULL) == 0);
+    xclose (c);
+    c = xopen (&o, &info);
+    CHECK (!info.created && cbt_checkpoint_count (c) == 1);
+    xclose (c);
+  }
+
+  write_file (f, DATA_START + bm);
+  expect_refused ("zeros without create", "only zeros");
+
+  f[DATA_START + bm - 1] = 1;           /* not only zeros */
+  write_file (f, DATA_START + bm);
+  expect_refused ("zeros but one byte", "not a cbt file");
+  f[DATA_START + bm - 1] = 0;
+  f[100] = 1;                           /* in slot 0 */
+  write_file (f, DATA_START + bm);
+  expect_refused ("zeros but one byte in slot 0", "not a cbt file");
+  f[100] = 0;
+
+  /* Longer than a new file for this disk: never taken for one. */
+  write_file (f, DATA_START + ALIGN + 1);
+  o.create = true;
+  CHECK (cbt_open (path, &o, &c, NULL, err, sizeof err) == -1 &&
+         strstr (err, "not a cbt file") != NULL);
+  /* Without a granularity, the file's is accepted: a file created at
+   * 512 byte granules may be that long (a new file then gets the
+   * default granularity).  A 64 MiB disk: 16 KiB of bitmap at 512
+   * bytes, 2 KiB at GRAN.
+   */
+  o = options (64 << 20, GRAN, CBT_MODE_IN_USE);
+  write_file (f, DATA_START + 3 * ALIGN);
+  CHECK (cbt_open (path, &o, &c, NULL, err, sizeof err) == -1 &&
+         strstr (err, "not a cbt file") != NULL);
+  o.granularity = 0;
+  c = xopen (&o, &info);
+  CHECK (info.created && cbt_granularity (c) == CBT_DEFAULT_GRANULARITY);
+  xclose (c);
+  write_file (f, DATA_START + 4 * ALIGN + 1);
+  CHECK (cbt_open (path, &o, &c, NULL, err, sizeof err) == -1 &&
+         strstr (err, "not a cbt file") != NULL);
+  free (f);
+}
+
 /* Feature bits: unknown compatible kept, unknown autoclear cleared. */
 static void
 feature_test (void)
@@ -315,6 +385,7 @@ main (void)
 
   corruption_tests ();
   torn_test ();
+  interrupted_creation_test ();
   feature_test ();
 
   return cbt_test_end ();
