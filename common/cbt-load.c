@@ -507,19 +507,30 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
       load_state (c, sb[s], (uint64_t) st.st_size, err, errlen) == -1)
     return -1;
 
-  /* Still in use: a crash (or kill) while open. */
-  if (c->in_use_on_disk) {
+  /* Still in use: a crash (or kill) while open.  And a damaged newest
+   * superblock: a torn write of it is harmless (nothing was recorded on
+   * top of a state that was never published), but damage after it was
+   * published may hide changes recorded since, which the older state
+   * does not hold: never claim less changed than did.
+   */
+  {
     bool wal = get64 (sb[s] + SB_COMPAT) & COMPAT_WRITE_AHEAD;
+    bool drop = c->n > 0 && (info->fallback || (c->in_use_on_disk && !wal));
 
-    if (wal)
+    if (c->in_use_on_disk && wal && !drop)
       note (info, "cbt: the file was not closed cleanly; it was in "
                 "write-ahead mode: all %zu checkpoints stay valid", c->n);
-    else if (c->n > 0) {
+    if (drop) {
       info->invalidated = true;
       info->dropped = (unsigned) c->n;
-      note (info, "cbt: the file was not closed cleanly (still marked in "
-                "use): all %zu checkpoints are invalid, the next backup "
-                "must be full", c->n);
+      if (info->fallback)
+        note (info, "the previous state may miss changes recorded after "
+              "the damaged one: all %zu checkpoints are invalid, the next "
+              "backup must be full", c->n);
+      else
+        note (info, "cbt: the file was not closed cleanly (still marked in "
+              "use): all %zu checkpoints are invalid, the next backup "
+              "must be full", c->n);
       if (c->read_only)
         c->n = 0;
       else if (cbt_write_state (c, NULL, 0, true, err, errlen) == -1)
