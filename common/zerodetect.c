@@ -65,9 +65,12 @@ strides_zero (const unsigned char *p, size_t n)
   return true;
 }
 
-/* After the head and the strides, the tail (shorter than a stride) is
- * checked with memcmp (q - 16, q, tail): it proves that every byte
- * equals the byte 16 before it, and those 16 are known to be zero.
+/* After the head, the strides run from the start of the buffer (the
+ * head's 16 bytes are read again: a whole block of 4K is 16 strides and
+ * no tail).  A tail (shorter than a stride) is checked with
+ * memcmp (q - 16, q, tail): it proves that every byte equals the byte 16
+ * before it, and those 16 are known to be zero.  A buffer shorter than
+ * a stride is all tail, after its head.
  */
 bool
 is_zero (const void *buf, size_t len)
@@ -81,10 +84,10 @@ is_zero (const void *buf, size_t len)
       return false;
   if (len <= HEAD_BYTES)
     return true;
-  p += HEAD_BYTES;
-  len -= HEAD_BYTES;
   n = len / STRIDE;
-  if (n > 0 && !strides_zero (p, n))
+  if (n == 0)
+    return memcmp (p, p + HEAD_BYTES, len - HEAD_BYTES) == 0;
+  if (!strides_zero (p, n))
     return false;
   p += n * STRIDE;
   len -= n * STRIDE;
