@@ -5,6 +5,8 @@
 #   B  nbdkit -U - --filter=sparsebackup qcow2 file=IMG --run 'nbdcopy "$uri" out.raw'
 #   C  nbdkit -U - qcow2 file=IMG --run 'nbdcopy "$uri" out.raw'    (no filter)
 #   D  qemu-nbd -r -f qcow2 -e 4 -t -k SOCK IMG  +  nbdcopy nbd+unix:///?socket=SOCK out.raw
+#   E  nbdkit -U - file RAW --run 'nbdcopy "$uri" out.raw'
+#      (the same content as a sparse raw file: the NBD peer of B and C)
 #
 # for three images:
 #   sparse      BENCH_SIZE virtual (default 4G), BENCH_DATA of random data
@@ -16,7 +18,8 @@
 #               compressible data (base64 text) scattered in BENCH_SIZE
 # Cluster size BENCH_CLUSTER (default 64K).  Each copy is timed
 # BENCH_RUNS times (default 3; the methods alternate) and the median is
-# printed with its ratio to qemu-img convert measured in the same run.
+# printed with its ratio to qemu-img convert measured in the same run,
+# and B and C with their ratio to E (goal: <= 1.05).
 # Every method's first output is compared with cmp to the source data.
 # Also prints the bytes allocated by each output (sparseness).
 #
@@ -33,6 +36,7 @@ requires qemu-img --version
 requires qemu-io --version
 requires qemu-nbd --version
 requires_plugin qcow2
+requires_plugin file
 requires_filter sparsebackup
 
 size=$(numfmt --from=iec "${BENCH_SIZE:-4G}")
@@ -147,8 +151,10 @@ m_qemu_nbd ()
     nbdcopy "$uri" "$2"
     stop_qemu_nbd
 }
-methods=(m_qemu_img m_filter m_plugin m_qemu_nbd)
-labels=("qemu-img convert" "nbdkit+sparsebackup" "nbdkit qcow2" "qemu-nbd+nbdcopy")
+# m_file RAW OUT: the raw file with the same content (its peer).
+m_file ()      { nbdkit -U - file "$1" --run "nbdcopy \"\$uri\" '$2'"; }
+methods=(m_qemu_img m_filter m_plugin m_qemu_nbd m_file)
+labels=("qemu-img convert" "nbdkit+sparsebackup" "nbdkit qcow2" "qemu-nbd+nbdcopy" "nbdkit file (raw)")
 
 declare -A med alloc
 for img in sparse chain comp; do
@@ -162,7 +168,8 @@ for img in sparse chain comp; do
         for m in "${methods[@]}"; do
             out=$tmp/out.raw
             rm -f "$out"
-            t=$(time1 $m "$src" "$out")
+            if [ "$m" = m_file ]; then in=$ref; else in=$src; fi
+            t=$(time1 $m "$in" "$out")
             times[$m]+="$t "
             if [ "$run" -eq 0 ]; then
                 cmp "$ref" "$out" || fail "$img: $m: output differs"
@@ -197,6 +204,15 @@ for img in sparse chain comp; do
             'BEGIN { printf "%.3f (%.2f)", t, (b > 0) ? t / b : 0 }')"
     done
     echo
+done
+echo
+echo "qcow2 over NBD against the same content served raw by nbdkit file (+ nbdcopy), goal <= 1.05"
+printf '%-12s %22s %22s\n' image "nbdkit+sparsebackup" "nbdkit qcow2"
+for img in sparse chain comp; do
+    base=${med[$img.m_file]}
+    printf '%-12s %22s %22s\n' "$img" \
+        "$(ratio "${med[$img.m_filter]}" "$base")" \
+        "$(ratio "${med[$img.m_plugin]}" "$base")"
 done
 echo
 header "bytes allocated by the output file"

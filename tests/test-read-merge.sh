@@ -8,6 +8,11 @@
 #     requests with the default (auto) than with the exact map.
 #  3. At the minimum (0), and by default for clients that are not
 #     REQ_ONE, the answers are exactly the map of the file.
+#  4. Over a plugin without extents (the filter scans), a REQ_ONE answer
+#     is not cut where the scan stopped: its one extent goes on into the
+#     blocks scanned next (within sparsebackup-scan-max), and a short
+#     zero run at the edge of the scanned part is judged on its whole
+#     length.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
 requires_plugin file
@@ -145,4 +150,32 @@ for src in "file $tmp/frag.img" "--filter=noextents file $tmp/fragthick.img"; do
     unset calls
 done
 echo "2., 3. fewer REQ_ONE round trips; exact map at 0 and for large requests: ok"
+
+# 4a. The fragmented thick disk, everything merged (min-zero-extent 64M):
+# one data extent per scan-max (32M) of REQ_ONE, not one per scan chunk
+# (2M): at most 3 requests for 64M.
+start_nbdkit --filter=sparsebackup --filter=noextents file $tmp/fragthick.img \
+             sparsebackup-min-zero-extent=64M
+out=$(walk $tmp/fragthick.img reqone) || fail "4a: walk"
+stop_nbdkit
+echo "4a. REQ_ONE walk of 64M, all merged: ${out%% *} requests"
+[ "${out%% *}" -le 3 ] ||
+    fail "4a: ${out%% *} REQ_ONE requests: the answers are cut at scan chunks"
+
+# 4b. A zero run of 3M - 4K from 4K, across the first scan chunk's end
+# (2M), with min-zero-extent 2560K: it is long enough, so it is answered
+# as ZERO (not cut at 2M and merged as data); then zeros from 3M + 4K to
+# the end.
+mk_thick $tmp/edge.img $((8 * M)) 0:4096 $((3 * M)):4096
+for z in 2560K 0; do
+    for mode in reqone big; do
+        start_nbdkit --filter=sparsebackup --filter=noextents file $tmp/edge.img \
+                     sparsebackup-min-zero-extent=$z
+        out=$(walk $tmp/edge.img $mode) || fail "4b: $z, $mode: walk"
+        stop_nbdkit
+        [ "${out#* }" = "4096:$((3 * M - 4096)) $((3 * M + 4096)):$((5 * M - 4096))" ] ||
+            fail "4b: $z, $mode: zero runs '${out#* }'"
+    done
+done
+echo "4. REQ_ONE answers not cut at the scan's edge: ok"
 echo "$0: OK"

@@ -24,7 +24,7 @@
 #define TEST_RNG_SEED UINT64_C (0x9E3779B97F4A7C15)
 #include "unit-test.h"
 
-#define SMALL_MAX 300
+#define SMALL_MAX 600      /* more than two strides of is_zero, and tails */
 #define ALIGN_MAX 16
 
 static void

@@ -222,6 +222,18 @@ query_plugin (nbdkit_next *next, struct sb_handle *h,
   return 0;
 }
 
+/* True if the block at POS (block aligned, before END) is not known
+ * yet (to be scanned), with BUDGET left for it.
+ */
+static bool
+unscanned (struct sb_handle *h, uint64_t pos, uint64_t end, uint64_t budget)
+{
+  uint64_t run;
+
+  return budget >= disk.blksize &&
+    blockmap_lookup (h->bm, pos, end - pos, &run) == BM_UNKNOWN && run > 0;
+}
+
 int
 sparsebackup_extents (nbdkit_next *next, void *handle,
                       uint32_t count, uint64_t offset, uint32_t flags,
@@ -235,6 +247,7 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
   uint64_t budget = disk.scan_max;
   uint64_t queried_end = 0;
   bool scan_unknown, scan_allocated;
+  bool scan_on;                 /* scan on for a REQ_ONE extent */
   int64_t first_type = -1;
   int can_extents;
 
@@ -257,6 +270,7 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
   scan_unknown =
     cfg_scan == SCAN_ALWAYS || (cfg_scan == SCAN_AUTO && !can_extents);
   scan_allocated = cfg_scan == SCAN_ALWAYS;
+  scan_on = scan_unknown && !can_extents;
 
   while (pos < end) {
     uint64_t run;
@@ -278,10 +292,17 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
     }
 
     /* REQ_ONE: one extent is answered; do not ask the plugin or scan
-     * for a second one the client will not see.
+     * for a second one the client will not see.  But over a plugin
+     * without extents the one extent may go on into the blocks not
+     * scanned yet: stopping at the edge of the scanned part would cut
+     * it there and cost the client (qemu-img walks the disk twice) a
+     * round trip per scan chunk.  There, scan on within the budget; a
+     * chunk that turns out to start a second extent is learnt and
+     * cached for the client's next request.
      */
     if (req_one && first_type != -1 &&
-        (st == BM_UNKNOWN || (st == BM_ALLOCATED && scan_allocated)))
+        (st == BM_UNKNOWN || (st == BM_ALLOCATED && scan_allocated)) &&
+        !(st == BM_UNKNOWN && scan_on))
       break;
 
     if (st == BM_UNKNOWN && can_extents && pos >= queried_end) {
@@ -320,6 +341,21 @@ sparsebackup_extents (nbdkit_next *next, void *handle,
        * and it merges with the data around it.
        */
       run = zero_run_length (h->bm, pos, end, run);
+      if (run < min_zero && pos + run < end && scan_on &&
+          unscanned (h, pos + run, end, budget)) {
+        /* It ends where the scan stopped: it may go on.  Scan there
+         * first, then judge it.
+         */
+        uint64_t s = pos + run;
+        uint64_t n = MIN (round_down (MIN (budget,
+                                           (uint64_t) disk.scan_chunk), bs),
+                          round_up (end, bs) - s);
+
+        if (scan_range (next, h, s, MIN (s + n, h->size), err) == -1)
+          return -1;
+        budget -= MIN (budget, n);
+        continue;
+      }
       if (run >= min_zero || pos + run >= end)
         type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
       else
