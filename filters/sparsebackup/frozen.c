@@ -50,6 +50,7 @@
 #include <nbdkit-filter.h>
 
 #include "cbt.h"
+#include "cowmap.h"
 #include "zerodetect.h"
 #include "sparsebackup.h"
 #include "cbt-glue.h"
@@ -76,37 +77,16 @@ static enum scratch_error cfg_scratch_error = SE_BREAK;
 
 static struct {
   pthread_rwlock_t rw;          /* see the top */
-  pthread_mutex_t lock;         /* everything below */
-  pthread_cond_t cond;          /* a BUSY granule is not any more */
+  pthread_mutex_t lock;         /* active, gen, name */
   int fd;                       /* the scratch file, -1 */
   bool active;
   uint64_t gen;                 /* ++ at each freeze */
   char name[CBT_NAME_MAX + 1];  /* the frozen checkpoint */
   uint64_t size;                /* of the disk */
-  unsigned gbits;
-  uint64_t nr;                  /* granules */
-  uint64_t *saved, *zero, *busy;
-  uint64_t used;                /* bytes stored in the scratch file */
-  char broken[CBT_ERRLEN];      /* "": not broken */
+  unsigned gbits;               /* granule */
+  struct cowmap *map;           /* the granule states (cowmap.h); only
+                                   replaced with rw held for writing */
 } fz = { .fd = -1 };
-
-static inline bool
-test_bit (const uint64_t *m, uint64_t g)
-{
-  return m[g / 64] & (UINT64_C (1) << (g % 64));
-}
-
-static inline void
-set_bit (uint64_t *m, uint64_t g)
-{
-  m[g / 64] |= UINT64_C (1) << (g % 64);
-}
-
-static inline void
-clear_bit (uint64_t *m, uint64_t g)
-{
-  m[g / 64] &= ~(UINT64_C (1) << (g % 64));
-}
 
 /* ---- Parameters ------------------------------------------------------- */
 
@@ -193,7 +173,6 @@ frozen_get_ready (void)
   pthread_rwlock_init (&fz.rw, &a);
   pthread_rwlockattr_destroy (&a);
   pthread_mutex_init (&fz.lock, NULL);
-  pthread_cond_init (&fz.cond, NULL);
 
   if (stat (cfg_scratch_path, &st) == 0 && !S_ISREG (st.st_mode)) {
     nbdkit_error ("sparsebackup-scratch: '%s' is not a regular file",
@@ -231,13 +210,9 @@ frozen_get_ready (void)
 static void
 release_state (void)
 {
-  free (fz.saved);
-  free (fz.zero);
-  free (fz.busy);
-  fz.saved = fz.zero = fz.busy = NULL;
+  cowmap_free (fz.map);
+  fz.map = NULL;
   fz.active = false;
-  fz.used = 0;
-  fz.broken[0] = '\0';
   if (fz.fd >= 0 && ftruncate (fz.fd, 0) == -1)
     nbdkit_debug ("sparsebackup-scratch: cannot empty '%s': %m",
                   cfg_scratch_path);
@@ -261,7 +236,7 @@ frozen_unload (void)
 static int
 activate (struct cbt *c, const char *name, char *err, size_t errlen)
 {
-  uint64_t size = cbt_disk_size (c), words;
+  uint64_t size = cbt_disk_size (c);
   unsigned gbits = MIN_GBITS;
 
   while ((UINT64_C (1) << gbits) < cbt_granularity (c) && gbits < MAX_GBITS)
@@ -275,20 +250,15 @@ activate (struct cbt *c, const char *name, char *err, size_t errlen)
     return -1;
   }
   release_state ();
-  fz.size = size;
-  fz.gbits = gbits;
-  fz.nr = ((size - 1) >> gbits) + 1;
-  words = (fz.nr + 63) / 64;
-  fz.saved = calloc (words, sizeof (uint64_t));
-  fz.zero = calloc (words, sizeof (uint64_t));
-  fz.busy = calloc (words, sizeof (uint64_t));
-  if (fz.saved == NULL || fz.zero == NULL || fz.busy == NULL) {
-    release_state ();
+  fz.map = cowmap_new (size, gbits);
+  if (fz.map == NULL) {
     snprintf (err, errlen, "out of memory for the frozen disk's state "
-              "(%" PRIu64 " bytes)", 3 * words * 8);
+              "(%" PRIu64 " bytes)", 3 * ((((size - 1) >> gbits) + 64) / 8));
     errno = ENOMEM;
     return -1;
   }
+  fz.size = size;
+  fz.gbits = gbits;
   snprintf (fz.name, sizeof fz.name, "%s", name);
   fz.gen++;
   fz.active = true;
@@ -340,9 +310,8 @@ frozen_backup_end (struct cbt *c, const char *name, bool ok, bool *broken,
   pthread_rwlock_wrlock (&fz.rw);       /* no frozen read in flight */
   pthread_mutex_lock (&fz.lock);
   ours = fz.active && strcmp (fz.name, name) == 0;
-  *broken = ours && fz.broken[0] != '\0';
-  snprintf (why, sizeof why, "%s", fz.broken);
   pthread_mutex_unlock (&fz.lock);
+  *broken = ours && cowmap_broken (fz.map, why, sizeof why);
   if (*broken) {
     r = cbt_checkpoint_fail (c, name, err, errlen);
     if (r == 0) {
@@ -387,22 +356,29 @@ frozen_checkpoint_delete (struct cbt *c, const char *name, char *err,
 void
 frozen_status (char *buf, size_t len)
 {
+  char limit[32] = "none";
+  bool active, broken = false;
+  uint64_t used = 0;
+
   if (!frozen_configured ()) {
     buf[0] = '\0';
     return;
   }
+  if (cfg_scratch_size != UINT64_MAX)
+    snprintf (limit, sizeof limit, "%" PRIu64, cfg_scratch_size);
+  /* rw keeps the map from being replaced meanwhile. */
+  pthread_rwlock_rdlock (&fz.rw);
   pthread_mutex_lock (&fz.lock);
-  if (cfg_scratch_size == UINT64_MAX)
-    snprintf (buf, len, " frozen=%s scratch-used=%" PRIu64
-              " scratch-limit=none backup=%s",
-              fz.active ? fz.name : "-", fz.used,
-              fz.broken[0] ? "broken" : "ok");
-  else
-    snprintf (buf, len, " frozen=%s scratch-used=%" PRIu64
-              " scratch-limit=%" PRIu64 " backup=%s",
-              fz.active ? fz.name : "-", fz.used, cfg_scratch_size,
-              fz.broken[0] ? "broken" : "ok");
+  active = fz.active;
+  if (active) {
+    used = cowmap_used (fz.map);
+    broken = cowmap_broken (fz.map, NULL, 0);
+  }
+  snprintf (buf, len, " frozen=%s scratch-used=%" PRIu64
+            " scratch-limit=%s backup=%s", active ? fz.name : "-", used,
+            limit, broken ? "broken" : "ok");
   pthread_mutex_unlock (&fz.lock);
+  pthread_rwlock_unlock (&fz.rw);
 }
 
 /* ---- Copy before write ----------------------------------------------- */
@@ -415,26 +391,16 @@ static int
 save_failed (uint64_t a, uint64_t done, uint64_t b, bool full,
              const char *why, int *err)
 {
-  pthread_mutex_lock (&fz.lock);
-  for (uint64_t g = a; g < b; ++g) {
-    if (g < done)
-      set_bit (fz.saved, g);
-    clear_bit (fz.busy, g);
-  }
-  pthread_cond_broadcast (&fz.cond);
+  cowmap_done (fz.map, a, done, b);
   if (cfg_scratch_error == SE_FAIL_WRITE) {
-    pthread_mutex_unlock (&fz.lock);
     nbdkit_error ("sparsebackup: backup '%s': %s: the write is refused "
                   "(sparsebackup-scratch-error=fail-write)", fz.name, why);
     *err = full ? ENOSPC : EIO;
     return -1;
   }
-  if (fz.broken[0] == '\0') {
-    snprintf (fz.broken, sizeof fz.broken, "%s", why);
+  if (cowmap_break (fz.map, why))
     nbdkit_error ("sparsebackup: backup '%s' is broken: %s: frozen reads "
                   "fail from now on", fz.name, why);
-  }
-  pthread_mutex_unlock (&fz.lock);
   return 0;
 }
 
@@ -479,14 +445,9 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
   int e = 0;
 
   if (plugin_says_zero (next, off, len)) {
-    pthread_mutex_lock (&fz.lock);
-    for (g = a; g < b; ++g) {
-      set_bit (fz.zero, g);
-      set_bit (fz.saved, g);
-      clear_bit (fz.busy, g);
-    }
-    pthread_cond_broadcast (&fz.cond);
-    pthread_mutex_unlock (&fz.lock);
+    for (g = a; g < b; ++g)
+      cowmap_set_zero (fz.map, g);
+    cowmap_done (fz.map, a, b, b);
     return 0;
   }
   buf = malloc (len);
@@ -512,9 +473,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
     ssize_t w = 0;
 
     if (zero) {
-      pthread_mutex_lock (&fz.lock);
-      set_bit (fz.zero, g);
-      pthread_mutex_unlock (&fz.lock);
+      cowmap_set_zero (fz.map, g);
       done = ++g;
       continue;
     }
@@ -525,17 +484,13 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
       h++;
     goff = g << fz.gbits;
     n = MIN ((h + 1) << fz.gbits, fz.size) - goff;
-    pthread_mutex_lock (&fz.lock);
-    if (cfg_scratch_size - fz.used < n) {
+    if (!cowmap_reserve (fz.map, n, cfg_scratch_size)) {
       snprintf (why, sizeof why, "the scratch file %s is full (%" PRIu64
                 " of %" PRIu64 " bytes used, %" PRIu64 " more needed)",
-                cfg_scratch_path, fz.used, cfg_scratch_size, n);
-      pthread_mutex_unlock (&fz.lock);
+                cfg_scratch_path, cowmap_used (fz.map), cfg_scratch_size, n);
       free (buf);
       return save_failed (a, done, b, true, why, err);
     }
-    fz.used += n;                       /* reserved */
-    pthread_mutex_unlock (&fz.lock);
     for (uint64_t k = 0; k < n; k += w) {
       w = pwrite (fz.fd, buf + (goff - off) + k, n - k, goff + k);
       if (w <= 0) {
@@ -544,9 +499,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
         snprintf (why, sizeof why, "cannot write the scratch file %s at "
                   "%" PRIu64 ": %s", cfg_scratch_path, goff + k,
                   w == 0 ? "short write" : strerror (errno));
-        pthread_mutex_lock (&fz.lock);
-        fz.used -= n;
-        pthread_mutex_unlock (&fz.lock);
+        cowmap_unreserve (fz.map, n);
         free (buf);
         return save_failed (a, done, b, full, why, err);
       }
@@ -554,13 +507,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
     done = g = h + 1;
   }
   free (buf);
-  pthread_mutex_lock (&fz.lock);
-  for (g = a; g < b; ++g) {
-    set_bit (fz.saved, g);
-    clear_bit (fz.busy, g);
-  }
-  pthread_cond_broadcast (&fz.cond);
-  pthread_mutex_unlock (&fz.lock);
+  cowmap_done (fz.map, a, b, b);
   return 0;
 }
 
@@ -568,45 +515,26 @@ int
 frozen_change_begin (nbdkit_next *next, uint64_t offset, uint64_t count,
                      int *err)
 {
-  uint64_t g, g1, max_run;
+  uint64_t cursor, g1, max_run, ga, gb;
+  bool active;
 
   if (!frozen_configured ())
     return 0;
   pthread_rwlock_rdlock (&fz.rw);
   pthread_mutex_lock (&fz.lock);
-  if (!fz.active || count == 0 || offset >= fz.size) {
-    pthread_mutex_unlock (&fz.lock);
+  active = fz.active;
+  pthread_mutex_unlock (&fz.lock);
+  if (!active || count == 0 || offset >= fz.size)
     return 0;
-  }
   max_run = MAX (SAVE_CHUNK >> fz.gbits, UINT64_C (1));
-  g = offset >> fz.gbits;
+  cursor = offset >> fz.gbits;
   g1 = ((MIN (offset + count, fz.size) - 1) >> fz.gbits) + 1;
-  while (g < g1) {
-    uint64_t a;
-
-    /* Broken with break-backup: nothing more is saved. */
-    if (fz.broken[0] != '\0')
-      break;
-    if (test_bit (fz.saved, g)) {
-      g++;
-      continue;
-    }
-    if (test_bit (fz.busy, g)) {        /* another change is saving it */
-      pthread_cond_wait (&fz.cond, &fz.lock);
-      continue;
-    }
-    a = g;
-    while (g < g1 && g - a < max_run &&
-           !test_bit (fz.saved, g) && !test_bit (fz.busy, g))
-      set_bit (fz.busy, g++);
-    pthread_mutex_unlock (&fz.lock);
-    if (save_run (next, a, g, err) == -1) {
+  /* Broken with break-backup: cowmap_claim saves nothing more. */
+  while (cowmap_claim (fz.map, &cursor, g1, max_run, &ga, &gb) == 1)
+    if (save_run (next, ga, gb, err) == -1) {
       pthread_rwlock_unlock (&fz.rw);
       return -1;
     }
-    pthread_mutex_lock (&fz.lock);
-  }
-  pthread_mutex_unlock (&fz.lock);
   return 0;
 }
 
@@ -644,6 +572,7 @@ frozen_view_prepare (struct sb_handle *h)
 {
   struct cbt *c = cbt_get ();
   struct cbt_checkpoint_info info;
+  char why[COWMAP_REASON_MAX];
   ssize_t ks, kf;
 
   if (!frozen_configured ()) {
@@ -659,9 +588,9 @@ frozen_view_prepare (struct sb_handle *h)
                   h->exportname);
     return -1;
   }
-  if (fz.broken[0]) {
+  if (cowmap_broken (fz.map, why, sizeof why)) {
     nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
-                  h->exportname, fz.name, fz.broken);
+                  h->exportname, fz.name, why);
     pthread_mutex_unlock (&fz.lock);
     return -1;
   }
@@ -697,83 +626,54 @@ frozen_view_prepare (struct sb_handle *h)
   return 0;
 }
 
-/* Take the read side and check that H's frozen disk is still there. */
+/* Take the read side and check that H's frozen disk is still there
+ * and not broken.
+ */
 static int
 enter (struct sb_handle *h, int *err)
 {
+  char why[COWMAP_REASON_MAX];
+  bool ok;
+
   pthread_rwlock_rdlock (&fz.rw);
   pthread_mutex_lock (&fz.lock);
-  if (!fz.active || fz.gen != h->frozen_gen) {
-    pthread_mutex_unlock (&fz.lock);
+  ok = fz.active && fz.gen == h->frozen_gen;
+  pthread_mutex_unlock (&fz.lock);
+  if (!ok) {
     pthread_rwlock_unlock (&fz.rw);
     nbdkit_error ("sparsebackup: export '%s': backup '%s' has ended",
                   h->exportname, h->until);
     *err = EIO;
     return -1;
   }
-  if (fz.broken[0]) {
-    nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
-                  h->exportname, fz.name, fz.broken);
-    pthread_mutex_unlock (&fz.lock);
+  if (cowmap_broken (fz.map, why, sizeof why)) {
     pthread_rwlock_unlock (&fz.rw);
+    nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
+                  h->exportname, h->until, why);
     *err = EIO;
     return -1;
   }
-  return 0;                     /* fz.lock held */
+  return 0;
 }
 
 static void
 leave (void)
 {
-  pthread_mutex_unlock (&fz.lock);
   pthread_rwlock_unlock (&fz.rw);
 }
 
-enum gstate { G_UNSAVED, G_SAVED, G_ZERO };
-
-/* fz.lock held: wait until granule G is not BUSY; its state. */
-static enum gstate
-gstate (uint64_t g)
+/* The backup broke during a read of H: fail it (rw released). */
+static int
+broke (struct sb_handle *h, int *err)
 {
-  while (test_bit (fz.busy, g))
-    pthread_cond_wait (&fz.cond, &fz.lock);
-  if (!test_bit (fz.saved, g))
-    return G_UNSAVED;
-  return test_bit (fz.zero, g) ? G_ZERO : G_SAVED;
-}
+  char why[COWMAP_REASON_MAX];
 
-/* fz.lock held: the end of the run of state ST that starts at POS (no
- * further than END; BUSY granules end a run).
- */
-static uint64_t
-run_end (uint64_t pos, uint64_t end, enum gstate st)
-{
-  uint64_t g = (pos >> fz.gbits) + 1;
-
-  while ((g << fz.gbits) < end && !test_bit (fz.busy, g)) {
-    enum gstate s = !test_bit (fz.saved, g) ? G_UNSAVED :
-      test_bit (fz.zero, g) ? G_ZERO : G_SAVED;
-
-    if (s != st)
-      break;
-    g++;
-  }
-  return MIN (g << fz.gbits, end);
-}
-
-/* fz.lock held, after reading the plugin over [POS, END) of UNSAVED
- * granules: where the granules that are still UNSAVED (and the backup
- * not broken) end.  Past it the data may have changed meanwhile.
- */
-static uint64_t
-still_unsaved (uint64_t pos, uint64_t end)
-{
-  if (fz.broken[0])
-    return pos;
-  for (uint64_t g = pos >> fz.gbits; (g << fz.gbits) < end; ++g)
-    if (test_bit (fz.saved, g) || test_bit (fz.busy, g))
-      return MAX (pos, g << fz.gbits);
-  return end;
+  cowmap_broken (fz.map, why, sizeof why);
+  leave ();
+  nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
+                h->exportname, h->until, why);
+  *err = EIO;
+  return -1;
 }
 
 int
@@ -787,17 +687,16 @@ frozen_pread (nbdkit_next *next, struct sb_handle *h, void *buf,
   if (enter (h, err) == -1)
     return -1;
   while (pos < end) {
-    enum gstate st = gstate (pos >> fz.gbits);
-    uint64_t rend = run_end (pos, end, st), good;
+    uint64_t rend;
+    enum cow_state st = cowmap_run (fz.map, pos, end, &rend);
     ssize_t r;
 
-    if (st == G_ZERO) {
+    if (st == COW_ZERO) {
       memset (b + (pos - offset), 0, rend - pos);
       pos = rend;
       continue;
     }
-    pthread_mutex_unlock (&fz.lock);
-    if (st == G_SAVED) {
+    if (st == COW_SAVED) {
       for (uint64_t p = pos; p < rend; p += r) {
         r = pread (fz.fd, b + (p - offset), rend - p, p);
         if (r <= 0) {
@@ -806,11 +705,10 @@ frozen_pread (nbdkit_next *next, struct sb_handle *h, void *buf,
                         cfg_scratch_path, p,
                         r == 0 ? "unexpected end of file" : strerror (errno));
           *err = EIO;
-          pthread_rwlock_unlock (&fz.rw);
+          leave ();
           return -1;
         }
       }
-      pthread_mutex_lock (&fz.lock);
       pos = rend;
       continue;
     }
@@ -818,19 +716,13 @@ frozen_pread (nbdkit_next *next, struct sb_handle *h, void *buf,
       usleep (sparsebackup_debug_frozen_read_delay * 1000);
     if (next->pread (next, b + (pos - offset), rend - pos, pos, flags,
                      err) == -1) {
-      pthread_rwlock_unlock (&fz.rw);
-      return -1;
-    }
-    pthread_mutex_lock (&fz.lock);
-    good = still_unsaved (pos, rend);
-    if (fz.broken[0]) {
-      nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
-                    h->exportname, fz.name, fz.broken);
       leave ();
-      *err = EIO;
       return -1;
     }
-    pos = good;                 /* the rest again, from its new state */
+    if (cowmap_broken (fz.map, NULL, 0))
+      return broke (h, err);
+    /* The rest again, from its new state. */
+    pos = cowmap_check (fz.map, pos, rend);
   }
   leave ();
   return 0;
@@ -852,7 +744,6 @@ add (struct nbdkit_extents *extents, uint64_t a, uint64_t b, uint32_t type,
 
 /* The plugin's extents over the UNSAVED run [POS, REND), added as far as
  * they are still valid after the call: returns where that is, or -1.
- * fz.lock held on entry and return.
  */
 static int64_t
 unsaved_extents (nbdkit_next *next, int can_ext, uint64_t pos,
@@ -865,17 +756,15 @@ unsaved_extents (nbdkit_next *next, int can_ext, uint64_t pos,
 
   if (!can_ext)
     return add (extents, pos, rend, 0, err) == -1 ? -1 : (int64_t) rend;
-  pthread_mutex_unlock (&fz.lock);
   ex = nbdkit_extents_new (pos, rend);
   r = ex ? next->extents (next, rend - pos, pos, flags, ex, err) : -1;
   if (ex == NULL)
     *err = errno;
-  pthread_mutex_lock (&fz.lock);
   if (r == -1) {
     nbdkit_extents_free (ex);
     return -1;
   }
-  good = still_unsaved (pos, rend);
+  good = cowmap_check (fz.map, pos, rend);
   for (size_t i = 0; i < nbdkit_extents_count (ex) && p < good; ++i) {
     struct nbdkit_extent e = nbdkit_get_extent (ex, i);
     uint64_t eend = MIN (e.offset + e.length, good);
@@ -915,27 +804,22 @@ frozen_extents (nbdkit_next *next, struct sb_handle *h, uint64_t *pos,
   if (enter (h, err) == -1)
     return -1;
   while (p < end) {
-    enum gstate st = gstate (p >> fz.gbits);
-    uint64_t rend = run_end (p, end, st);
+    uint64_t rend;
+    enum cow_state st = cowmap_run (fz.map, p, end, &rend);
     int64_t q;
 
-    if (st == G_UNSAVED) {
+    if (st == COW_UNSAVED) {
       q = unsaved_extents (next, can_ext, p, rend, flags, extents, err);
       if (q == -1) {
         leave ();
         return -1;
       }
-      if (fz.broken[0]) {
-        nbdkit_error ("sparsebackup: export '%s': backup '%s' is broken: %s",
-                      h->exportname, fz.name, fz.broken);
-        leave ();
-        *err = EIO;
-        return -1;
-      }
+      if (cowmap_broken (fz.map, NULL, 0))
+        return broke (h, err);
       p = q;
     }
     else {
-      if (add (extents, p, rend, st == G_ZERO ?
+      if (add (extents, p, rend, st == COW_ZERO ?
                NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0, err) == -1) {
         leave ();
         return -1;
@@ -962,10 +846,12 @@ frozen_list_exports (struct nbdkit_exports *exports)
 
   if (c == NULL || !frozen_configured ())
     return 0;
+  pthread_rwlock_rdlock (&fz.rw);
   pthread_mutex_lock (&fz.lock);
-  active = fz.active && fz.broken[0] == '\0';
+  active = fz.active && !cowmap_broken (fz.map, NULL, 0);
   snprintf (frozen, sizeof frozen, "%s", fz.name);
   pthread_mutex_unlock (&fz.lock);
+  pthread_rwlock_unlock (&fz.rw);
   if (!active)
     return 0;
   snprintf (desc, sizeof desc, "the disk as it was at backup-begin %s "

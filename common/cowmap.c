@@ -1,0 +1,275 @@
+/* sparsebackup: the granule states of a frozen disk (cowmap.h).
+ *
+ * Three bitmaps: saved (SAVED or ZERO), zero (ZERO, with saved), busy
+ * (BUSY).  One mutex for all of it; one condition variable signalled
+ * whenever BUSY granules stop being BUSY.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowmap.h"
+#include "minmax.h"
+
+struct cowmap {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  uint64_t size, nr;
+  unsigned gbits;
+  uint64_t *saved, *zero, *busy;
+  uint64_t used;
+  char broken[COWMAP_REASON_MAX];
+};
+
+static inline bool
+test_bit (const uint64_t *v, uint64_t g)
+{
+  return v[g / 64] & (UINT64_C (1) << (g % 64));
+}
+
+static inline void
+set_bit (uint64_t *v, uint64_t g)
+{
+  v[g / 64] |= UINT64_C (1) << (g % 64);
+}
+
+static inline void
+clear_bit (uint64_t *v, uint64_t g)
+{
+  v[g / 64] &= ~(UINT64_C (1) << (g % 64));
+}
+
+struct cowmap *
+cowmap_new (uint64_t size, unsigned gbits)
+{
+  struct cowmap *m;
+  uint64_t words;
+
+  if (size == 0 || gbits < 9 || gbits > 40) {
+    errno = EINVAL;
+    return NULL;
+  }
+  m = calloc (1, sizeof *m);
+  if (m == NULL)
+    return NULL;
+  m->size = size;
+  m->gbits = gbits;
+  m->nr = ((size - 1) >> gbits) + 1;
+  words = (m->nr + 63) / 64;
+  if (words > SIZE_MAX / sizeof (uint64_t)) {
+    free (m);
+    errno = ENOMEM;
+    return NULL;
+  }
+  m->saved = calloc (words, sizeof (uint64_t));
+  m->zero = calloc (words, sizeof (uint64_t));
+  m->busy = calloc (words, sizeof (uint64_t));
+  if (m->saved == NULL || m->zero == NULL || m->busy == NULL) {
+    cowmap_free (m);
+    errno = ENOMEM;
+    return NULL;
+  }
+  pthread_mutex_init (&m->lock, NULL);
+  pthread_cond_init (&m->cond, NULL);
+  return m;
+}
+
+void
+cowmap_free (struct cowmap *m)
+{
+  if (m == NULL)
+    return;
+  if (m->saved && m->zero && m->busy) {
+    pthread_mutex_destroy (&m->lock);
+    pthread_cond_destroy (&m->cond);
+  }
+  free (m->saved);
+  free (m->zero);
+  free (m->busy);
+  free (m);
+}
+
+uint64_t
+cowmap_granules (const struct cowmap *m)
+{
+  return m->nr;
+}
+
+/* ---- Writers -------------------------------------------------------- */
+
+int
+cowmap_claim (struct cowmap *m, uint64_t *cursor, uint64_t end,
+              uint64_t max_run, uint64_t *a, uint64_t *b)
+{
+  uint64_t g;
+  int r = 0;
+
+  end = MIN (end, m->nr);
+  max_run = MAX (max_run, UINT64_C (1));
+  pthread_mutex_lock (&m->lock);
+  g = *cursor;
+  while (g < end && m->broken[0] == '\0') {
+    if (test_bit (m->saved, g)) {
+      g++;
+      continue;
+    }
+    if (test_bit (m->busy, g)) {          /* another change saves it */
+      pthread_cond_wait (&m->cond, &m->lock);
+      continue;
+    }
+    *a = g;
+    while (g < end && g - *a < max_run &&
+           !test_bit (m->saved, g) && !test_bit (m->busy, g))
+      set_bit (m->busy, g++);
+    *b = g;
+    r = 1;
+    break;
+  }
+  *cursor = g;
+  pthread_mutex_unlock (&m->lock);
+  return r;
+}
+
+void
+cowmap_set_zero (struct cowmap *m, uint64_t g)
+{
+  pthread_mutex_lock (&m->lock);
+  if (g < m->nr && test_bit (m->busy, g))
+    set_bit (m->zero, g);
+  pthread_mutex_unlock (&m->lock);
+}
+
+void
+cowmap_done (struct cowmap *m, uint64_t a, uint64_t done, uint64_t b)
+{
+  pthread_mutex_lock (&m->lock);
+  for (uint64_t g = a; g < b && g < m->nr; ++g) {
+    if (g < done)
+      set_bit (m->saved, g);
+    else
+      clear_bit (m->zero, g);
+    clear_bit (m->busy, g);
+  }
+  pthread_cond_broadcast (&m->cond);
+  pthread_mutex_unlock (&m->lock);
+}
+
+bool
+cowmap_reserve (struct cowmap *m, uint64_t n, uint64_t limit)
+{
+  bool ok;
+
+  pthread_mutex_lock (&m->lock);
+  ok = m->used <= limit && limit - m->used >= n;
+  if (ok)
+    m->used += n;
+  pthread_mutex_unlock (&m->lock);
+  return ok;
+}
+
+void
+cowmap_unreserve (struct cowmap *m, uint64_t n)
+{
+  pthread_mutex_lock (&m->lock);
+  m->used -= MIN (n, m->used);
+  pthread_mutex_unlock (&m->lock);
+}
+
+uint64_t
+cowmap_used (struct cowmap *m)
+{
+  uint64_t u;
+
+  pthread_mutex_lock (&m->lock);
+  u = m->used;
+  pthread_mutex_unlock (&m->lock);
+  return u;
+}
+
+/* ---- Readers -------------------------------------------------------- */
+
+/* Lock held: the state of granule G (not BUSY). */
+static enum cow_state
+state_of (const struct cowmap *m, uint64_t g)
+{
+  if (!test_bit (m->saved, g))
+    return COW_UNSAVED;
+  return test_bit (m->zero, g) ? COW_ZERO : COW_SAVED;
+}
+
+enum cow_state
+cowmap_run (struct cowmap *m, uint64_t pos, uint64_t end, uint64_t *rend)
+{
+  uint64_t g = pos >> m->gbits;
+  enum cow_state st;
+
+  end = MIN (end, m->size);
+  if (pos >= end) {
+    *rend = pos;
+    return COW_UNSAVED;
+  }
+  pthread_mutex_lock (&m->lock);
+  while (test_bit (m->busy, g))
+    pthread_cond_wait (&m->cond, &m->lock);
+  st = state_of (m, g);
+  for (g++; (g << m->gbits) < end; ++g)
+    if (test_bit (m->busy, g) || state_of (m, g) != st)
+      break;
+  pthread_mutex_unlock (&m->lock);
+  *rend = MIN (g << m->gbits, end);
+  return st;
+}
+
+uint64_t
+cowmap_check (struct cowmap *m, uint64_t pos, uint64_t end)
+{
+  uint64_t r = end;
+
+  end = MIN (end, m->size);
+  pthread_mutex_lock (&m->lock);
+  if (m->broken[0] != '\0')
+    r = pos;
+  else
+    for (uint64_t g = pos >> m->gbits; (g << m->gbits) < end; ++g)
+      if (test_bit (m->saved, g) || test_bit (m->busy, g)) {
+        r = MAX (pos, g << m->gbits);
+        break;
+      }
+  pthread_mutex_unlock (&m->lock);
+  return r;
+}
+
+/* ---- Breaking ------------------------------------------------------- */
+
+bool
+cowmap_break (struct cowmap *m, const char *reason)
+{
+  bool first;
+
+  pthread_mutex_lock (&m->lock);
+  first = m->broken[0] == '\0';
+  if (first)
+    snprintf (m->broken, sizeof m->broken, "%s",
+              reason && reason[0] ? reason : "broken");
+  pthread_cond_broadcast (&m->cond);
+  pthread_mutex_unlock (&m->lock);
+  return first;
+}
+
+bool
+cowmap_broken (struct cowmap *m, char *buf, size_t len)
+{
+  bool b;
+
+  pthread_mutex_lock (&m->lock);
+  b = m->broken[0] != '\0';
+  if (buf && len > 0)
+    snprintf (buf, len, "%s", m->broken);
+  pthread_mutex_unlock (&m->lock);
+  return b;
+}
