@@ -384,7 +384,8 @@ stop_nbdkit
 python3 "$_functions_dir/make-disk.py" "$tmp/hole.raw" $((64 << 20)) 0:100000
 start_nbdkit --filter=sparsebackup --filter=log file "$tmp/hole.raw" \
     logfile="$tmp/hole.log" sparsebackup-cbt="$tmp/hole.cbt" \
-    sparsebackup-control="$ctlsock" sparsebackup-scratch="$scratch"
+    sparsebackup-control="$ctlsock" sparsebackup-scratch="$scratch" \
+    sparsebackup-statsfile="$tmp/hole.stats"
 nbdinfo --size "$uri" > /dev/null
 cp "$tmp/hole.raw" "$tmp/t8.raw"
 ctl backup-begin h1 > /dev/null
@@ -396,8 +397,18 @@ ctl status > "$tmp/out"
 assert_contains "$tmp/out" "frozen=h1 scratch-used=0 "
 nbdcopy "$(frozen_uri @frozen)" "$tmp/f8.raw"
 cmp "$tmp/f8.raw" "$tmp/t8.raw" || fail "the frozen disk differs after the trim"
+# And a write over data: its old data is read, stored, and read back.
+nbdsh -u "$uri" -c "h.pwrite(b'\x33' * 65536, 0)"
+nbdsh -u "$(frozen_uri @frozen)" -c "assert h.pread(65536, 0) == open('$tmp/t8.raw', 'rb').read(65536)" ||
+    fail "@frozen did not return the saved old data"
 ctl backup-end h1 --ok > /dev/null
 stop_nbdkit
+st () { sed -n "s/^$1: //p" "$tmp/hole.stats"; }
+assert_eq 65536 "$(st frozen-saved-bytes)" "frozen-saved-bytes"
+assert_eq 65536 "$(st frozen-cbw-read-bytes)" "frozen-cbw-read-bytes (the trim over the hole read nothing)"
+assert_eq 65536 "$(st frozen-scratch-read-bytes)" "frozen-scratch-read-bytes"
+[ "$(st frozen-zero-bytes)" -ge $((32 << 20)) ] ||
+    fail "frozen-zero-bytes: $(st frozen-zero-bytes), expected >= 32M"
 
 # ---- Parameters ------------------------------------------------------------
 nbdkit_refuses "sparsebackup-scratch: '$(ere_quote "$tmp/s")' needs sparsebackup-cbt=FILE and sparsebackup-control=SOCKET" \

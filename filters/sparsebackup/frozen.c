@@ -448,6 +448,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
     for (g = a; g < b; ++g)
       cowmap_set_zero (fz.map, g);
     cowmap_done (fz.map, a, b, b);
+    STAT_ADD (frozen_zero_bytes, len);
     return 0;
   }
   buf = malloc (len);
@@ -466,6 +467,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
       return save_failed (a, a, b, false, why, err);
     }
   }
+  STAT_ADD (frozen_cbw_read_bytes, len);
   for (g = a; g < b; ) {
     uint64_t h = g, n, goff;
     bool zero = is_zero (buf + ((g - a) << fz.gbits),
@@ -474,6 +476,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
 
     if (zero) {
       cowmap_set_zero (fz.map, g);
+      STAT_ADD (frozen_zero_bytes, MIN (gs, len - ((g - a) << fz.gbits)));
       done = ++g;
       continue;
     }
@@ -504,6 +507,7 @@ save_run (nbdkit_next *next, uint64_t a, uint64_t b, int *err)
         return save_failed (a, done, b, full, why, err);
       }
     }
+    STAT_ADD (frozen_saved_bytes, n);
     done = g = h + 1;
   }
   free (buf);
@@ -709,6 +713,7 @@ frozen_pread (nbdkit_next *next, struct sb_handle *h, void *buf,
           return -1;
         }
       }
+      STAT_ADD (frozen_scratch_read_bytes, rend - pos);
       pos = rend;
       continue;
     }

@@ -73,6 +73,11 @@ struct sb_stats {
   uint64_t extents_calls;
   uint64_t merged_zero_bytes;
   uint64_t passthrough_requests;
+  /* Point-in-time backups (frozen.c), over every backup. */
+  uint64_t frozen_saved_bytes;          /* old data stored in the scratch */
+  uint64_t frozen_zero_bytes;           /* old data noted as zero */
+  uint64_t frozen_cbw_read_bytes;       /* old data read from the plugin */
+  uint64_t frozen_scratch_read_bytes;   /* frozen reads from the scratch */
 };
 extern struct sb_stats stats;
 

@@ -22,6 +22,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
+#include "frozen.h"
 #include "cbt-glue.h"
 
 struct sb_stats stats;
@@ -133,6 +134,16 @@ print_stats (FILE *fp, const struct blockmap_stats *bs,
   fprintf (fp, "changes: %" PRIu64 "\n", cs->begun);
   if (ts)
     print_cbt_stats (fp, ts);
+  if (frozen_configured ()) {
+    fprintf (fp, "frozen-saved-bytes: %" PRIu64 "\n",
+             LOAD (frozen_saved_bytes));
+    fprintf (fp, "frozen-zero-bytes: %" PRIu64 "\n",
+             LOAD (frozen_zero_bytes));
+    fprintf (fp, "frozen-cbw-read-bytes: %" PRIu64 "\n",
+             LOAD (frozen_cbw_read_bytes));
+    fprintf (fp, "frozen-scratch-read-bytes: %" PRIu64 "\n",
+             LOAD (frozen_scratch_read_bytes));
+  }
 }
 
 /* Print everything to the debug log, line by line. */
