@@ -100,6 +100,59 @@ cowmap_granules (const struct cowmap *m)
   return m->nr;
 }
 
+/* Lock held: the mask of the granules of word W that are in state ST
+ * (and not BUSY); the bit of granule G is (mask >> (G % 64)) & 1.
+ */
+static inline uint64_t
+state_mask (const struct cowmap *m, uint64_t w, enum cow_state st)
+{
+  const uint64_t idle = ~m->busy[w];
+
+  switch (st) {
+  case COW_UNSAVED: return ~m->saved[w] & idle;
+  case COW_SAVED: return m->saved[w] & ~m->zero[w] & idle;
+  case COW_ZERO: return m->saved[w] & m->zero[w] & idle;
+  }
+  return 0;
+}
+
+/* Lock held: the first granule from G (before END) that is not in state
+ * ST, or END.  Whole words at a time: a 1 TiB disk of 64K granules is
+ * 256K words.
+ */
+static uint64_t
+skip_state (const struct cowmap *m, uint64_t g, uint64_t end,
+            enum cow_state st)
+{
+  while (g < end) {
+    uint64_t w = g / 64, mask = ~state_mask (m, w, st);
+
+    mask &= ~UINT64_C (0) << (g % 64);  /* from G on */
+    if (mask != 0) {
+      uint64_t first = w * 64 + (uint64_t) __builtin_ctzll (mask);
+      return MIN (first, end);
+    }
+    g = (w + 1) * 64;
+  }
+  return end;
+}
+
+/* Lock held: the first granule from G (before END) that is not saved
+ * (SAVED or ZERO), or END.
+ */
+static uint64_t
+skip_saved (const struct cowmap *m, uint64_t g, uint64_t end)
+{
+  while (g < end) {
+    uint64_t w = g / 64, mask = ~m->saved[w] & (~UINT64_C (0) << (g % 64));
+
+    if (mask != 0)
+      return MIN (w * 64 + (uint64_t) __builtin_ctzll (mask), end);
+    g = (w + 1) * 64;
+  }
+  return end;
+}
+
 /* ---- Writers -------------------------------------------------------- */
 
 int
@@ -115,7 +168,7 @@ cowmap_claim (struct cowmap *m, uint64_t *cursor, uint64_t end,
   g = *cursor;
   while (g < end && m->broken[0] == '\0') {
     if (test_bit (m->saved, g)) {
-      g++;
+      g = skip_saved (m, g, end);
       continue;
     }
     if (test_bit (m->busy, g)) {          /* another change saves it */
@@ -217,9 +270,7 @@ cowmap_run (struct cowmap *m, uint64_t pos, uint64_t end, uint64_t *rend)
   while (test_bit (m->busy, g))
     pthread_cond_wait (&m->cond, &m->lock);
   st = state_of (m, g);
-  for (g++; (g << m->gbits) < end; ++g)
-    if (test_bit (m->busy, g) || state_of (m, g) != st)
-      break;
+  g = skip_state (m, g + 1, ((end - 1) >> m->gbits) + 1, st);
   pthread_mutex_unlock (&m->lock);
   *rend = MIN (g << m->gbits, end);
   return st;
@@ -234,12 +285,13 @@ cowmap_check (struct cowmap *m, uint64_t pos, uint64_t end)
   pthread_mutex_lock (&m->lock);
   if (m->broken[0] != '\0')
     r = pos;
-  else
-    for (uint64_t g = pos >> m->gbits; (g << m->gbits) < end; ++g)
-      if (test_bit (m->saved, g) || test_bit (m->busy, g)) {
-        r = MAX (pos, g << m->gbits);
-        break;
-      }
+  else if (pos < end) {
+    uint64_t g1 = ((end - 1) >> m->gbits) + 1;
+    uint64_t g = skip_state (m, pos >> m->gbits, g1, COW_UNSAVED);
+
+    if (g < g1)
+      r = MAX (pos, g << m->gbits);
+  }
   pthread_mutex_unlock (&m->lock);
   return r;
 }

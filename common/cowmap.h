@@ -27,6 +27,8 @@
  * its POS (nothing read from the disk is trusted) and cowmap_broken says
  * why.  It also counts the bytes the caller stored (cowmap_reserve).
  *
+ * Runs and checks walk whole 64-granule words at a time.
+ *
  * Thread-safe (one internal lock).  Pure C: no nbdkit headers.
  */
 #ifndef SPARSEBACKUP_COWMAP_H

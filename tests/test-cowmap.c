@@ -99,6 +99,76 @@ steps (void)
   cowmap_free (NULL);
 }
 
+/* Runs and checks across word boundaries against a reference kept here:
+ * random claims, done points and zero marks on one thread, then random
+ * cowmap_run / cowmap_check / cowmap_claim queries.
+ */
+static void
+words (void)
+{
+  enum { N = 1000 };
+  const uint64_t size = (uint64_t) (N - 1) * GS + 77;
+  struct cowmap *m = cowmap_new (size, GB);
+  enum cow_state ref[N];
+  bool busy[N] = { false };
+
+  memset (ref, 0, sizeof ref);          /* COW_UNSAVED */
+  for (int i = 0; i < 300; ++i) {
+    uint64_t cur = rnd () % N, end = cur + 1 + rnd () % 150, a, b;
+
+    if (cowmap_claim (m, &cur, end, 1 + rnd () % 100, &a, &b) == 1) {
+      uint64_t done = a + rnd () % (b - a + 1);
+
+      for (uint64_t g = a; g < b; ++g) {
+        if (ref[g] != COW_UNSAVED || busy[g])
+          FAIL ("claimed granule %" PRIu64 " is not unsaved", g);
+        if (g < done && rnd () % 3 == 0) {
+          cowmap_set_zero (m, g);
+          ref[g] = COW_ZERO;
+        }
+        else if (g < done)
+          ref[g] = COW_SAVED;
+      }
+      cowmap_done (m, a, done, b);
+    }
+  }
+  /* A few runs left BUSY, in disjoint ranges (a claim would wait). */
+  for (uint64_t r = 0; r < 3; ++r) {
+    uint64_t cur = 100 + r * 300, a, b;
+
+    if (cowmap_claim (m, &cur, cur + 60, 20, &a, &b) == 1)
+      for (uint64_t g = a; g < b; ++g)
+        busy[g] = true;
+  }
+  for (int i = 0; i < 20000; ++i) {
+    uint64_t pos = rnd () % size, end = pos + 1 + rnd () % (300 * GS);
+    uint64_t g = pos >> GB, want_end, want_check, rend;
+    enum cow_state st;
+
+    end = end > size ? size : end;
+    if (busy[g])
+      continue;                         /* cowmap_run would wait */
+    st = cowmap_run (m, pos, end, &rend);
+    for (want_end = g + 1; (want_end << GB) < end &&
+           !busy[want_end] && ref[want_end] == ref[g]; want_end++)
+      ;
+    want_end = want_end << GB < end ? want_end << GB : end;
+    if (st != ref[g] || rend != want_end)
+      FAIL ("run at %" PRIu64 ": state %d to %" PRIu64 ", expected %d to %"
+            PRIu64, pos, st, rend, ref[g], want_end);
+    for (want_check = g; (want_check << GB) < end &&
+           ref[want_check] == COW_UNSAVED && !busy[want_check]; want_check++)
+      ;
+    want_check = want_check << GB < end ? want_check << GB : end;
+    if (want_check < pos)
+      want_check = pos;
+    if (cowmap_check (m, pos, end) != want_check)
+      FAIL ("check at %" PRIu64 ": %" PRIu64 ", expected %" PRIu64, pos,
+            cowmap_check (m, pos, end), want_check);
+  }
+  cowmap_free (m);
+}
+
 /* ---- The model -------------------------------------------------------- */
 
 #define NG 4096                 /* granules */
@@ -259,6 +329,7 @@ main (void)
 
   no_check = e && strcmp (e, "1") == 0;
   steps ();
+  words ();
   model ();
   if (no_check) {
     /* The negative control: wrong reads must have been seen. */
