@@ -65,6 +65,21 @@ cbt_get (void)
 
 /* ---- Parameters ------------------------------------------------------- */
 
+/* *P = VALUE made absolute (relative to the current directory). */
+int
+set_absolute (char **p, const char *key, const char *value)
+{
+  char *abs = nbdkit_absolute_path (value);
+
+  if (abs == NULL) {
+    nbdkit_error ("%s: '%s': cannot make an absolute path", key, value);
+    return -1;
+  }
+  free (*p);
+  *p = abs;
+  return 0;
+}
+
 static int
 set_string (char **p, const char *value)
 {
@@ -85,7 +100,11 @@ cbt_config (const char *key, const char *value)
       nbdkit_error ("%s: '%s' is not a file name", key, value);
       return -1;
     }
-    return set_string (&cfg_cbt_path, value);
+    /* Opened by the first connection, after nbdkit may have changed to
+     * "/" (it does when it forks into the background): a relative name
+     * is taken from the current directory now.
+     */
+    return set_absolute (&cfg_cbt_path, key, value);
   }
   if (strcmp (key, "sparsebackup-cbt-granularity") == 0) {
     int64_t v = nbdkit_parse_size (value);
@@ -148,12 +167,18 @@ cbt_config (const char *key, const char *value)
       nbdkit_error ("%s: '%s' is not a socket path", key, value);
       return -1;
     }
-    if (strlen (value) >= CONTROL_PATH_MAX) {
+    /* Removed at exit, after nbdkit may have changed to "/". */
+    if (set_absolute (&cfg_control_path, key, value) == -1)
+      return -1;
+    if (strlen (cfg_control_path) >= CONTROL_PATH_MAX) {
       nbdkit_error ("%s: '%s' is longer than a Unix socket path can be "
-                    "(%d bytes)", key, value, CONTROL_PATH_MAX - 1);
+                    "(%d bytes%s)", key, value, CONTROL_PATH_MAX - 1,
+                    value[0] == '/' ? "" : " as an absolute path");
+      free (cfg_control_path);
+      cfg_control_path = NULL;
       return -1;
     }
-    return set_string (&cfg_control_path, value);
+    return 0;
   }
   return 1;
 }

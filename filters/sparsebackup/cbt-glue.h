@@ -22,6 +22,12 @@ extern char *cfg_control_path;
 extern bool cbt_invalidated;
 extern bool cbt_io_error;
 
+/* *P = VALUE as an absolute path (nbdkit_absolute_path): file names
+ * used after nbdkit may have changed to "/" (it does when it forks into
+ * the background).  KEY names the parameter in errors.
+ */
+extern int set_absolute (char **p, const char *key, const char *value);
+
 /* 0: handled, -1: error, 1: not a cbt parameter. */
 extern int cbt_config (const char *key, const char *value);
 extern int cbt_config_complete (void);

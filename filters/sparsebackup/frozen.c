@@ -98,13 +98,7 @@ frozen_config (const char *key, const char *value)
       nbdkit_error ("%s: '%s' is not a file name", key, value);
       return -1;
     }
-    free (cfg_scratch_path);
-    cfg_scratch_path = strdup (value);
-    if (cfg_scratch_path == NULL) {
-      nbdkit_error ("strdup: %m");
-      return -1;
-    }
-    return 0;
+    return set_absolute (&cfg_scratch_path, key, value);
   }
   if (strcmp (key, "sparsebackup-scratch-size") == 0) {
     int64_t v = nbdkit_parse_size (value);
