@@ -24,6 +24,9 @@
 #                               prints "HOLE-BYTES ZERO-BYTES" checked
 #                               (one line per EXPORT)
 
+# The Python parts import nbdlib.py (next to functions.sh).
+export PYTHONPATH="$_functions_dir${PYTHONPATH:+:$PYTHONPATH}"
+
 ctl_bin=$abs_top_builddir/tools/ctl/sparsebackup-ctl
 ctl () { "$ctl_bin" "$ctlsock" "$@"; }
 
@@ -57,24 +60,13 @@ PY
 
 cat > "$tmp/view_data.py" <<'PY'
 import nbd, sys
+from nbdlib import connect, extents
 sock, name, out = sys.argv[1], sys.argv[2], sys.argv[3]
-h = nbd.NBD(); h.set_export_name(name)
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_unix(sock)
-size = h.get_size(); pos = 0; ranges = []
-while pos < size:
-    ents = []
-    def cb(ctx, o, e, err):
-        if ctx == nbd.CONTEXT_BASE_ALLOCATION:
-            ents.extend(e)
-    h.block_status(min(size - pos, 1 << 30), pos, cb)
-    for i in range(0, len(ents), 2):
-        length, flags = ents[i], ents[i + 1]
-        if flags & 3 != nbd.STATE_HOLE:
-            ranges.append((pos, length))
-        pos += length
+h = connect(sock, name)
 with open(out, "w") as f:
-    for o, l in ranges:
-        f.write("%d %d\n" % (o, l))
+    for o, n, t in extents(h):
+        if t != nbd.STATE_HOLE:
+            f.write("%d %d\n" % (o, n))
 PY
 
 cat > "$tmp/covers.py" <<'PY'
@@ -95,20 +87,11 @@ PY
 
 cat > "$tmp/view_holes.py" <<'PY'
 import nbd, sys
+from nbdlib import connect, extents
 
 def check(sock, name, prev):
-    h = nbd.NBD(); h.set_export_name(name)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_unix(sock)
-    size = h.get_size(); pos = 0; ents = []
-    while pos < size:
-        got = []
-        def cb(ctx, o, e, err):
-            if ctx == nbd.CONTEXT_BASE_ALLOCATION:
-                got.extend(e)
-        h.block_status(min(size - pos, 1 << 30), pos, cb)
-        for i in range(0, len(got), 2):
-            ents.append((pos, got[i], got[i + 1] & 3))
-            pos += got[i]
+    h = connect(sock, name)
+    ents = extents(h)
     hole = zero = 0
     with open(prev, "rb") as p:
         for o, n, t in ents:

@@ -3,7 +3,7 @@
 The tests put this directory ($_functions_dir of functions.sh) on
 PYTHONPATH and import what they need:
 
-    from nbdlib import connect, zero_flags, zero_claimed
+    from nbdlib import connect, zero_flags, zero_claimed, extents
 """
 import nbd
 
@@ -43,3 +43,23 @@ def zero_claimed(h, off, length):
             pos += entries[i]
     h.block_status(length, off, cb)
     return seen
+
+
+def extents(h):
+    """Every base:allocation extent of the export of handle H (connected
+    with the context), in order: a list of (offset, length, flags & 3),
+    walked with block status requests of at most 1 GiB."""
+    size = h.get_size()
+    pos = 0
+    out = []
+    while pos < size:
+        got = []
+
+        def cb(ctx, o, e, err):
+            if ctx == nbd.CONTEXT_BASE_ALLOCATION:
+                got.extend(e)
+        h.block_status(min(size - pos, 1 << 30), pos, cb)
+        for i in range(0, len(got), 2):
+            out.append((pos, got[i], got[i + 1] & 3))
+            pos += got[i]
+    return out

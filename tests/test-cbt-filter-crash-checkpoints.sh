@@ -41,6 +41,7 @@ copy=$abs_top_builddir/tools/sparsebackup-copy
 cat > "$tmp/crash.py" <<'PY'
 import bisect, hashlib, nbd, os, random, re, shutil, signal, socket
 import struct, sys, time, zlib
+from nbdlib import connect, extents
 
 def ctl(path, line):
     """One request on the control socket: (data lines, status line)."""
@@ -252,19 +253,8 @@ def missing(truth, have, gran, size):
 
 def view(sock, export):
     """The ranges of EXPORT that are not HOLE-only."""
-    h = nbd.NBD(); h.set_export_name(export)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_unix(sock)
-    size = h.get_size(); pos = 0; out = []
-    while pos < size:
-        got = []
-        def cb(ctx, o, e, err):
-            if ctx == nbd.CONTEXT_BASE_ALLOCATION:
-                got.extend(e)
-        h.block_status(min(size - pos, 1 << 30), pos, cb)
-        for i in range(0, len(got), 2):
-            if got[i + 1] & 3 != nbd.STATE_HOLE:
-                out.append((pos, got[i]))
-            pos += got[i]
+    h = connect(sock, export)
+    out = [(o, n) for o, n, t in extents(h) if t != nbd.STATE_HOLE]
     h.shutdown()
     return out
 
