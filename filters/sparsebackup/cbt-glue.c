@@ -393,13 +393,13 @@ cbt_begin_checkpoint (struct cbt *c, const char *name, char *err,
   return r;
 }
 
-/* Find checkpoint NAME: 0 and *INFO, or -1. */
-int
+/* Find checkpoint NAME: its index (0 = oldest) and *INFO, or -1. */
+ssize_t
 cbt_find (struct cbt *c, const char *name, struct cbt_checkpoint_info *info)
 {
   for (size_t i = 0; cbt_checkpoint_get (c, i, info) == 0; ++i)
     if (strcmp (info->name, name) == 0)
-      return 0;
+      return i;
   return -1;
 }
 
@@ -416,22 +416,19 @@ cbt_is_view (const char *exportname)
     strncmp (exportname, SINCE_PREFIX, strlen (SINCE_PREFIX)) == 0;
 }
 
-int
-cbt_view_prepare (const char *exportname, uint64_t size)
+ssize_t
+cbt_view_checkpoint (const char *exportname, const char *name)
 {
-  const char *name = exportname + strlen (SINCE_PREFIX);
   struct cbt_checkpoint_info info;
-  struct cbt *c;
+  ssize_t k;
 
-  if (cbt_prepare (exportname, size) == -1)
-    return -1;
-  c = cbt_get ();
   if (!cbt_name_valid (name)) {
     nbdkit_error ("sparsebackup: export '%s': '%s' is not a valid "
                   "checkpoint name", exportname, name);
     return -1;
   }
-  if (cbt_find (c, name, &info) == -1) {
+  k = cbt_find (cbt_get (), name, &info);
+  if (k == -1) {
     nbdkit_error ("sparsebackup: export '%s': no checkpoint '%s'%s",
                   exportname, name, cbt_invalidated ?
                   " (the cbt file was not closed cleanly: every checkpoint "
@@ -443,7 +440,17 @@ cbt_view_prepare (const char *exportname, uint64_t size)
                   "its backup has not ended", exportname, name);
     return -1;
   }
-  return 0;
+  return k;
+}
+
+int
+cbt_view_prepare (const char *exportname, uint64_t size)
+{
+  if (cbt_prepare (exportname, size) == -1)
+    return -1;
+  return cbt_view_checkpoint (exportname,
+                              exportname + strlen (SINCE_PREFIX)) == -1
+    ? -1 : 0;
 }
 
 struct collect {

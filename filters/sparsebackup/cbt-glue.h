@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <nbdkit-filter.h>
 
@@ -46,11 +47,16 @@ extern void cbt_change_end (uint64_t offset, uint64_t count);
 /* A pending checkpoint, with the changes in flight marked again. */
 extern int cbt_begin_checkpoint (struct cbt *c, const char *name,
                                  char *err, size_t errlen);
-extern int cbt_find (struct cbt *c, const char *name,
+extern ssize_t cbt_find (struct cbt *c, const char *name,
                      struct cbt_checkpoint_info *info);
 
 extern bool cbt_is_view (const char *exportname);
 extern int cbt_view_prepare (const char *exportname, uint64_t size);
+/* NAME (of export EXPORTNAME) names a good checkpoint: its index, or -1
+ * after an error naming what is wrong (invalid, missing, pending).
+ */
+extern ssize_t cbt_view_checkpoint (const char *exportname,
+                                    const char *name);
 extern int cbt_view_extents (nbdkit_next *next, struct sb_handle *h,
                              uint32_t count, uint64_t offset, uint32_t flags,
                              struct nbdkit_extents *extents, int *err);

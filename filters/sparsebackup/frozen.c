@@ -554,17 +554,6 @@ frozen_is_view (const char *exportname)
               strlen (FROZEN_SINCE_PREFIX)) == 0);
 }
 
-/* The index of checkpoint NAME, or -1. */
-static ssize_t
-checkpoint_index (struct cbt *c, const char *name,
-                  struct cbt_checkpoint_info *info)
-{
-  for (size_t i = 0; cbt_checkpoint_get (c, i, info) == 0; ++i)
-    if (strcmp (info->name, name) == 0)
-      return i;
-  return -1;
-}
-
 int
 frozen_view_prepare (struct sb_handle *h)
 {
@@ -597,25 +586,10 @@ frozen_view_prepare (struct sb_handle *h)
   pthread_mutex_unlock (&fz.lock);
   if (h->since == NULL)
     return 0;
-  if (!cbt_name_valid (h->since)) {
-    nbdkit_error ("sparsebackup: export '%s': '%s' is not a valid "
-                  "checkpoint name", h->exportname, h->since);
+  ks = cbt_view_checkpoint (h->exportname, h->since);
+  if (ks == -1)
     return -1;
-  }
-  ks = checkpoint_index (c, h->since, &info);
-  if (ks == -1) {
-    nbdkit_error ("sparsebackup: export '%s': no checkpoint '%s'%s",
-                  h->exportname, h->since, cbt_invalidated ?
-                  " (the cbt file was not closed cleanly: every checkpoint "
-                  "was lost, a full backup is needed)" : "");
-    return -1;
-  }
-  if (info.state != CBT_STATE_GOOD) {
-    nbdkit_error ("sparsebackup: export '%s': checkpoint '%s' is pending: "
-                  "its backup has not ended", h->exportname, h->since);
-    return -1;
-  }
-  kf = checkpoint_index (c, h->until, &info);
+  kf = cbt_find (c, h->until, &info);
   if (kf <= ks) {
     nbdkit_error ("sparsebackup: export '%s': checkpoint '%s' is not older "
                   "than the backup '%s'", h->exportname, h->since, h->until);
