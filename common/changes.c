@@ -46,8 +46,6 @@ DEFINE_VECTOR (range_vector, struct range);
 
 struct changes {
   pthread_mutex_t lock;
-  changes_recorder recorder;
-  void *recorder_opaque;
 
   uint64_t gen;
   uint64_t next_ticket;
@@ -106,13 +104,6 @@ changes_free (struct changes *ch)
 }
 
 void
-changes_set_recorder (struct changes *ch, changes_recorder fn, void *opaque)
-{
-  ch->recorder = fn;
-  ch->recorder_opaque = opaque;
-}
-
-int
 changes_begin (struct changes *ch, uint64_t offset, uint64_t count,
                uint64_t *ticket)
 {
@@ -120,9 +111,6 @@ changes_begin (struct changes *ch, uint64_t offset, uint64_t count,
 
   if (count > UINT64_MAX - offset)
     count = UINT64_MAX - offset;
-  if (ch->recorder && count > 0 &&
-      ch->recorder (ch->recorder_opaque, offset, count) == -1)
-    return -1;
 
   pthread_mutex_lock (&ch->lock);
   f.ticket = ch->next_ticket++;
@@ -139,7 +127,6 @@ changes_begin (struct changes *ch, uint64_t offset, uint64_t count,
   }
   pthread_mutex_unlock (&ch->lock);
   *ticket = f.ticket;
-  return 0;
 }
 
 static void

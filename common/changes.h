@@ -23,10 +23,6 @@
  * that could not be recorded for want of memory is "untracked") it
  * answers "changed": learning less is always safe.
  *
- * A recorder (the persistent changed-block set) can hang off the same
- * calls: changes_begin calls it before the change is recorded, and a
- * recorder's failure fails the change (the caller must not issue it).
- *
  * Ranges are in bytes.  Thread safe.  Pure C: no nbdkit headers.
  */
 #ifndef SPARSEBACKUP_CHANGES_H
@@ -44,21 +40,11 @@ struct changes;
 extern struct changes *changes_new (unsigned history);
 extern void changes_free (struct changes *ch);
 
-/* The recorder is called by changes_begin with the range of every change
- * of COUNT > 0 bytes, before the change is recorded as in flight.  It
- * returns 0, or -1 with errno set to fail the change.  It is called
- * without the tracker's lock.  Set it before any change begins.
- */
-typedef int (*changes_recorder) (void *opaque,
-                                 uint64_t offset, uint64_t count);
-extern void changes_set_recorder (struct changes *ch,
-                                  changes_recorder fn, void *opaque);
-
 /* Begin a change of [OFFSET, OFFSET+COUNT).  Returns the change's ticket
- * (never 0) in *TICKET.  Returns -1 with errno set (and no ticket to
- * end) only if the recorder failed.
+ * (never 0) in *TICKET.  Out of memory it is recorded as "untracked":
+ * every learner is answered "changed" until it ends.
  */
-extern int changes_begin (struct changes *ch, uint64_t offset, uint64_t count,
+extern void changes_begin (struct changes *ch, uint64_t offset, uint64_t count,
                           uint64_t *ticket);
 
 /* End the change TICKET (exactly once; 0 is ignored). */

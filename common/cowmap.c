@@ -1,8 +1,12 @@
 /* sparsebackup: the granule states of a frozen disk (cowmap.h).
  *
  * Three bitmaps: saved (SAVED or ZERO), zero (ZERO, with saved), busy
- * (BUSY).  One mutex for all of it; one condition variable signalled
- * whenever BUSY granules stop being BUSY.
+ * (BUSY).  The slot of each stored granule in a two-level table: one
+ * leaf of SLOT_LEAF entries (slot + 1, 0 = none) per region of the
+ * disk in which anything was stored, allocated on the first store
+ * there, so the table grows with what is stored.  One mutex for all of
+ * it; one condition variable signalled whenever BUSY granules stop
+ * being BUSY.
  */
 
 #include <config.h>
@@ -22,9 +26,13 @@ struct cowmap {
   uint64_t size, nr;
   unsigned gbits;
   uint64_t *saved, *zero, *busy;
-  uint64_t used;
+  uint32_t **slots;             /* nr / SLOT_LEAF leaves, NULL: none */
+  uint64_t used;                /* bytes stored */
+  uint64_t next_slot;           /* slots handed out */
   char broken[COWMAP_REASON_MAX];
 };
+
+#define SLOT_LEAF 4096
 
 static inline bool
 test_bit (const uint64_t *v, uint64_t g)
@@ -50,7 +58,8 @@ cowmap_new (uint64_t size, unsigned gbits)
   struct cowmap *m;
   uint64_t words;
 
-  if (size == 0 || gbits < 9 || gbits > 40) {
+  if (size == 0 || gbits < 9 || gbits > 40 ||
+      ((size - 1) >> gbits) >= UINT32_MAX) {
     errno = EINVAL;
     return NULL;
   }
@@ -69,7 +78,9 @@ cowmap_new (uint64_t size, unsigned gbits)
   m->saved = calloc (words, sizeof (uint64_t));
   m->zero = calloc (words, sizeof (uint64_t));
   m->busy = calloc (words, sizeof (uint64_t));
-  if (m->saved == NULL || m->zero == NULL || m->busy == NULL) {
+  m->slots = calloc ((m->nr + SLOT_LEAF - 1) / SLOT_LEAF, sizeof *m->slots);
+  if (m->saved == NULL || m->zero == NULL || m->busy == NULL ||
+      m->slots == NULL) {
     cowmap_free (m);
     errno = ENOMEM;
     return NULL;
@@ -84,10 +95,14 @@ cowmap_free (struct cowmap *m)
 {
   if (m == NULL)
     return;
-  if (m->saved && m->zero && m->busy) {
+  if (m->saved && m->zero && m->busy && m->slots) {
     pthread_mutex_destroy (&m->lock);
     pthread_cond_destroy (&m->cond);
   }
+  if (m->slots)
+    for (uint64_t i = 0; i < (m->nr + SLOT_LEAF - 1) / SLOT_LEAF; ++i)
+      free (m->slots[i]);
+  free (m->slots);
   free (m->saved);
   free (m->zero);
   free (m->busy);
@@ -212,25 +227,68 @@ cowmap_done (struct cowmap *m, uint64_t a, uint64_t done, uint64_t b)
   pthread_mutex_unlock (&m->lock);
 }
 
-bool
-cowmap_reserve (struct cowmap *m, uint64_t n, uint64_t limit)
+int
+cowmap_store (struct cowmap *m, uint64_t a, uint64_t b, uint64_t n,
+              uint64_t limit, uint64_t *slot)
 {
-  bool ok;
-
+  if (a >= b || b > m->nr) {
+    errno = EINVAL;
+    return -1;
+  }
   pthread_mutex_lock (&m->lock);
-  ok = m->used <= limit && limit - m->used >= n;
-  if (ok)
-    m->used += n;
+  if (m->used > limit || limit - m->used < n) {
+    pthread_mutex_unlock (&m->lock);
+    errno = ENOSPC;
+    return -1;
+  }
+  for (uint64_t l = a / SLOT_LEAF; l <= (b - 1) / SLOT_LEAF; ++l)
+    if (m->slots[l] == NULL) {
+      m->slots[l] = calloc (SLOT_LEAF, sizeof (uint32_t));
+      if (m->slots[l] == NULL) {
+        pthread_mutex_unlock (&m->lock);
+        errno = ENOMEM;
+        return -1;
+      }
+    }
+  *slot = m->next_slot;
+  for (uint64_t g = a; g < b; ++g)
+    m->slots[g / SLOT_LEAF][g % SLOT_LEAF] =
+      (uint32_t) (m->next_slot + (g - a) + 1);
+  m->next_slot += b - a;
+  m->used += n;
   pthread_mutex_unlock (&m->lock);
-  return ok;
+  return 0;
 }
 
 void
-cowmap_unreserve (struct cowmap *m, uint64_t n)
+cowmap_unstore (struct cowmap *m, uint64_t n)
 {
   pthread_mutex_lock (&m->lock);
   m->used -= MIN (n, m->used);
   pthread_mutex_unlock (&m->lock);
+}
+
+uint64_t
+cowmap_slot (struct cowmap *m, uint64_t g)
+{
+  uint64_t s = 0;
+
+  pthread_mutex_lock (&m->lock);
+  if (g < m->nr && m->slots[g / SLOT_LEAF])
+    s = m->slots[g / SLOT_LEAF][g % SLOT_LEAF];
+  pthread_mutex_unlock (&m->lock);
+  return s ? s - 1 : UINT64_MAX;
+}
+
+uint64_t
+cowmap_slots (struct cowmap *m)
+{
+  uint64_t n;
+
+  pthread_mutex_lock (&m->lock);
+  n = m->next_slot;
+  pthread_mutex_unlock (&m->lock);
+  return n;
 }
 
 uint64_t

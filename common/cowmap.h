@@ -25,7 +25,8 @@
  * A map can be broken (cowmap_break, once, with a reason): from then on
  * cowmap_claim saves nothing more (it returns 0), cowmap_check returns
  * its POS (nothing read from the disk is trusted) and cowmap_broken says
- * why.  It also counts the bytes the caller stored (cowmap_reserve).
+ * why.  It also hands out the slots of the caller's compact scratch
+ * and counts the bytes stored there (cowmap_store).
  *
  * Runs and checks walk whole 64-granule words at a time.
  *
@@ -50,7 +51,9 @@ struct cowmap;
 
 /* A map of a disk of SIZE bytes (> 0) in granules of 2^GBITS bytes,
  * every granule UNSAVED.  NULL with errno (EINVAL, ENOMEM) on failure.
- * Memory: 3 bits per granule.
+ * Memory: 3 bits per granule, and 4 bytes per granule of each region
+ * of 4096 granules in which anything was stored.  At most 2^32 - 1
+ * granules.
  */
 extern struct cowmap *cowmap_new (uint64_t size, unsigned gbits);
 extern void cowmap_free (struct cowmap *m);
@@ -72,12 +75,24 @@ extern void cowmap_set_zero (struct cowmap *m, uint64_t g);
 extern void cowmap_done (struct cowmap *m, uint64_t a, uint64_t done,
                          uint64_t b);
 
-/* Count N more stored bytes if that stays within LIMIT: true, or false
- * (nothing counted).  cowmap_unreserve takes back what failed to store.
+/* Compact storage: the claimed granules [A, B), whose old data is not
+ * zero, are about to be stored (N bytes, the run clipped to the disk).
+ * Counts N against LIMIT and gives them consecutive slots, the first
+ * in *SLOT: the caller stores granule G at slot *SLOT + (G - A) of its
+ * scratch, which so holds only what was stored, in the order it was.
+ * -1 with errno: ENOSPC (LIMIT would be exceeded; nothing counted),
+ * ENOMEM.  cowmap_unstore takes back the N bytes of a store that
+ * failed (its slots stay unused).  cowmap_used: the bytes stored.
  */
-extern bool cowmap_reserve (struct cowmap *m, uint64_t n, uint64_t limit);
-extern void cowmap_unreserve (struct cowmap *m, uint64_t n);
+extern int cowmap_store (struct cowmap *m, uint64_t a, uint64_t b,
+                         uint64_t n, uint64_t limit, uint64_t *slot);
+extern void cowmap_unstore (struct cowmap *m, uint64_t n);
 extern uint64_t cowmap_used (struct cowmap *m);
+/* The slot of granule G (UINT64_MAX if it was never stored), and the
+ * number of slots handed out.
+ */
+extern uint64_t cowmap_slot (struct cowmap *m, uint64_t g);
+extern uint64_t cowmap_slots (struct cowmap *m);
 
 /* Readers (byte positions).  The state of the granule at POS, after
  * waiting while it is BUSY, and in *REND where its run of that state

@@ -16,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include "ctlproto.h"
@@ -49,13 +51,12 @@ static const char *const code_names[] = {
 #define A_NAME 1                /* one positional name */
 #define A_SINCE 2               /* --since NAME */
 #define A_OKFAIL 4              /* --ok | --failed, required */
-#define A_JSON 8                /* --json */
 static const unsigned cmd_args[] = {
   [CTL_BACKUP_BEGIN] = A_NAME | A_SINCE,
   [CTL_BACKUP_END] = A_NAME | A_OKFAIL,
   [CTL_CHECKPOINT_LIST] = 0,
   [CTL_CHECKPOINT_DELETE] = A_NAME,
-  [CTL_MAP] = A_SINCE | A_JSON,
+  [CTL_MAP] = A_SINCE,
   [CTL_STATUS] = 0,
 };
 
@@ -80,9 +81,9 @@ ctl_code_from_errno (int err)
   case EEXIST: return CTL_E_EXISTS;
   case EBUSY: case EAGAIN: return CTL_E_BUSY;
   case EINVAL: return CTL_E_STATE;
-  case ENOSPC: return CTL_E_LIMIT;
-  case EIO: case EROFS: return CTL_E_IO;
-  default: return CTL_E_INTERNAL;
+  case EMLINK: return CTL_E_LIMIT;
+  case ENOMEM: return CTL_E_INTERNAL;
+  default: return CTL_E_IO;
   }
 }
 
@@ -182,44 +183,33 @@ ctl_format_hello (char *buf, size_t len)
                                      CTL_PROTOCOL, CTL_VERSION));
 }
 
+void
+ctl_iso8601 (char *buf, size_t len, uint64_t secs)
+{
+  time_t t = secs > (uint64_t) INT64_MAX ? INT64_MAX : (time_t) secs;
+  struct tm tm;
+
+  if (gmtime_r (&t, &tm) == NULL ||
+      strftime (buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+    snprintf (buf, len, "-");
+}
+
 int
 ctl_format_checkpoint (char *buf, size_t len,
                        const struct cbt_checkpoint_info *cp)
 {
-  return ctl_format_data (buf, len, "%s %s %" PRIu64, cp->name,
+  char iso[32];
+
+  ctl_iso8601 (iso, sizeof iso, cp->created);
+  return ctl_format_data (buf, len, "%s %s %" PRIu64 " %s", cp->name,
                           cp->state == CBT_STATE_PENDING ? "pending" : "good",
-                          cp->created);
+                          cp->created, iso);
 }
 
 int
-ctl_format_extent (char *buf, size_t len, uint64_t offset, uint64_t length,
-                   bool json, bool last)
+ctl_format_extent (char *buf, size_t len, uint64_t offset, uint64_t length)
 {
-  if (json)
-    return ctl_format_data (buf, len, "[%" PRIu64 ",%" PRIu64 "]%s",
-                            offset, length, last ? "" : ",");
   return ctl_format_data (buf, len, "%" PRIu64 " %" PRIu64, offset, length);
-}
-
-int
-ctl_format_json_open (char *buf, size_t len, const char *since,
-                      uint32_t granularity, uint64_t disk_size)
-{
-  /* SINCE is a valid checkpoint name: no quote or backslash to escape
-   * except those two, which names may contain.
-   */
-  char esc[2 * CBT_NAME_MAX + 1];
-  size_t j = 0;
-
-  for (size_t i = 0; since[i] && i < CBT_NAME_MAX; ++i) {
-    if (since[i] == '"' || since[i] == '\\')
-      esc[j++] = '\\';
-    esc[j++] = since[i];
-  }
-  esc[j] = '\0';
-  return ctl_format_data (buf, len, "{\"since\":\"%s\",\"granularity\":%"
-                          PRIu32 ",\"disk-size\":%" PRIu64
-                          ",\"extents\":[", esc, granularity, disk_size);
 }
 
 int
@@ -232,27 +222,32 @@ ctl_format_request (const struct ctl_request *req, char *buf, size_t len)
     errno = EINVAL;
     return -1;
   }
-  return finish (buf, len, snprintf (buf, len, "%s%s%s%s%s%s%s", cmd,
+  return finish (buf, len, snprintf (buf, len, "%s%s%s%s%s%s", cmd,
                                      (a & A_NAME) ? " " : "",
                                      (a & A_NAME) ? req->name : "",
                                      req->since[0] ? " --since " : "",
                                      req->since,
                                      (a & A_OKFAIL) ?
-                                     (req->ok ? " --ok" : " --failed") : "",
-                                     (a & A_JSON) && req->json ?
-                                     " --json" : ""));
+                                     (req->ok ? " --ok" : " --failed") : ""));
 }
 
 /* ---- Parsing ------------------------------------------------------- */
 
 #define MAX_WORDS 8
 
-#define SYNTAX(c, ...)                                  \
-  do {                                                  \
-    *code = (c);                                        \
-    snprintf (msg, msglen, __VA_ARGS__);                \
-    return -1;                                          \
-  } while (0)
+/* Set *CODE and the message, return -1. */
+static int __attribute__ ((__format__ (__printf__, 5, 6)))
+refuse (enum ctl_code *code, enum ctl_code c, char *msg, size_t msglen,
+        const char *fmt, ...)
+{
+  va_list ap;
+
+  *code = c;
+  va_start (ap, fmt);
+  vsnprintf (msg, msglen, fmt, ap);
+  va_end (ap);
+  return -1;
+}
 
 /* Copy a name argument, checking it. */
 static int
@@ -260,11 +255,80 @@ take_name (char *dst, const char *word, const char *what,
            enum ctl_code *code, char *msg, size_t msglen)
 {
   if (!cbt_name_valid (word))
-    SYNTAX (CTL_E_INVALID_NAME, "%s '%.*s' is not a valid checkpoint name "
-            "(1-%d printable characters, no space, not starting with '-')",
-            what, CBT_NAME_MAX + 1, word, CBT_NAME_MAX);
+    return refuse (code, CTL_E_INVALID_NAME, msg, msglen,
+                   "%s '%.*s' is not a valid checkpoint name (1-%d "
+                   "printable characters, no space, not starting with '-')",
+                   what, CBT_NAME_MAX + 1, word, CBT_NAME_MAX);
   strcpy (dst, word);
   return 0;
+}
+
+/* Split LINE (checked: printable) into at most MAX_WORDS words of COPY. */
+static int
+split_words (const char *line, char *copy, char **words, size_t *nw,
+             enum ctl_code *code, char *msg, size_t msglen)
+{
+  char *save = NULL, *w;
+  size_t len = strlen (line);
+
+  if (len >= CTL_LINE_MAX)
+    return refuse (code, CTL_E_TOO_LONG, msg, msglen,
+                   "request of %zu bytes, the limit is %d", len,
+                   CTL_LINE_MAX - 1);
+  for (size_t i = 0; i < len; ++i)
+    if ((line[i] < 0x20 && line[i] != '\t') ||
+        (unsigned char) line[i] > 0x7e)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen, "byte 0x%02x at "
+                     "column %zu is not printable ASCII",
+                     (unsigned char) line[i], i + 1);
+  memcpy (copy, line, len + 1);
+  *nw = 0;
+  for (w = strtok_r (copy, " \t", &save); w;
+       w = strtok_r (NULL, " \t", &save)) {
+    if (*nw == MAX_WORDS)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "too many words (at most %d)", MAX_WORDS);
+    words[(*nw)++] = w;
+  }
+  if (*nw == 0)
+    return refuse (code, CTL_E_SYNTAX, msg, msglen, "empty request");
+  return 0;
+}
+
+/* One argument W (words[*I]) of command CMD taking A. */
+static int
+parse_argument (struct ctl_request *req, unsigned a, char **words,
+                size_t nw, size_t *i, bool *have_okfail,
+                enum ctl_code *code, char *msg, size_t msglen)
+{
+  const char *cmd = words[0], *w = words[*i];
+
+  if (strcmp (w, "--since") == 0 && (a & A_SINCE)) {
+    if (req->since[0])
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "%s: --since given twice", cmd);
+    if (*i + 1 == nw)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "%s: --since needs a checkpoint name", cmd);
+    return take_name (req->since, words[++*i], "--since", code, msg,
+                      msglen);
+  }
+  if ((strcmp (w, "--ok") == 0 || strcmp (w, "--failed") == 0) &&
+      (a & A_OKFAIL)) {
+    if (*have_okfail)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "%s: give one of --ok and --failed, once", cmd);
+    *have_okfail = true;
+    req->ok = w[2] == 'o';
+    return 0;
+  }
+  if (w[0] == '-' && w[1] == '-')
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "%s: unknown option '%.64s'", cmd, w);
+  if ((a & A_NAME) && req->name[0] == '\0')
+    return take_name (req->name, w, "checkpoint", code, msg, msglen);
+  return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                 "%s: unexpected argument '%.64s'", cmd, w);
 }
 
 int
@@ -272,80 +336,38 @@ ctl_parse_request (const char *line, struct ctl_request *req,
                    enum ctl_code *code, char *msg, size_t msglen)
 {
   char copy[CTL_LINE_MAX];
-  char *words[MAX_WORDS], *save = NULL, *w;
-  size_t nw = 0, len = strlen (line), i;
-  unsigned a;
+  char *words[MAX_WORDS];
+  size_t nw = 0, c;
   bool have_okfail = false;
-  size_t c;
+  unsigned a;
 
   memset (req, 0, sizeof *req);
-  if (len >= CTL_LINE_MAX)
-    SYNTAX (CTL_E_TOO_LONG, "request of %zu bytes, the limit is %d",
-            len, CTL_LINE_MAX - 1);
-  for (i = 0; i < len; ++i)
-    if ((line[i] < 0x20 && line[i] != '\t') || (unsigned char) line[i] > 0x7e)
-      SYNTAX (CTL_E_SYNTAX, "byte 0x%02x at column %zu is not printable "
-              "ASCII", (unsigned char) line[i], i + 1);
-  memcpy (copy, line, len + 1);
-  for (w = strtok_r (copy, " \t", &save); w;
-       w = strtok_r (NULL, " \t", &save)) {
-    if (nw == MAX_WORDS)
-      SYNTAX (CTL_E_SYNTAX, "too many words (at most %d)", MAX_WORDS);
-    words[nw++] = w;
-  }
-  if (nw == 0)
-    SYNTAX (CTL_E_SYNTAX, "empty request");
+  if (split_words (line, copy, words, &nw, code, msg, msglen) == -1)
+    return -1;
   for (c = 1; c < NR_CMDS; ++c)
     if (cmd_names[c] && strcmp (words[0], cmd_names[c]) == 0)
       break;
   if (c == NR_CMDS)
-    SYNTAX (CTL_E_UNKNOWN_COMMAND, "unknown command '%.64s' (commands: "
-            "backup-begin, backup-end, checkpoint-list, checkpoint-delete, "
-            "map, status)", words[0]);
+    return refuse (code, CTL_E_UNKNOWN_COMMAND, msg, msglen,
+                   "unknown command '%.64s' (commands: backup-begin, "
+                   "backup-end, checkpoint-list, checkpoint-delete, map, "
+                   "status)", words[0]);
   req->cmd = (enum ctl_cmd) c;
   a = cmd_args[c];
-
-  for (i = 1; i < nw; ++i) {
-    w = words[i];
-    if (strcmp (w, "--since") == 0 && (a & A_SINCE)) {
-      if (req->since[0])
-        SYNTAX (CTL_E_SYNTAX, "%s: --since given twice", words[0]);
-      if (i + 1 == nw)
-        SYNTAX (CTL_E_SYNTAX, "%s: --since needs a checkpoint name",
-                words[0]);
-      if (take_name (req->since, words[++i], "--since", code, msg,
-                     msglen) == -1)
-        return -1;
-    }
-    else if ((strcmp (w, "--ok") == 0 || strcmp (w, "--failed") == 0) &&
-             (a & A_OKFAIL)) {
-      if (have_okfail)
-        SYNTAX (CTL_E_SYNTAX, "%s: give one of --ok and --failed, once",
-                words[0]);
-      have_okfail = true;
-      req->ok = w[2] == 'o';
-    }
-    else if (strcmp (w, "--json") == 0 && (a & A_JSON)) {
-      if (req->json)
-        SYNTAX (CTL_E_SYNTAX, "%s: --json given twice", words[0]);
-      req->json = true;
-    }
-    else if (w[0] == '-' && w[1] == '-')
-      SYNTAX (CTL_E_SYNTAX, "%s: unknown option '%.64s'", words[0], w);
-    else if ((a & A_NAME) && req->name[0] == '\0') {
-      if (take_name (req->name, w, "checkpoint", code, msg, msglen) == -1)
-        return -1;
-    }
-    else
-      SYNTAX (CTL_E_SYNTAX, "%s: unexpected argument '%.64s'", words[0], w);
-  }
+  for (size_t i = 1; i < nw; ++i)
+    if (parse_argument (req, a, words, nw, &i, &have_okfail, code, msg,
+                        msglen) == -1)
+      return -1;
   if ((a & A_NAME) && req->name[0] == '\0')
-    SYNTAX (CTL_E_SYNTAX, "%s: missing checkpoint name", words[0]);
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "%s: missing checkpoint name", words[0]);
   if ((a & A_OKFAIL) && !have_okfail)
-    SYNTAX (CTL_E_SYNTAX, "%s: missing --ok or --failed", words[0]);
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "%s: missing --ok or --failed", words[0]);
   if (req->cmd == CTL_BACKUP_BEGIN && strcmp (req->name, req->since) == 0)
-    SYNTAX (CTL_E_SYNTAX, "backup-begin: the new checkpoint cannot be "
-            "its own --since");
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "backup-begin: the new checkpoint cannot be its own "
+                   "--since");
   return 0;
 }
 
@@ -409,34 +431,101 @@ ctl_reader_init (struct ctl_reader *r, int fd)
   r->fd = fd;
 }
 
-int
-ctl_read_line (struct ctl_reader *r, char *line)
+size_t
+ctl_reader_pending (const struct ctl_reader *r, const char **bytes)
 {
+  *bytes = r->buf + r->start;
+  return r->end - r->start;
+}
+
+/* Milliseconds left until DEADLINE (CLOCK_MONOTONIC), at least 0. */
+static int
+ms_left (const struct timespec *deadline)
+{
+  struct timespec now;
+  int64_t ms;
+
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  ms = (deadline->tv_sec - now.tv_sec) * 1000 +
+    (deadline->tv_nsec - now.tv_nsec) / 1000000;
+  return ms < 0 ? 0 : ms > INT32_MAX ? INT32_MAX : (int) ms;
+}
+
+/* Wait until R->fd is readable: 0, or -4 with errno. */
+static int
+wait_readable (struct ctl_reader *r, const struct timespec *deadline,
+               int stop_fd)
+{
+  struct pollfd p[2] = {
+    { .fd = r->fd, .events = POLLIN },
+    { .fd = stop_fd, .events = POLLIN },
+  };
+  int n;
+
+  do
+    n = poll (p, stop_fd >= 0 ? 2 : 1, deadline ? ms_left (deadline) : -1);
+  while (n == -1 && errno == EINTR);
+  if (n == -1)
+    return -1;
+  if (stop_fd >= 0 && p[1].revents) {
+    errno = ECANCELED;
+    return -4;
+  }
+  if (n == 0) {
+    errno = ETIMEDOUT;
+    return -4;
+  }
+  return 0;
+}
+
+/* A line from R's buffer into LINE: 1, -2 or -3; 0 if none yet. */
+static int
+take_line (struct ctl_reader *r, char *line)
+{
+  char *nl = memchr (r->buf + r->start, '\n', r->end - r->start);
+  size_t len;
+  bool was_discarding = r->discarding, bad = false;
+
+  if (nl == NULL)
+    return 0;
+  len = (size_t) (nl - (r->buf + r->start));
+  r->discarding = false;
+  if (was_discarding) {
+    r->start += len + 1;
+    return -2;
+  }
+  memcpy (line, r->buf + r->start, len);
+  r->start += len + 1;
+  if (len > 0 && line[len - 1] == '\r')
+    len--;
+  line[len] = '\0';
+  for (size_t i = 0; i < len; ++i)
+    if (((unsigned char) line[i] < 0x20 && line[i] != '\t') ||
+        (unsigned char) line[i] > 0x7e)
+      bad = true;
+  return bad ? -3 : 1;
+}
+
+int
+ctl_read_line (struct ctl_reader *r, char *line, int timeout_ms, int stop_fd)
+{
+  struct timespec deadline;
+
+  if (timeout_ms >= 0) {
+    clock_gettime (CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long) (timeout_ms % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+      deadline.tv_sec++;
+      deadline.tv_nsec -= 1000000000;
+    }
+  }
   for (;;) {
-    char *nl = memchr (r->buf + r->start, '\n', r->end - r->start);
+    int t = take_line (r, line);
     ssize_t n;
 
-    if (nl != NULL) {
-      size_t len = (size_t) (nl - (r->buf + r->start));
-      bool was_discarding = r->discarding;
-      bool bad = false;
-
-      r->discarding = false;
-      if (was_discarding) {
-        r->start += len + 1;
-        return -2;
-      }
-      memcpy (line, r->buf + r->start, len);
-      r->start += len + 1;
-      if (len > 0 && line[len - 1] == '\r')
-        len--;
-      line[len] = '\0';
-      for (size_t i = 0; i < len; ++i)
-        if (((unsigned char) line[i] < 0x20 && line[i] != '\t') ||
-            (unsigned char) line[i] > 0x7e)
-          bad = true;
-      return bad ? -3 : 1;
-    }
+    if (t != 0)
+      return t;
     /* No LF in the buffer: make room, or give up on this line. */
     if (r->start > 0) {
       memmove (r->buf, r->buf + r->start, r->end - r->start);
@@ -446,6 +535,11 @@ ctl_read_line (struct ctl_reader *r, char *line)
     if (r->end == sizeof r->buf) {
       r->discarding = true;
       r->end = 0;
+    }
+    if (timeout_ms >= 0 || stop_fd >= 0) {
+      t = wait_readable (r, timeout_ms >= 0 ? &deadline : NULL, stop_fd);
+      if (t != 0)
+        return t;
     }
     n = read (r->fd, r->buf + r->end, sizeof r->buf - r->end);
     if (n == -1 && errno == EINTR)

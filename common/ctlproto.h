@@ -4,7 +4,7 @@
  *
  * Lines are printable ASCII ending with LF (a CR before it is dropped),
  * at most CTL_LINE_MAX bytes including the LF.  On connect the server
- * sends the hello line "HELLO sparsebackup-ctl 1".  A request is one
+ * sends the hello line "HELLO sparsebackup-ctl 2".  A request is one
  * line; a reply is zero or more data lines starting with "* ", then one
  * status line: "OK [text]" or "ERR <code> <message>".
  *
@@ -24,7 +24,7 @@
 #include "cbt.h"
 
 #define CTL_PROTOCOL "sparsebackup-ctl"
-#define CTL_VERSION 1
+#define CTL_VERSION 2
 #define CTL_LINE_MAX 1024       /* bytes per line, LF included */
 
 enum ctl_cmd {
@@ -32,7 +32,7 @@ enum ctl_cmd {
   CTL_BACKUP_END,               /* backup-end NEW --ok|--failed */
   CTL_CHECKPOINT_LIST,          /* checkpoint-list */
   CTL_CHECKPOINT_DELETE,        /* checkpoint-delete X */
-  CTL_MAP,                      /* map [--since X] [--json] */
+  CTL_MAP,                      /* map [--since X] */
   CTL_STATUS,                   /* status */
 };
 
@@ -57,7 +57,6 @@ struct ctl_request {
   char name[CBT_NAME_MAX + 1];  /* NEW or X, "" if none */
   char since[CBT_NAME_MAX + 1]; /* --since, "" if none */
   bool ok;                      /* backup-end: --ok (else --failed) */
-  bool json;                    /* map --json */
 };
 
 struct ctl_reply_line {
@@ -68,7 +67,9 @@ struct ctl_reply_line {
 
 extern const char *ctl_cmd_name (enum ctl_cmd cmd);
 extern const char *ctl_code_name (enum ctl_code code);
-/* The code for an errno from cbt.h. */
+/* The code for an errno from cbt.h: EMLINK (the checkpoint limit) is
+ * "limit", EIO and every other error of the file (ENOSPC...) "io".
+ */
 extern enum ctl_code ctl_code_from_errno (int err);
 
 /* Parse request LINE (NUL-terminated, without the LF).  On error
@@ -95,18 +96,16 @@ extern int ctl_format_ok (char *buf, size_t len, const char *fmt, ...)
 extern int ctl_format_err (char *buf, size_t len, enum ctl_code code,
                            const char *message);
 
-/* Data lines of the replies. */
+/* Data lines of the replies.  A checkpoint: "NAME good|pending EPOCH
+ * ISO8601" (the creation time in seconds since the epoch and as UTC
+ * "YYYY-MM-DDTHH:MM:SSZ").  An extent of map: "OFFSET LENGTH".
+ */
 extern int ctl_format_checkpoint (char *buf, size_t len,
                                   const struct cbt_checkpoint_info *cp);
-/* map: "* OFFSET LENGTH", or with JSON one element of the array
- * "* [OFFSET,LENGTH]," (without the comma when LAST).  The JSON document
- * is the data lines of the reply (without "* ") in order: a first line
- * from ctl_format_json_open, the extents, and "]}".
- */
 extern int ctl_format_extent (char *buf, size_t len, uint64_t offset,
-                              uint64_t length, bool json, bool last);
-extern int ctl_format_json_open (char *buf, size_t len, const char *since,
-                                 uint32_t granularity, uint64_t disk_size);
+                              uint64_t length);
+/* SECS since the epoch as "YYYY-MM-DDTHH:MM:SSZ" in BUF (>= 21 bytes). */
+extern void ctl_iso8601 (char *buf, size_t len, uint64_t secs);
 
 /* Classify a reply LINE (NUL-terminated, without LF).  R->text points
  * into LINE.  -1 with a message if it is none of the three kinds.
@@ -128,8 +127,16 @@ extern void ctl_reader_init (struct ctl_reader *r, int fd);
  * line is dropped), -1 on error (errno), -2 when the line was longer
  * than CTL_LINE_MAX (the whole line is skipped; the next call reads the
  * line after it), -3 when the line holds a byte outside printable
- * ASCII and tab.
+ * ASCII and tab, -4 when the whole line has not arrived within
+ * TIMEOUT_MS milliseconds (-1: no limit) or when STOP_FD (-1: none)
+ * became readable (errno ETIMEDOUT or ECANCELED).
  */
-extern int ctl_read_line (struct ctl_reader *r, char *line);
+extern int ctl_read_line (struct ctl_reader *r, char *line, int timeout_ms,
+                          int stop_fd);
+/* The bytes received so far and not returned as lines (for messages
+ * about a peer that does not speak the protocol).
+ */
+extern size_t ctl_reader_pending (const struct ctl_reader *r,
+                                  const char **bytes);
 
 #endif /* SPARSEBACKUP_CTLPROTO_H */

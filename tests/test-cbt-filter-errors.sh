@@ -88,7 +88,7 @@ expect ()
 }
 expect 1 "ERR state the cbt file is not open yet: it is opened by the first NBD connection (it needs the disk size)" -- status
 nbdinfo --size "$uri" >/dev/null
-expect 0 "OK version=1 mode=in-use disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
+expect 0 "OK version=2 mode=in-use disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
 expect 1 "ERR no-such-checkpoint no good checkpoint" -- map
 expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- map --since nope
 expect 1 "ERR no-such-checkpoint no checkpoint 'nope'" -- backup-begin c1 --since nope

@@ -4,7 +4,7 @@
  *  - arguments, snapshots and generations, unchanged() with changes in
  *    flight, ended before / after the snapshot, the EXCEPT ticket,
  *    overlapping / adjacent / unsorted ranges, ranges at the UINT64_MAX
- *    edge, history overflow, the recorder hook, a ticket ended twice,
+ *    edge, history overflow, a ticket ended twice,
  *    statistics.
  *
  * Allocation failures, the randomized comparison and threads are in
@@ -243,100 +243,6 @@ test_history (void)
   printf ("history: ok\n");
 }
 
-/* The recorder hook. */
-struct recorder {
-  struct changes *ch;
-  unsigned calls;
-  uint64_t offset, count;
-  int fail_errno;               /* fail with this errno, 0: succeed */
-  uint64_t snap;                /* a snapshot given to the probe */
-  uint64_t probe;               /* unchanged() bytes seen from the hook */
-  uint64_t gen;
-};
-
-static void
-ignore (void *opaque, uint64_t offset, uint64_t count)
-{
-}
-
-static int
-recorder (void *opaque, uint64_t offset, uint64_t count)
-{
-  struct recorder *r = opaque;
-
-  r->calls++;
-  r->offset = offset;
-  r->count = count;
-  /* Called without the lock, before the change is in flight: the tracker
-   * can be asked from here, and the change is not yet there.
-   */
-  r->probe = changes_unchanged (r->ch, r->snap, 0, offset, count,
-                                ignore, NULL);
-  r->gen = changes_snapshot (r->ch);
-  if (r->fail_errno) {
-    errno = r->fail_errno;
-    return -1;
-  }
-  return 0;
-}
-
-static void
-test_recorder (void)
-{
-  struct changes *ch = new_changes (16);
-  struct recorder r = { .ch = ch };
-  struct changes_stats st;
-  struct parts p;
-  uint64_t t, s;
-
-  changes_set_recorder (ch, recorder, &r);
-  s = r.snap = changes_snapshot (ch);
-
-  t = begin (ch, 100, 50);
-  CHECK_EQ (r.calls, 1);
-  CHECK_EQ (r.offset, 100);
-  CHECK_EQ (r.count, 50);
-  CHECK_EQ (r.probe, 50);               /* not yet in flight */
-  CHECK_EQ (unchanged (ch, s, 0, 100, 50, &p), 0);
-  changes_end (ch, t);
-
-  /* Count 0: not called. */
-  t = begin (ch, 100, 0);
-  CHECK_EQ (r.calls, 1);
-  changes_end (ch, t);
-  /* Overflowing count: called with the clipped range. */
-  t = begin (ch, UINT64_MAX - 5, 100);
-  CHECK_EQ (r.calls, 2);
-  CHECK_EQ (r.offset, UINT64_MAX - 5);
-  CHECK_EQ (r.count, 5);
-  changes_end (ch, t);
-
-  /* Failure: -1 with errno, nothing recorded, no generation used. */
-  s = r.snap = changes_snapshot (ch);
-  changes_get_stats (ch, &st);
-  r.fail_errno = ENOSPC;
-  t = 42;
-  errno = 0;
-  CHECK (changes_begin (ch, 1000, 10, &t) == -1);
-  CHECK_EQ (errno, ENOSPC);
-  CHECK_EQ (r.calls, 3);
-  CHECK_EQ (unchanged (ch, s, 0, 0, 2000, &p), 2000);
-  CHECK_EQ (changes_snapshot (ch), s);
-  {
-    struct changes_stats st2;
-
-    changes_get_stats (ch, &st2);
-    CHECK_EQ (st2.inflight, 0);
-    CHECK_EQ (st2.begun, st.begun);
-  }
-  r.fail_errno = 0;
-  t = begin (ch, 1000, 10);
-  CHECK_EQ (unchanged (ch, s, 0, 0, 2000, &p), 1990);
-  changes_end (ch, t);
-  changes_free (ch);
-  printf ("recorder: ok\n");
-}
-
 int
 main (void)
 {
@@ -345,7 +251,6 @@ main (void)
   test_basic ();
   test_edges ();
   test_history ();
-  test_recorder ();
 
   if (failures) {
     fprintf (stderr, "test-changes: %u failure(s)\n", failures);

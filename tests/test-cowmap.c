@@ -73,12 +73,22 @@ steps (void)
   cur = 9;
   CHECK (cowmap_claim (m, &cur, 50, 10, &a, &b) == 1 && a == 9 && b == 11);
   cowmap_done (m, 9, 11, 11);
-  /* Reservations. */
-  CHECK (cowmap_reserve (m, 100, 150));
-  CHECK (!cowmap_reserve (m, 60, 150));
-  CHECK (cowmap_reserve (m, 50, 150));
-  cowmap_unreserve (m, 90);
-  CHECK_EQ (cowmap_used (m), 60);
+  /* Compact storage: slots in the order stored, the limit in bytes. */
+  {
+    uint64_t slot = 99;
+
+    CHECK (cowmap_slot (m, 7) == UINT64_MAX);
+    CHECK (cowmap_store (m, 7, 9, 100, 150, &slot) == 0 && slot == 0);
+    errno = 0;
+    CHECK (cowmap_store (m, 1, 2, 60, 150, &slot) == -1 && errno == ENOSPC);
+    CHECK (cowmap_store (m, 11, 12, 1, 150, &slot) == -1 && errno == EINVAL);
+    CHECK (cowmap_store (m, 3, 4, 50, 150, &slot) == 0 && slot == 2);
+    CHECK (cowmap_slot (m, 7) == 0 && cowmap_slot (m, 8) == 1);
+    CHECK (cowmap_slot (m, 3) == 2 && cowmap_slot (m, 1) == UINT64_MAX);
+    CHECK_EQ (cowmap_slots (m), 3);
+    cowmap_unstore (m, 90);
+    CHECK_EQ (cowmap_used (m), 60);
+  }
   /* Breaking. */
   CHECK (!cowmap_broken (m, why, sizeof why) && why[0] == '\0');
   CHECK (cowmap_break (m, "the scratch is full"));

@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <unistd.h>
+#include <sys/wait.h>
 
 #include "ctlproto.h"
 
@@ -80,7 +82,7 @@ requests (void)
   good ("checkpoint-delete x.y_z", CTL_CHECKPOINT_DELETE,
         "checkpoint-delete x.y_z\n");
   good ("map", CTL_MAP, "map\n");
-  good ("map --json --since b1", CTL_MAP, "map --since b1 --json\n");
+  good ("map  --since b1", CTL_MAP, "map --since b1\n");
   good ("status ", CTL_STATUS, "status\n");
 
   bad ("", CTL_E_SYNTAX, "empty");
@@ -106,7 +108,8 @@ requests (void)
        "a234567890123456789012345678901234567890123456789012345678901234",
        CTL_E_INVALID_NAME, "not a valid checkpoint name");
   bad ("map --since", CTL_E_SYNTAX, "--since needs");
-  bad ("map --json --json", CTL_E_SYNTAX, "twice");
+  bad ("map --json", CTL_E_SYNTAX, "unknown option '--json'");
+  bad ("map --since a --since b", CTL_E_SYNTAX, "twice");
   bad ("map x", CTL_E_SYNTAX, "unexpected argument 'x'");
   bad ("status --verbose", CTL_E_SYNTAX, "unknown option '--verbose'");
   bad ("map a b c d e f g h i", CTL_E_SYNTAX, "too many words");
@@ -125,13 +128,13 @@ replies (void)
   unsigned v;
 
   CHECK (ctl_format_hello (buf, sizeof buf) > 0);
-  CHECK (strcmp (buf, "HELLO sparsebackup-ctl 1\n") == 0);
+  CHECK (strcmp (buf, "HELLO sparsebackup-ctl 2\n") == 0);
   buf[strlen (buf) - 1] = '\0';
-  CHECK (ctl_parse_hello (buf, &v, msg, sizeof msg) == 0 && v == 1);
-  CHECK (ctl_parse_hello ("HELLO sparsebackup-ctl 2", &v, msg,
-                          sizeof msg) == -1 && strstr (msg, "version 2"));
-  CHECK (ctl_parse_hello ("HELLO other 1", &v, msg, sizeof msg) == -1);
-  CHECK (ctl_parse_hello ("HELLO sparsebackup-ctl 1 x", &v, msg,
+  CHECK (ctl_parse_hello (buf, &v, msg, sizeof msg) == 0 && v == 2);
+  CHECK (ctl_parse_hello ("HELLO sparsebackup-ctl 1", &v, msg,
+                          sizeof msg) == -1 && strstr (msg, "version 1"));
+  CHECK (ctl_parse_hello ("HELLO other 2", &v, msg, sizeof msg) == -1);
+  CHECK (ctl_parse_hello ("HELLO sparsebackup-ctl 2 x", &v, msg,
                           sizeof msg) == -1);
 
   CHECK (ctl_format_ok (buf, sizeof buf, "%s", "") > 0 &&
@@ -151,16 +154,9 @@ replies (void)
          errno == ENOBUFS);
   CHECK (ctl_format_ok (buf, 4, "x") == -1);
   CHECK (ctl_format_checkpoint (buf, sizeof buf, &cp) > 0 &&
-         strcmp (buf, "* b1 pending 1700000000\n") == 0);
-  CHECK (ctl_format_extent (buf, sizeof buf, 65536, 131072, false, false) > 0
+         strcmp (buf, "* b1 pending 1700000000 2023-11-14T22:13:20Z\n") == 0);
+  CHECK (ctl_format_extent (buf, sizeof buf, 65536, 131072) > 0
          && strcmp (buf, "* 65536 131072\n") == 0);
-  CHECK (ctl_format_extent (buf, sizeof buf, 0, 5, true, false) > 0 &&
-         strcmp (buf, "* [0,5],\n") == 0);
-  CHECK (ctl_format_extent (buf, sizeof buf, 0, 5, true, true) > 0 &&
-         strcmp (buf, "* [0,5]\n") == 0);
-  CHECK (ctl_format_json_open (buf, sizeof buf, "a\"b\\", 65536, 1000) > 0 &&
-         strcmp (buf, "* {\"since\":\"a\\\"b\\\\\",\"granularity\":65536,"
-                 "\"disk-size\":1000,\"extents\":[\n") == 0);
 
   CHECK (ctl_parse_reply_line ("* 0 65536", &r, msg, sizeof msg) == 0 &&
          r.kind == CTL_LINE_DATA && strcmp (r.text, "0 65536") == 0);
@@ -181,6 +177,9 @@ replies (void)
   CHECK (ctl_code_from_errno (EEXIST) == CTL_E_EXISTS);
   CHECK (ctl_code_from_errno (EBUSY) == CTL_E_BUSY);
   CHECK (ctl_code_from_errno (EIO) == CTL_E_IO);
+  /* A full file system is an I/O error, not the checkpoint limit. */
+  CHECK (ctl_code_from_errno (ENOSPC) == CTL_E_IO);
+  CHECK (ctl_code_from_errno (EMLINK) == CTL_E_LIMIT);
   CHECK (strcmp (ctl_code_name (CTL_E_TOO_LONG), "too-long") == 0);
 }
 
@@ -219,15 +218,47 @@ reader (void)
   }
   close (fds[1]);
   ctl_reader_init (&r, fds[0]);
-  CHECK (ctl_read_line (&r, line) == 1 && strcmp (line, "status") == 0);
-  CHECK (ctl_read_line (&r, line) == 1 && strcmp (line, "map --json") == 0);
-  CHECK (ctl_read_line (&r, line) == -2);
-  CHECK (ctl_read_line (&r, line) == -3);
-  CHECK (ctl_read_line (&r, line) == 1 &&
+  CHECK (ctl_read_line (&r, line, -1, -1) == 1 && strcmp (line, "status") == 0);
+  CHECK (ctl_read_line (&r, line, -1, -1) == 1 && strcmp (line, "map --json") == 0);
+  CHECK (ctl_read_line (&r, line, -1, -1) == -2);
+  CHECK (ctl_read_line (&r, line, -1, -1) == -3);
+  CHECK (ctl_read_line (&r, line, -1, -1) == 1 &&
          strcmp (line, "checkpoint-list") == 0);
-  CHECK (ctl_read_line (&r, line) == 0);
+  CHECK (ctl_read_line (&r, line, -1, -1) == 0);
   close (fds[0]);
   free (input);
+}
+
+/* The whole line must arrive within the timeout, however it trickles. */
+static void
+reader_timeout (void)
+{
+  int fds[2];
+  struct ctl_reader r;
+  char line[CTL_LINE_MAX];
+  pid_t pid;
+
+  if (pipe (fds) == -1)
+    exit (EXIT_FAILURE);
+  pid = fork ();
+  if (pid == 0) {
+    close (fds[0]);
+    /* A byte every 100 ms, never an LF. */
+    for (int i = 0; i < 50; ++i) {
+      if (write (fds[1], "s", 1) != 1)
+        _exit (1);
+      usleep (100000);
+    }
+    _exit (0);
+  }
+  close (fds[1]);
+  ctl_reader_init (&r, fds[0]);
+  errno = 0;
+  CHECK (ctl_read_line (&r, line, 700, -1) == -4 && errno == ETIMEDOUT);
+  CHECK (ctl_reader_pending (&r, &(const char *) { NULL }) > 0);
+  close (fds[0]);
+  kill (pid, SIGKILL);
+  waitpid (pid, NULL, 0);
 }
 
 int
@@ -236,6 +267,7 @@ main (void)
   requests ();
   replies ();
   reader ();
+  reader_timeout ();
   if (failures) {
     fprintf (stderr, "test-ctlproto: %u failures\n", failures);
     return EXIT_FAILURE;

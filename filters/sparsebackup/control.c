@@ -1,13 +1,20 @@
-/* nbdkit-sparsebackup-filter: the control socket (sparsebackup-control).
+/* nbdkit-sparsebackup-filter: the control socket (control.h).
  *
  * A Unix stream socket (mode 0600) created at get_ready, so that a bad
- * path fails at start-up, served by one thread started at after_fork
- * (threads do not survive nbdkit's fork), removed at unload.  It speaks
- * doc/cbt-protocol.md through common/ctlproto: up to MAX_CLIENTS
- * clients at once, each served by its own thread (more are answered
- * "ERR busy" and closed), bounded lines, a client idle for
- * CLIENT_TIMEOUT seconds is dropped.  Every command is thread-safe:
- * the cbt has its own lock, backups are serialised by frozen.c.
+ * path fails at start-up: a path where a server answers is refused (a
+ * second nbdkit given the same path must not take it over), a stale
+ * socket left by a process that died is replaced, anything else is an
+ * error.  At unload the path is removed only if it is still the socket
+ * this process created.  One thread started at after_fork (threads do
+ * not survive nbdkit's fork) accepts clients; each is served by its own
+ * thread, up to MAX_CLIENTS at once (more are answered "ERR busy" and
+ * closed).  It speaks doc/cbt-protocol.md through common/ctlproto.
+ *
+ * Bounds: a request line is at most 1024 bytes and must arrive whole
+ * within CLIENT_TIMEOUT seconds of the end of the previous reply (a
+ * client trickling bytes cannot keep its slot), replies are sent with
+ * the same timeout.  The commands are thread-safe: the cbt has its own
+ * lock, backups and checkpoint changes are serialised by backup.c.
  */
 
 #ifndef _GNU_SOURCE
@@ -15,6 +22,7 @@
 #endif
 #include <config.h>
 
+#include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -32,15 +40,32 @@
 #include <nbdkit-filter.h>
 
 #include "cbt.h"
+#include "cleanup.h"
 #include "ctlproto.h"
+#include "vector.h"
 #include "sparsebackup.h"
-#include "cbt-glue.h"
+#include "backup.h"
+#include "control.h"
 #include "frozen.h"
+#include "tracking.h"
 
-#define CLIENT_TIMEOUT 60
+#define CLIENT_TIMEOUT 60       /* seconds */
 #define MAX_CLIENTS 8
 
+/* -D sparsebackup.control_timeout=SECONDS: for tests, another bound on
+ * the time of a request line than CLIENT_TIMEOUT.
+ */
+NBDKIT_DLL_PUBLIC int sparsebackup_debug_control_timeout = 0;
+
+static int
+client_timeout (void)
+{
+  return sparsebackup_debug_control_timeout > 0 ?
+    sparsebackup_debug_control_timeout : CLIENT_TIMEOUT;
+}
+
 static int listen_fd = -1;
+static struct stat listen_st;           /* the socket file we created */
 static int stop_pipe[2] = { -1, -1 };
 static pthread_t thread;
 static bool thread_running;
@@ -54,6 +79,42 @@ static int client_fds[MAX_CLIENTS] = { -1, -1, -1, -1, -1, -1, -1, -1 };
 static unsigned nr_clients;
 static bool stopping;
 
+/* ---- The socket ------------------------------------------------------- */
+
+/* A socket file exists at the path: refuse it if a server answers,
+ * remove it if it is stale.
+ */
+static int
+replace_stale (void)
+{
+  struct sockaddr_un addr = { .sun_family = AF_UNIX };
+  int fd, r;
+
+  snprintf (addr.sun_path, sizeof addr.sun_path, "%s", cfg_control_path);
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd == -1) {
+    nbdkit_error ("sparsebackup-control: socket: %m");
+    return -1;
+  }
+  r = connect (fd, (struct sockaddr *) &addr, sizeof addr);
+  close (fd);
+  if (r == 0) {
+    nbdkit_error ("sparsebackup-control: '%s': a server is answering on "
+                  "this socket (another nbdkit?): refused; stop it, or give "
+                  "this server its own path", cfg_control_path);
+    return -1;
+  }
+  if (errno != ECONNREFUSED) {
+    nbdkit_error ("sparsebackup-control: '%s' exists and cannot be checked: "
+                  "%m", cfg_control_path);
+    return -1;
+  }
+  nbdkit_debug ("sparsebackup-control: '%s': a stale socket (nobody "
+                "answers): replaced", cfg_control_path);
+  unlink (cfg_control_path);
+  return 0;
+}
+
 int
 control_open (void)
 {
@@ -64,14 +125,14 @@ control_open (void)
 
   if (cfg_control_path == NULL)
     return 0;
-  /* A socket left by a previous run is removed; anything else is not. */
   if (lstat (cfg_control_path, &st) == 0) {
     if (!S_ISSOCK (st.st_mode)) {
       nbdkit_error ("sparsebackup-control: '%s' exists and is not a socket",
                     cfg_control_path);
       return -1;
     }
-    unlink (cfg_control_path);
+    if (replace_stale () == -1)
+      return -1;
   }
   snprintf (addr.sun_path, sizeof addr.sun_path, "%s", cfg_control_path);
   fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -87,7 +148,8 @@ control_open (void)
     close (fd);
     return -1;
   }
-  if (chmod (cfg_control_path, 0600) == -1 || listen (fd, 4) == -1) {
+  if (lstat (cfg_control_path, &listen_st) == -1 ||
+      chmod (cfg_control_path, 0600) == -1 || listen (fd, 4) == -1) {
     nbdkit_error ("sparsebackup-control: '%s': %m", cfg_control_path);
     close (fd);
     unlink (cfg_control_path);
@@ -97,7 +159,21 @@ control_open (void)
   return 0;
 }
 
-/* ---- One request ---------------------------------------------------- */
+/* Remove the socket file if it is still the one this process created. */
+static void
+remove_socket (void)
+{
+  struct stat st;
+
+  if (lstat (cfg_control_path, &st) == 0 && S_ISSOCK (st.st_mode) &&
+      st.st_dev == listen_st.st_dev && st.st_ino == listen_st.st_ino)
+    unlink (cfg_control_path);
+  else
+    nbdkit_debug ("sparsebackup-control: '%s' is no longer our socket: "
+                  "left as it is", cfg_control_path);
+}
+
+/* ---- Replies ---------------------------------------------------------- */
 
 struct conn {
   int fd;
@@ -110,9 +186,7 @@ send_buf (struct conn *k, int n)
 {
   const char *p = k->buf;
 
-  if (n < 0)            /* cannot happen: every line is bounded */
-    n = ctl_format_err (k->buf, sizeof k->buf, CTL_E_INTERNAL,
-                        "reply line too long");
+  assert (n >= 0);              /* every line is bounded */
   while (n > 0 && !k->broken) {
     ssize_t w = send (k->fd, p, n, MSG_NOSIGNAL);
 
@@ -133,118 +207,155 @@ send_err (struct conn *k, enum ctl_code code, const char *msg)
   send_buf (k, ctl_format_err (k->buf, sizeof k->buf, code, msg));
 }
 
-/* Reply to an error from cbt.h (errno set, MSG from it). */
-static void
-send_cbt_err (struct conn *k, const char *msg)
-{
-  if (errno == EIO)
-    __atomic_store_n (&cbt_io_error, true, __ATOMIC_RELAXED);
-  send_err (k, ctl_code_from_errno (errno), msg[0] ? msg : strerror (errno));
-}
+/* ---- Commands --------------------------------------------------------- */
 
-struct map_buf {
-  uint64_t (*v)[2];
-  size_t n, cap;
+struct range {
+  uint64_t offset, length;
 };
+DEFINE_VECTOR (range_vector, struct range);
 
 static int
 map_fn (uint64_t offset, uint64_t length, void *opaque)
 {
-  struct map_buf *m = opaque;
+  range_vector *v = opaque;
 
-  if (m->n == m->cap) {
-    size_t n = m->cap ? 2 * m->cap : 64;
-    void *p = realloc (m->v, n * sizeof *m->v);
-
-    if (p == NULL)
-      return -1;
-    m->v = p;
-    m->cap = n;
-  }
-  m->v[m->n][0] = offset;
-  m->v[m->n][1] = length;
-  m->n++;
-  return 0;
+  return range_vector_append (v, (struct range) { offset, length });
 }
 
 static void
 do_map (struct conn *k, struct cbt *c, const struct ctl_request *req)
 {
-  struct cbt_checkpoint_info cp;
-  struct map_buf m = { 0 };
-  char msg[CBT_ERRLEN];
+  struct checkpoint_ref since;
+  struct backup_error e;
+  range_vector v = VECTOR_INIT;
+  char msg[CBT_ERRLEN] = "";
   uint64_t bytes = 0;
 
   if (req->since[0]) {
-    snprintf (cp.name, sizeof cp.name, "%s", req->since);
-    if (cbt_find (c, req->since, &cp) == -1 && cbt_invalidated) {
-      snprintf (msg, sizeof msg, "no checkpoint '%s': the cbt file was not "
-                "closed cleanly, every checkpoint was lost: a full backup "
-                "is needed", req->since);
-      send_err (k, CTL_E_NO_SUCH_CHECKPOINT, msg);
+    if (backup_find_checkpoint (req->since, &since, NULL, &e) == -1) {
+      send_err (k, e.code, e.msg);
       return;
     }
   }
-  else if (cbt_checkpoint_latest_good (c, &cp) == -1) {
-    send_err (k, CTL_E_NO_SUCH_CHECKPOINT, "no good checkpoint");
+  else {
+    struct cbt_checkpoint_info latest;
+
+    if (cbt_checkpoint_latest_good (c, &latest) == -1) {
+      send_err (k, CTL_E_NO_SUCH_CHECKPOINT, "no good checkpoint: the "
+                "first backup is a full one (backup-begin NEW)");
+      return;
+    }
+    if (backup_find_checkpoint (latest.name, &since, NULL, &e) == -1) {
+      send_err (k, e.code, e.msg);
+      return;
+    }
+  }
+  if (tracking_map_range (&since, NULL, 0, UINT64_MAX, map_fn, &v, msg,
+                          sizeof msg) == -1) {
+    if (errno == EIO)
+      tracking_set_io_error ();
+    send_err (k, ctl_code_from_errno (errno), msg[0] ? msg : strerror (errno));
+    range_vector_reset (&v);
     return;
   }
-  msg[0] = '\0';
-  if (cbt_map (c, cp.name, map_fn, &m, msg, sizeof msg) == -1) {
-    send_cbt_err (k, msg);
-    free (m.v);
-    return;
+  for (size_t i = 0; i < v.len; ++i) {
+    bytes += v.ptr[i].length;
+    send_buf (k, ctl_format_extent (k->buf, sizeof k->buf, v.ptr[i].offset,
+                                    v.ptr[i].length));
   }
-  if (req->json)
-    send_buf (k, ctl_format_json_open (k->buf, sizeof k->buf, cp.name,
-                                       cbt_granularity (c),
-                                       cbt_disk_size (c)));
-  for (size_t i = 0; i < m.n; ++i) {
-    bytes += m.v[i][1];
-    send_buf (k, ctl_format_extent (k->buf, sizeof k->buf, m.v[i][0],
-                                    m.v[i][1], req->json, i + 1 == m.n));
-  }
-  if (req->json)
-    send_buf (k, ctl_format_data (k->buf, sizeof k->buf, "]}"));
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "since=%s extents=%zu "
-                              "bytes=%" PRIu64 " granularity=%" PRIu32,
-                              cp.name, m.n, bytes, cbt_granularity (c)));
-  free (m.v);
+                              "bytes=%" PRIu64 " granularity=%" PRIu32
+                              " disk-size=%" PRIu64, since.name, v.len,
+                              bytes, cbt_granularity (c), cbt_disk_size (c)));
+  range_vector_reset (&v);
 }
 
 static void
-do_begin (struct conn *k, struct cbt *c, const struct ctl_request *req)
+do_begin (struct conn *k, const struct ctl_request *req)
 {
-  struct cbt_checkpoint_info cp;
-  char msg[2 * CBT_ERRLEN];
+  struct backup_error e;
 
-  if (req->since[0]) {
-    if (cbt_find (c, req->since, &cp) == -1) {
-      if (cbt_invalidated)
-        snprintf (msg, sizeof msg, "checkpoint '%s' was lost: the cbt file "
-                  "was not closed cleanly (nbdkit did not exit cleanly): a "
-                  "full backup is needed (backup-begin %s without --since)",
-                  req->since, req->name);
-      else
-        snprintf (msg, sizeof msg, "no checkpoint '%s'", req->since);
-      send_err (k, CTL_E_NO_SUCH_CHECKPOINT, msg);
-      return;
-    }
-    if (cp.state != CBT_STATE_GOOD) {
-      snprintf (msg, sizeof msg, "checkpoint '%s' is pending: its backup "
-                "has not ended", req->since);
-      send_err (k, CTL_E_STATE, msg);
-      return;
-    }
-  }
-  msg[0] = '\0';
-  if (frozen_backup_begin (c, req->name, msg, sizeof msg) == -1) {
-    send_cbt_err (k, msg);
+  if (backup_begin (req->name, req->since[0] ? req->since : NULL,
+                    &e) == -1) {
+    send_err (k, e.code, e.msg);
     return;
   }
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
                               "checkpoint=%s state=pending since=%s",
                               req->name, req->since[0] ? req->since : "-"));
+}
+
+static void
+do_end (struct conn *k, const struct ctl_request *req)
+{
+  struct backup_error e;
+
+  if (backup_end (req->name, req->ok, &e) == -1) {
+    send_err (k, e.code, e.msg);
+    return;
+  }
+  send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
+                              "checkpoint=%s state=%s", req->name,
+                              req->ok ? "good" : "deleted"));
+}
+
+static void
+do_delete (struct conn *k, const struct ctl_request *req)
+{
+  struct backup_error e;
+
+  if (backup_checkpoint_delete (req->name, &e) == -1) {
+    send_err (k, e.code, e.msg);
+    return;
+  }
+  send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
+                              "checkpoint=%s state=deleted", req->name));
+}
+
+static void
+do_list (struct conn *k, struct cbt *c)
+{
+  struct cbt_checkpoint_info cp;
+  size_t i;
+
+  for (i = 0; cbt_checkpoint_get (c, i, &cp) == 0; ++i)
+    send_buf (k, ctl_format_checkpoint (k->buf, sizeof k->buf, &cp));
+  send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoints=%zu", i));
+}
+
+static const char *
+mode_name (enum cbt_mode mode)
+{
+  switch (mode) {
+  case CBT_MODE_IN_USE: return "in-use";
+  case CBT_MODE_WRITE_AHEAD: return "write-ahead";
+  }
+  return "?";
+}
+
+/* The frozen backup's fields of the status line ("" without a scratch
+ * file); a broken backup's reason as a data line first.
+ */
+static void
+frozen_status (struct conn *k, char *buf, size_t len)
+{
+  struct frozen_info fi;
+  char limit[32] = "none";
+  bool active;
+
+  if (!frozen_enabled ()) {
+    buf[0] = '\0';
+    return;
+  }
+  active = frozen_current (&fi);
+  if (cfg_scratch_size != UINT64_MAX)
+    snprintf (limit, sizeof limit, "%" PRIu64, cfg_scratch_size);
+  if (active && fi.broken)
+    send_buf (k, ctl_format_data (k->buf, sizeof k->buf, "broken %s",
+                                  fi.why));
+  snprintf (buf, len, " frozen=%s scratch-used=%" PRIu64
+            " scratch-limit=%s backup=%s", active ? fi.name : "-",
+            fi.scratch_used, limit, fi.broken ? "broken" : "ok");
 }
 
 static void
@@ -260,71 +371,41 @@ do_status (struct conn *k, struct cbt *c)
     pending = cp.name;
   if (cbt_checkpoint_latest_good (c, &latest) == -1)
     snprintf (latest.name, sizeof latest.name, "-");
-  frozen_status (frozen, sizeof frozen);
+  frozen_status (k, frozen, sizeof frozen);
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
               "version=%d mode=%s disk-size=%" PRIu64 " granularity=%"
               PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s",
-              CTL_VERSION,
-              cbt_mode (c) == CBT_MODE_IN_USE ? "in-use" : "write-ahead",
-              cbt_disk_size (c), cbt_granularity (c), n, pending,
-              latest.name,
-              __atomic_load_n (&cbt_io_error, __ATOMIC_RELAXED) ?
-              "io-error" : "ok", frozen));
+              CTL_VERSION, mode_name (cbt_mode (c)), cbt_disk_size (c),
+              cbt_granularity (c), n, pending, latest.name,
+              tracking_io_error () ? "io-error" : "ok", frozen));
 }
 
 static void
 request (struct conn *k, const char *line)
 {
   struct ctl_request req;
-  struct cbt_checkpoint_info cp;
   enum ctl_code code;
   char msg[CBT_ERRLEN];
-  struct cbt *c;
-  int r;
+  struct cbt *c = tracking_cbt ();
 
   if (ctl_parse_request (line, &req, &code, msg, sizeof msg) == -1) {
     send_err (k, code, msg);
     return;
   }
-  c = cbt_get ();
-  if (c == NULL) {
-    send_err (k, CTL_E_STATE, "the cbt file is not open yet: it is opened "
-              "by the first NBD connection (it needs the disk size)");
-    return;
-  }
-  msg[0] = '\0';
+  /* The cbt file is open from start-up on (disk_after_fork). */
+  assert (c != NULL);
   switch (req.cmd) {
   case CTL_BACKUP_BEGIN:
-    do_begin (k, c, &req);
+    do_begin (k, &req);
     return;
-  case CTL_BACKUP_END: {
-    bool broken;
-
-    r = frozen_backup_end (c, req.name, req.ok, &broken, msg, sizeof msg);
-    if (r == -1 && broken)
-      send_err (k, CTL_E_BROKEN, msg);
-    else if (r == -1)
-      send_cbt_err (k, msg);
-    else
-      send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
-                                  "checkpoint=%s state=%s", req.name,
-                                  req.ok ? "good" : "deleted"));
+  case CTL_BACKUP_END:
+    do_end (k, &req);
     return;
-  }
-  case CTL_CHECKPOINT_LIST: {
-    size_t i;
-
-    for (i = 0; cbt_checkpoint_get (c, i, &cp) == 0; ++i)
-      send_buf (k, ctl_format_checkpoint (k->buf, sizeof k->buf, &cp));
-    send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoints=%zu", i));
+  case CTL_CHECKPOINT_LIST:
+    do_list (k, c);
     return;
-  }
   case CTL_CHECKPOINT_DELETE:
-    if (frozen_checkpoint_delete (c, req.name, msg, sizeof msg) == -1)
-      send_cbt_err (k, msg);
-    else
-      send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
-                                  "checkpoint=%s state=deleted", req.name));
+    do_delete (k, &req);
     return;
   case CTL_MAP:
     do_map (k, c, &req);
@@ -333,13 +414,13 @@ request (struct conn *k, const char *line)
     do_status (k, c);
     return;
   }
-  send_err (k, CTL_E_INTERNAL, "unhandled command");
+  abort ();
 }
 
-/* ---- The thread ------------------------------------------------------ */
+/* ---- The threads ------------------------------------------------------ */
 
-/* Wait until FD is readable: 1, or 0 when stopping or timed out. */
-static int
+/* Wait until FD is readable: true, or false when stopping. */
+static bool
 wait_fd (int fd, int timeout_ms)
 {
   struct pollfd p[2] = {
@@ -351,34 +432,27 @@ wait_fd (int fd, int timeout_ms)
   do
     r = poll (p, 2, timeout_ms);
   while (r == -1 && errno == EINTR);
-  if (r <= 0 || p[1].revents)
-    return 0;
-  return 1;
+  return r > 0 && p[1].revents == 0;
 }
 
 static void
 serve (int fd)
 {
-  struct conn *k = malloc (sizeof *k);
-  struct ctl_reader *rd = malloc (sizeof *rd);
-  char *line = malloc (CTL_LINE_MAX);
-  struct timeval tv = { .tv_sec = CLIENT_TIMEOUT };
+  CLEANUP_FREE struct conn *k = malloc (sizeof *k);
+  CLEANUP_FREE struct ctl_reader *rd = malloc (sizeof *rd);
+  CLEANUP_FREE char *line = malloc (CTL_LINE_MAX);
+  struct timeval tv = { .tv_sec = client_timeout () };
 
   if (k == NULL || rd == NULL || line == NULL)
-    goto out;
+    return;
   k->fd = fd;
   k->broken = false;
-  setsockopt (fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   setsockopt (fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   ctl_reader_init (rd, fd);
   send_buf (k, ctl_format_hello (k->buf, sizeof k->buf));
   while (!k->broken) {
-    int r;
-
-    /* Poll only with nothing buffered: a client may send ahead. */
-    if (rd->start == rd->end && !wait_fd (fd, CLIENT_TIMEOUT * 1000))
-      break;
-    r = ctl_read_line (rd, line);
+    /* The whole line within the timeout, however it trickles in. */
+    int r = ctl_read_line (rd, line, client_timeout () * 1000, stop_pipe[0]);
 
     if (r == 1)
       request (k, line);
@@ -388,13 +462,17 @@ serve (int fd)
     else if (r == -3)
       send_err (k, CTL_E_SYNTAX, "the request holds a byte outside "
                 "printable ASCII");
-    else
+    else {
+      if (r == -4 && errno == ETIMEDOUT) {
+        char msg[128];
+
+        snprintf (msg, sizeof msg, "no complete request line within %d "
+                  "seconds: disconnected", client_timeout ());
+        send_err (k, CTL_E_SYNTAX, msg);
+      }
       break;
+    }
   }
- out:
-  free (line);
-  free (rd);
-  free (k);
 }
 
 static void *
@@ -402,16 +480,16 @@ client_thread (void *arg)
 {
   int slot = (int) (intptr_t) arg, fd;
 
-  pthread_mutex_lock (&client_lock);
-  fd = client_fds[slot];
-  pthread_mutex_unlock (&client_lock);
+  {
+    SCOPED_MUTEX (&client_lock);
+    fd = client_fds[slot];
+  }
   serve (fd);
-  pthread_mutex_lock (&client_lock);
+  SCOPED_MUTEX (&client_lock);
   client_fds[slot] = -1;
   close (fd);
   nr_clients--;
   pthread_cond_broadcast (&client_gone);
-  pthread_mutex_unlock (&client_lock);
   return NULL;
 }
 
@@ -432,6 +510,35 @@ refuse (int fd)
   close (fd);
 }
 
+/* A free slot for FD and its thread: false if none (or stopping). */
+static bool
+start_client (int fd, pthread_attr_t *attr)
+{
+  SCOPED_MUTEX (&client_lock);
+  pthread_t t;
+  int slot = -1, e;
+
+  if (stopping)
+    return false;
+  for (int i = 0; i < MAX_CLIENTS; ++i)
+    if (client_fds[i] == -1) {
+      slot = i;
+      break;
+    }
+  if (slot == -1)
+    return false;
+  client_fds[slot] = fd;
+  nr_clients++;
+  e = pthread_create (&t, attr, client_thread, (void *) (intptr_t) slot);
+  if (e != 0) {
+    client_fds[slot] = -1;
+    nr_clients--;
+    nbdkit_error ("sparsebackup-control: pthread_create: %s", strerror (e));
+    close (fd);
+  }
+  return true;
+}
+
 static void *
 control_thread (void *arg)
 {
@@ -439,48 +546,17 @@ control_thread (void *arg)
 
   pthread_attr_init (&attr);
   pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-  for (;;) {
-    pthread_t t;
-    int fd, slot = -1, e;
+  while (wait_fd (listen_fd, -1)) {
+    int fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC);
 
-    if (!wait_fd (listen_fd, -1))
-      break;
-    fd = accept4 (listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd == -1) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
         continue;
       nbdkit_error ("sparsebackup-control: accept: %m");
       break;
     }
-    pthread_mutex_lock (&client_lock);
-    if (stopping) {
-      pthread_mutex_unlock (&client_lock);
-      close (fd);
-      break;
-    }
-    for (int i = 0; i < MAX_CLIENTS; ++i)
-      if (client_fds[i] == -1) {
-        slot = i;
-        break;
-      }
-    if (slot == -1) {
-      pthread_mutex_unlock (&client_lock);
+    if (!start_client (fd, &attr))
       refuse (fd);
-      continue;
-    }
-    client_fds[slot] = fd;
-    nr_clients++;
-    e = pthread_create (&t, &attr, client_thread, (void *) (intptr_t) slot);
-    if (e != 0) {
-      client_fds[slot] = -1;
-      nr_clients--;
-      pthread_mutex_unlock (&client_lock);
-      nbdkit_error ("sparsebackup-control: pthread_create: %s",
-                    strerror (e));
-      close (fd);
-      continue;
-    }
-    pthread_mutex_unlock (&client_lock);
   }
   pthread_attr_destroy (&attr);
   return NULL;
@@ -514,14 +590,15 @@ control_stop (void)
 
     if (write (stop_pipe[1], &b, 1) != 1)
       nbdkit_error ("sparsebackup-control: write: %m");
-    pthread_mutex_lock (&client_lock);
-    stopping = true;
-    for (int i = 0; i < MAX_CLIENTS; ++i)
-      if (client_fds[i] >= 0)
-        shutdown (client_fds[i], SHUT_RDWR);
-    while (nr_clients > 0)
-      pthread_cond_wait (&client_gone, &client_lock);
-    pthread_mutex_unlock (&client_lock);
+    {
+      SCOPED_MUTEX (&client_lock);
+      stopping = true;
+      for (int i = 0; i < MAX_CLIENTS; ++i)
+        if (client_fds[i] >= 0)
+          shutdown (client_fds[i], SHUT_RDWR);
+      while (nr_clients > 0)
+        pthread_cond_wait (&client_gone, &client_lock);
+    }
     pthread_join (thread, NULL);
     thread_running = false;
   }
@@ -533,6 +610,6 @@ control_stop (void)
   if (listen_fd >= 0) {
     close (listen_fd);
     listen_fd = -1;
-    unlink (cfg_control_path);
+    remove_socket ();
   }
 }

@@ -24,8 +24,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
-#include "cbt-glue.h"
-#include "frozen.h"
+#include "disk.h"
 #include "zerodetect.h"
 
 /* Extents of unknown ranges are asked of the plugin at least this far:
@@ -234,148 +233,208 @@ unscanned (struct sb_handle *h, uint64_t pos, uint64_t end, uint64_t budget)
     blockmap_lookup (h->bm, pos, end - pos, &run) == BM_UNKNOWN && run > 0;
 }
 
-int
-sparsebackup_extents (nbdkit_next *next, void *handle,
-                      uint32_t count, uint64_t offset, uint32_t flags,
-                      struct nbdkit_extents *extents, int *err)
-{
-  struct sb_handle *h = handle;
-  const uint32_t bs = disk.blksize;
-  const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
-  const uint64_t min_zero = min_zero_extent (flags);
-  uint64_t end, pos = offset;
-  uint64_t budget = disk.scan_max;
-  uint64_t queried_end = 0;
+/* One block-status request walking the map (mapped_extents). */
+struct walk {
+  nbdkit_next *next;
+  struct sb_handle *h;
+  uint32_t flags;
+  bool req_one;
+  uint64_t min_zero;            /* shorter zero runs: data (see above) */
+  uint64_t end;                 /* never answered past it */
+  uint64_t pos;                 /* answered up to here */
+  uint64_t budget;              /* bytes left to scan */
+  uint64_t queried_end;         /* the plugin's extents asked up to here */
+  bool can_extents;
   bool scan_unknown, scan_allocated;
   bool scan_on;                 /* scan on for a REQ_ONE extent */
-  int64_t first_type = -1;
-  int can_extents;
+  int64_t first_type;           /* of the first extent answered, or -1 */
+  struct nbdkit_extents *extents;
+};
 
-  if (h->view)
-    return cbt_view_extents (next, h, count, offset, flags, extents, err);
-  if (h->bm == NULL) {
-    STAT_ADD (passthrough_requests, 1);
-    return next->extents (next, count, offset, flags, extents, err);
+/* Past the end of the map (the disk shrank since this connection
+ * opened): data, which is always safe, to the end.
+ */
+static int
+walk_past_map (struct walk *w, int *err)
+{
+  if (w->first_type != -1 && (w->req_one || w->first_type != 0))
+    return 0;
+  if (nbdkit_add_extent (w->extents, w->pos, w->end - w->pos, 0) == -1) {
+    *err = errno;
+    return -1;
   }
+  w->pos = w->end;
+  return 0;
+}
 
-  /* Never past the request: nbdkit 1.32.5 asserts on a reply to a
-   * request of (nearly) 4 GiB whose first extent is longer than it.
+/* REQ_ONE: one extent is answered; do not ask the plugin or scan for a
+ * second one the client will not see.  But over a plugin without
+ * extents the one extent may go on into the blocks not scanned yet:
+ * stopping at the edge of the scanned part would cut it there and cost
+ * the client (qemu-img walks the disk twice) a round trip per scan
+ * chunk.  There, scan on within the budget; a chunk that turns out to
+ * start a second extent is learnt and cached for the client's next
+ * request.
+ */
+static bool
+second_extent_unknown (const struct walk *w, enum bm_state st)
+{
+  return w->req_one && w->first_type != -1 &&
+    (st == BM_UNKNOWN || (st == BM_ALLOCATED && w->scan_allocated)) &&
+    !(st == BM_UNKNOWN && w->scan_on);
+}
+
+/* Scan from the run at W->POS (RUN bytes of state ST): 1 if it scanned
+ * (look again), 0 if the budget is spent, -1 on error.
+ */
+static int
+walk_scan (struct walk *w, uint64_t run, int *err)
+{
+  const uint32_t bs = disk.blksize;
+  uint64_t s = round_down (w->pos, bs);
+  uint64_t target = MIN (round_up (w->pos + run, bs), w->h->size);
+  uint64_t n = round_down (MIN (w->budget, (uint64_t) disk.scan_chunk), bs);
+
+  if (n == 0)
+    return 0;
+  n = MIN (n, target - s);
+  if (scan_range (w->next, w->h, s, s + n, err) == -1)
+    return -1;
+  w->budget -= MIN (w->budget, n);
+  return 1;
+}
+
+/* The zero run at W->POS, RUN bytes as far as the map joins them:
+ * its type (ZERO, or data when too short for this client), or -2 when
+ * it ends where a scan over a plugin without extents stopped and was
+ * scanned on (look again), or -1 on error.
+ */
+static int64_t
+walk_zero_type (struct walk *w, uint64_t *run, int *err)
+{
+  const uint32_t bs = disk.blksize;
+  uint64_t pos = w->pos, end = w->end;
+
+  *run = zero_run_length (w->h->bm, pos, end, *run);
+  if (*run < w->min_zero && pos + *run < end && w->scan_on &&
+      unscanned (w->h, pos + *run, end, w->budget)) {
+    /* It ends where the scan stopped: it may go on.  Scan there first,
+     * then judge it.
+     */
+    uint64_t s = pos + *run;
+    uint64_t n = MIN (round_down (MIN (w->budget,
+                                       (uint64_t) disk.scan_chunk), bs),
+                      round_up (end, bs) - s);
+
+    if (scan_range (w->next, w->h, s, MIN (s + n, w->h->size), err) == -1)
+      return -1;
+    w->budget -= MIN (w->budget, n);
+    return -2;
+  }
+  /* A zero run too short to be worth a round trip (or a zero command)
+   * for this client, that does not reach the end of the request (where
+   * it may go on), is answered as data: always safe, and it merges with
+   * the data around it.
    */
-  end = MIN (offset + count, h->size);
-  can_extents = next->can_extents (next);
+  if (*run >= w->min_zero || pos + *run >= end)
+    return NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+  STAT_ADD (merged_zero_bytes, *run);
+  return 0;
+}
+
+/* Answer RUN bytes at W->POS with TYPE: 1 if done, 0 to go on, -1. */
+static int
+walk_add (struct walk *w, uint64_t run, uint32_t type, int *err)
+{
+  if (w->req_one && w->first_type != -1 && type != w->first_type)
+    return 1;
+  if (nbdkit_add_extent (w->extents, w->pos, run, type) == -1) {
+    *err = errno;
+    return -1;
+  }
+  if (w->first_type == -1)
+    w->first_type = type;
+  w->pos += run;
+  return 0;
+}
+
+/* One step of the walk: 1 when the answer is complete, 0 to go on. */
+static int
+walk_step (struct walk *w, int *err)
+{
+  uint64_t run;
+  enum bm_state st = blockmap_lookup (w->h->bm, w->pos, w->end - w->pos,
+                                      &run);
+  int64_t type = 0;
+  int r;
+
+  if (run == 0)
+    return walk_past_map (w, err) == -1 ? -1 : 1;
+  if (second_extent_unknown (w, st))
+    return 1;
+  if (st == BM_UNKNOWN && w->can_extents && w->pos >= w->queried_end)
+    return query_plugin (w->next, w->h, w->pos, w->end, &w->queried_end,
+                         err);
+  if ((st == BM_UNKNOWN && w->scan_unknown) ||
+      (st == BM_ALLOCATED && w->scan_allocated)) {
+    r = walk_scan (w, run, err);
+    if (r != 0)
+      return r == 1 ? 0 : -1;
+    /* Budget spent: answer what is known so far. */
+    if (w->first_type != -1)
+      return 1;
+    /* Nothing answered yet (can happen: a change raced the scan, or
+     * the scan of the first block was not learnt): report this run as
+     * data, which is always safe, to make progress.
+     */
+  }
+  if (st == BM_ZERO) {
+    type = walk_zero_type (w, &run, err);
+    if (type == -1)
+      return -1;
+    if (type == -2)
+      return 0;
+  }
+  return walk_add (w, run, type, err);
+}
+
+int
+mapped_extents (nbdkit_next *next, struct sb_handle *h,
+                uint32_t count, uint64_t offset, uint32_t flags,
+                struct nbdkit_extents *extents, int *err)
+{
+  struct walk w = {
+    .next = next, .h = h, .flags = flags, .extents = extents,
+    .req_one = flags & NBDKIT_FLAG_REQ_ONE,
+    .min_zero = min_zero_extent (flags),
+    /* Never past the request: nbdkit 1.32.5 asserts on a reply to a
+     * request of (nearly) 4 GiB whose first extent is longer than it.
+     */
+    .end = MIN (offset + count, h->size),
+    .pos = offset, .budget = disk.scan_max, .first_type = -1,
+  };
+  int can_extents = next->can_extents (next);
+  int r = 0;
+
   if (can_extents == -1) {
     *err = EIO;
     return -1;
   }
-  scan_unknown =
+  w.can_extents = can_extents;
+  w.scan_unknown =
     cfg_scan == SCAN_ALWAYS || (cfg_scan == SCAN_AUTO && !can_extents);
-  scan_allocated = cfg_scan == SCAN_ALWAYS;
-  scan_on = scan_unknown && !can_extents;
+  w.scan_allocated = cfg_scan == SCAN_ALWAYS;
+  w.scan_on = w.scan_unknown && !can_extents;
 
-  while (pos < end) {
-    uint64_t run;
-    enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
-    uint32_t type;
-
-    if (run == 0) {
-      /* Past the end of the map (the disk shrank since this connection
-       * opened): data, which is always safe.
-       */
-      if (first_type != -1 && (req_one || first_type != 0))
-        break;
-      if (nbdkit_add_extent (extents, pos, end - pos, 0) == -1) {
-        *err = errno;
-        return -1;
-      }
-      pos = end;
-      break;
-    }
-
-    /* REQ_ONE: one extent is answered; do not ask the plugin or scan
-     * for a second one the client will not see.  But over a plugin
-     * without extents the one extent may go on into the blocks not
-     * scanned yet: stopping at the edge of the scanned part would cut
-     * it there and cost the client (qemu-img walks the disk twice) a
-     * round trip per scan chunk.  There, scan on within the budget; a
-     * chunk that turns out to start a second extent is learnt and
-     * cached for the client's next request.
-     */
-    if (req_one && first_type != -1 &&
-        (st == BM_UNKNOWN || (st == BM_ALLOCATED && scan_allocated)) &&
-        !(st == BM_UNKNOWN && scan_on))
-      break;
-
-    if (st == BM_UNKNOWN && can_extents && pos >= queried_end) {
-      if (query_plugin (next, h, pos, end, &queried_end, err) == -1)
-        return -1;
-      continue;
-    }
-
-    if ((st == BM_UNKNOWN && scan_unknown) ||
-        (st == BM_ALLOCATED && scan_allocated)) {
-      uint64_t s = round_down (pos, bs);
-      uint64_t target = MIN (round_up (pos + run, bs), h->size);
-      uint64_t n = round_down (MIN (budget, (uint64_t) disk.scan_chunk), bs);
-
-      if (n > 0) {
-        n = MIN (n, target - s);
-        if (scan_range (next, h, s, s + n, err) == -1)
-          return -1;
-        budget -= MIN (budget, n);
-        continue;
-      }
-      /* Budget spent: answer what is known so far. */
-      if (first_type != -1)
-        break;
-      /* Nothing answered yet (can happen: a change raced the scan, or
-       * the scan of the first block was not learnt): report this run as
-       * data, which is always safe, to make progress.
-       */
-    }
-
-    type = 0;
-    if (st == BM_ZERO) {
-      /* A zero run too short to be worth a round trip (or a zero
-       * command) for this client, that does not reach the end of the
-       * request (where it may go on), is answered as data: always safe,
-       * and it merges with the data around it.
-       */
-      run = zero_run_length (h->bm, pos, end, run);
-      if (run < min_zero && pos + run < end && scan_on &&
-          unscanned (h, pos + run, end, budget)) {
-        /* It ends where the scan stopped: it may go on.  Scan there
-         * first, then judge it.
-         */
-        uint64_t s = pos + run;
-        uint64_t n = MIN (round_down (MIN (budget,
-                                           (uint64_t) disk.scan_chunk), bs),
-                          round_up (end, bs) - s);
-
-        if (scan_range (next, h, s, MIN (s + n, h->size), err) == -1)
-          return -1;
-        budget -= MIN (budget, n);
-        continue;
-      }
-      if (run >= min_zero || pos + run >= end)
-        type = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
-      else
-        STAT_ADD (merged_zero_bytes, run);
-    }
-    if (req_one && first_type != -1 && type != first_type)
-      break;
-    if (nbdkit_add_extent (extents, pos, run, type) == -1) {
-      *err = errno;
-      return -1;
-    }
-    if (first_type == -1)
-      first_type = type;
-    pos += run;
-  }
+  while (w.pos < w.end && r == 0)
+    r = walk_step (&w, err);
+  if (r == -1)
+    return -1;
 
   VERBOSE ("extents %" PRIu32 "@%" PRIu64 "%s: answered up to %" PRIu64
            ", scanned %" PRIu64,
-           count, offset, req_one ? " req_one" : "", pos,
-           disk.scan_max - budget);
+           count, offset, w.req_one ? " req_one" : "", w.pos,
+           disk.scan_max - w.budget);
   return 0;
 }
 
@@ -394,89 +453,110 @@ read_plugin (nbdkit_next *next, struct sb_handle *h,
   return 0;
 }
 
-int
-sparsebackup_pread (nbdkit_next *next, void *handle,
-                    void *buf, uint32_t count, uint64_t offset,
-                    uint32_t flags, int *err)
+/* The part of a read not answered from the map or the cache yet: read
+ * from the plugin in one request when the next answered part comes.
+ */
+struct gap {
+  nbdkit_next *next;
+  struct sb_handle *h;
+  char *buf;                    /* of the whole read, at OFFSET */
+  uint64_t offset;
+  uint32_t flags;
+  uint64_t start, len;
+  bool plugin_called;
+};
+
+static int
+flush_gap (struct gap *g, int *err)
 {
-  struct sb_handle *h = handle;
-  char *b = buf;
+  if (g->len == 0)
+    return 0;
+  if (read_plugin (g->next, g->h, g->buf + (g->start - g->offset), g->len,
+                   g->start, g->flags, err) == -1)
+    return -1;
+  g->plugin_called = true;
+  g->len = 0;
+  return 0;
+}
+
+static void
+extend_gap (struct gap *g, uint64_t pos, uint64_t len)
+{
+  if (g->len == 0)
+    g->start = pos;
+  g->len += len;
+}
+
+/* Serve [P, PEND) (not known zero) from the scan cache where cached,
+ * adding the rest to the gap.
+ */
+static int
+read_cached_or_gap (struct gap *g, uint64_t p, uint64_t pend, int *err)
+{
+  while (p < pend) {
+    size_t got = 0, uncached = pend - p;
+
+    if (g->h->sc)
+      got = scancache_read (g->h->sc, g->buf + (p - g->offset), p,
+                            pend - p, true, &uncached);
+    if (got > 0) {
+      if (flush_gap (g, err) == -1)
+        return -1;
+      STAT_ADD (read_cache_bytes, got);
+      p += got;
+    }
+    else {
+      extend_gap (g, p, uncached);
+      p += uncached;
+    }
+  }
+  return 0;
+}
+
+int
+mapped_pread (nbdkit_next *next, struct sb_handle *h,
+              void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags, int *err)
+{
   const uint64_t end = offset + count;
   uint64_t pos = offset;
-  uint64_t gap_start = offset, gap_len = 0;
-  bool plugin_called = false;
-
-  STAT_ADD (read_bytes, count);
-  if (h->frozen)
-    return frozen_pread (next, h, buf, count, offset, flags, err);
-  if (h->bm == NULL) {
-    STAT_ADD (passthrough_requests, 1);
-    STAT_ADD (plugin_read_bytes, count);
-    return next->pread (next, buf, count, offset, flags, err);
-  }
-
-#define FLUSH_GAP()                                                     \
-  do {                                                                  \
-    if (gap_len > 0) {                                                  \
-      if (read_plugin (next, h, b + (gap_start - offset), gap_len,      \
-                       gap_start, flags, err) == -1)                    \
-        return -1;                                                      \
-      plugin_called = true;                                             \
-      gap_len = 0;                                                      \
-    }                                                                   \
-  } while (0)
+  struct gap g = {
+    .next = next, .h = h, .buf = buf, .offset = offset, .flags = flags,
+  };
 
   while (pos < end) {
-    uint64_t run, p, pend;
+    uint64_t run;
     enum bm_state st = blockmap_lookup (h->bm, pos, end - pos, &run);
 
     if (run == 0)               /* past the end of the map: the plugin */
       run = end - pos;
     else if (st == BM_ZERO) {
-      FLUSH_GAP ();
-      memset (b + (pos - offset), 0, run);
+      if (flush_gap (&g, err) == -1)
+        return -1;
+      memset (g.buf + (pos - offset), 0, run);
       STAT_ADD (read_map_bytes, run);
       pos += run;
       continue;
     }
-
-    for (p = pos, pend = pos + run; p < pend; ) {
-      size_t got = 0, uncached = pend - p;
-
-      if (h->sc)
-        got = scancache_read (h->sc, b + (p - offset), p, pend - p, true,
-                              &uncached);
-      if (got > 0) {
-        FLUSH_GAP ();
-        STAT_ADD (read_cache_bytes, got);
-        p += got;
-      }
-      else {
-        if (gap_len == 0)
-          gap_start = p;
-        gap_len += uncached;
-        p += uncached;
-      }
-    }
-    pos = pend;
+    if (read_cached_or_gap (&g, pos, pos + run, err) == -1)
+      return -1;
+    pos += run;
   }
-  FLUSH_GAP ();
-#undef FLUSH_GAP
-
-  if (!plugin_called && count > 0)
+  if (flush_gap (&g, err) == -1)
+    return -1;
+  if (!g.plugin_called && count > 0)
     STAT_ADD (requests_avoided, 1);
   return 0;
 }
 
 int
-sparsebackup_cache (nbdkit_next *next, void *handle,
-                    uint32_t count, uint64_t offset, uint32_t flags, int *err)
+mapped_cache (nbdkit_next *next, struct sb_handle *h,
+              uint32_t count, uint64_t offset, uint32_t flags, int *err)
 {
-  struct sb_handle *h = handle;
   const uint32_t bs = disk.blksize;
   uint64_t pos, end, budget;
 
-  if (h->bm == NULL || h->sc == NULL) {
+  if (h->sc == NULL) {
     /* Nowhere to keep scanned data: let the plugin cache if it can. */
     int r = next->can_cache (next);
     if (r == -1) {

@@ -1,5 +1,27 @@
-/* nbdkit-sparsebackup-filter: private declarations shared by the
- * filter's source files.
+/* nbdkit-sparsebackup-filter: declarations shared by the filter's files.
+ *
+ * The files and the direction of their calls (no file calls one that
+ * calls it back; doc/design.md, "Components"):
+ *
+ *   sparsebackup.c  the filter's callbacks  -> views, read, write, disk,
+ *                                              control, frozen, tracking,
+ *                                              stats, config
+ *   control.c       the control socket      -> backup, tracking, frozen
+ *   views.c         export names, views     -> backup, frozen, tracking,
+ *                                              lower
+ *   backup.c        backups, checkpoints    -> disk, frozen, tracking
+ *   write.c         pwrite, zero, trim      -> read (query_plugin), disk
+ *   read.c          pread, extents, cache   -> disk
+ *   disk.c          the disk, its changes   -> frozen, tracking
+ *   frozen.c        the frozen disk         -> lower
+ *   tracking.c      the cbt file            (leaf)
+ *   lower.c         the layer below         (leaf)
+ *   config.c        the parameters          -> stats (the file)
+ *   stats.c         counters, statistics    (leaf)
+ *
+ * Headers: this one (configuration, debug flags, statistics, the
+ * handle, the data paths), disk.h, tracking.h, frozen.h, backup.h,
+ * views.h, lower.h, control.h.
  */
 #ifndef SPARSEBACKUP_FILTER_H
 #define SPARSEBACKUP_FILTER_H
@@ -7,23 +29,32 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <pthread.h>
+#include <sys/stat.h>
 
 #include <nbdkit-filter.h>
 
 #include "blockmap.h"
 #include "cbt.h"
-#include "changes.h"
 #include "ispowerof2.h"
 #include "minmax.h"
 #include "rounding.h"
+#include "frozen.h"
 #include "scancache.h"
+#include "tracking.h"
 
-/* ---- Configuration (sparsebackup.c) -------------------------------- */
+#define DEFAULT_BLOCK_SIZE 4096
+#define MIN_BLOCK_SIZE 512
+#define MAX_BLOCK_SIZE (2 * 1024 * 1024)
+/* nbdkit refuses data requests larger than this (MAX_REQUEST_SIZE). */
+#define MAX_REQUEST (64 * 1024 * 1024)
+#define CONTROL_PATH_MAX 108    /* sizeof sun_path */
+
+/* ---- Configuration (config.c) ---------------------------------------- */
 
 enum detect_zeroes_mode { DZ_UNMAP, DZ_ON, DZ_OFF };
 enum no_hole_mode { NH_HONOUR, NH_IGNORE };
 enum scan_mode { SCAN_AUTO, SCAN_ALWAYS, SCAN_NEVER };
+enum scratch_error { SE_BREAK, SE_FAIL_WRITE };
 
 extern uint32_t cfg_block_size;         /* 0 = automatic */
 extern enum detect_zeroes_mode cfg_detect_zeroes;
@@ -33,6 +64,16 @@ extern uint64_t cfg_scan_max;
 extern uint64_t cfg_scan_cache;
 extern uint64_t cfg_map_memory;
 extern int64_t cfg_min_zero_extent;     /* -1 = auto */
+/* Backups.  Paths are absolute (taken from the start directory). */
+extern char *cfg_cbt_path;              /* NULL: no tracking */
+extern uint32_t cfg_cbt_gran;           /* 0: the file's, or the default */
+extern enum cbt_mode cfg_cbt_mode;
+extern bool cfg_cbt_reset;
+extern char *cfg_cbt_id;
+extern char *cfg_control_path;
+extern char *cfg_scratch_path;          /* NULL: no point-in-time backups */
+extern uint64_t cfg_scratch_size;       /* UINT64_MAX: no limit */
+extern enum scratch_error cfg_scratch_error;
 
 /* One value of an enumerated parameter; ALIAS: accepted, not listed. */
 struct sb_choice {
@@ -46,6 +87,20 @@ struct sb_choice {
  */
 extern int parse_choice (const char *key, const char *value,
                          const struct sb_choice *choices, int *r);
+
+extern int sparsebackup_config (nbdkit_next_config *next,
+                                nbdkit_backend *nxdata,
+                                const char *key, const char *value);
+extern int sparsebackup_config_complete (nbdkit_next_config_complete *next,
+                                         nbdkit_backend *nxdata);
+extern const char sparsebackup_config_help[];
+/* A file of ours (KEY=PATH, ST its stat) must not be one that another
+ * parameter names (the disk the plugin serves...) nor another file of
+ * ours: -1 with an error naming both.
+ */
+extern int config_check_clash (const char *key, const char *path,
+                               const struct stat *st);
+extern void config_free (void);
 
 /* Debug flags (-D sparsebackup.verbose=1, -D sparsebackup.stats=1). */
 extern int sparsebackup_debug_verbose;
@@ -84,62 +139,49 @@ extern struct sb_stats stats;
 #define STAT_ADD(field, n) \
   ((void) __atomic_fetch_add (&stats.field, (uint64_t) (n), __ATOMIC_RELAXED))
 
-/* sparsebackup-statsfile=: open (create) the file now, so that a bad
- * path fails at start-up.  stats_close prints the summary line (always
- * to the debug log) and, to the file, the summary and the counters;
- * returns -1 if the file could not be written.
+/* What the statistics print besides the counters (NULL: not there). */
+struct stats_sources {
+  struct blockmap *bm;
+  const struct blockmap_stats *map;
+  const struct changes_stats *changes;
+  const struct scancache_stats *cache;
+  const struct cbt_stats *cbt;
+  bool frozen;
+};
+
+/* sparsebackup-statsfile=PATH (absolute): open (create) the file at
+ * start-up, never through a symbolic link, so that a bad path fails at
+ * once.  stats_close prints the summary line
+ * (always to the debug log) and, to the file, the summary and the
+ * counters; returns -1 if the file could not be written.
  */
 extern int stats_open (const char *value);
-extern int stats_close (void);
+extern int stats_close (const struct stats_sources *src);
 
-/* ---- The disk (sparsebackup.c) ------------------------------------ */
+/* ---- Connections ------------------------------------------------------- */
 
-/* One state for the disk the filter serves: the plugin's default export
- * (export name "").  The change tracker exists from .get_ready on; the
- * map and the scan cache are created by the first connection to the
- * default export and are never replaced (a change of size resets them).
- * Published with release/acquire atomics: read DISK_BM () and DISK_SC ().
- */
-struct sb_disk {
-  struct changes *changes;      /* every change of every connection */
-  struct blockmap *bm;          /* NULL until created */
-  struct scancache *sc;         /* NULL if sparsebackup-scan-cache=0 */
-  uint32_t blksize;
-  uint32_t scan_chunk;          /* bytes per scanning read */
-  uint64_t scan_max;            /* cfg_scan_max, at least blksize */
+/* The kind of export a connection has (views.h). */
+enum export_kind {
+  EXPORT_DISK,                  /* "": the disk, with the map */
+  EXPORT_PASSTHROUGH,           /* another name: the plugin's */
+  EXPORT_SINCE,                 /* "@since:X" */
+  EXPORT_FROZEN,                /* "@frozen" */
+  EXPORT_FROZEN_SINCE,          /* "@frozen:since:X" */
 };
-extern struct sb_disk disk;
-
-/* A change (write, zero request, trim) in flight; see doc/design.md. */
-struct sb_change {
-  uint64_t ticket;
-  uint64_t offset, count;
-};
-
-/* Before a change of [OFFSET, OFFSET+COUNT) is issued: record it with
- * the change tracker, take it out of the map's zero knowledge (its
- * blocks become NEWSTATE if the change comes through a connection that
- * uses the map, OWN, else BM_UNKNOWN) and drop it from the scan cache;
- * while a backup is frozen, first save the old data it will overwrite
- * (frozen.c, read through NEXT).  Returns -1 with *ERR set if it must not be issued.  After it,
- * change_end with OK = false if it failed (its blocks become unknown).
- */
-extern int change_begin (struct sb_change *c, nbdkit_next *next, bool own,
-                         uint64_t offset, uint64_t count,
-                         enum bm_state newstate, int *err);
-extern void change_end (struct sb_change *c, bool ok);
 
 /* Per-connection handle. */
 struct sb_handle {
-  struct blockmap *bm;          /* set in .prepare; NULL: pass through */
-  struct scancache *sc;
-  uint64_t size;                /* of this connection's export */
+  enum export_kind kind;
   char *exportname;
-  bool view;                    /* a backup view (read-only): */
-  bool frozen;                  /*   "@frozen", "@frozen:since:X" (frozen.c) */
-  const char *since;            /*   X in "@since:X" or "@frozen:since:X" */
-  uint64_t frozen_gen;          /*   the freeze it reads */
-  char until[CBT_NAME_MAX + 1]; /*   the frozen backup's checkpoint */
+  uint64_t size;                /* of this connection's export */
+  /* EXPORT_DISK: the disk's map and scan cache (set in .prepare). */
+  struct blockmap *bm;
+  struct scancache *sc;
+  /* The views: the checkpoints and the frozen disk they are bound to. */
+  const char *since_name;       /* X, in EXPORTNAME */
+  struct checkpoint_ref since;
+  struct checkpoint_ref until;  /* the frozen backup's checkpoint */
+  struct frozen_view frozen;    /* the frozen disk */
 };
 
 /* ---- Write side (write.c) ------------------------------------------ */
@@ -154,17 +196,17 @@ extern int sparsebackup_trim (nbdkit_next *next, void *handle,
                     uint32_t count, uint64_t offset, uint32_t flags,
                     int *err);
 
-/* ---- Read side (read.c) -------------------------------------------- */
+/* ---- Read side (read.c): the disk through the map (EXPORT_DISK) ----- */
 
-extern int sparsebackup_pread (nbdkit_next *next, void *handle,
-                     void *buf, uint32_t count, uint64_t offset,
-                     uint32_t flags, int *err);
-extern int sparsebackup_extents (nbdkit_next *next, void *handle,
+extern int mapped_pread (nbdkit_next *next, struct sb_handle *h,
+                       void *buf, uint32_t count, uint64_t offset,
+                       uint32_t flags, int *err);
+extern int mapped_extents (nbdkit_next *next, struct sb_handle *h,
+                         uint32_t count, uint64_t offset, uint32_t flags,
+                         struct nbdkit_extents *extents, int *err);
+extern int mapped_cache (nbdkit_next *next, struct sb_handle *h,
                        uint32_t count, uint64_t offset, uint32_t flags,
-                       struct nbdkit_extents *extents, int *err);
-extern int sparsebackup_cache (nbdkit_next *next, void *handle,
-                     uint32_t count, uint64_t offset, uint32_t flags,
-                     int *err);
+                       int *err);
 
 /* Ask the plugin's extents about the unknown range at POS (up to END, at
  * least EXTENTS_AHEAD bytes ahead) and teach the map.  Sets *QUERIED_END

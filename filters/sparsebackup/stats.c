@@ -4,9 +4,10 @@
  * at unload: a human summary line, then one "key: value" line per counter
  * for scripts, to the statistics file (sparsebackup-statsfile=, opened at
  * start-up so that a bad path fails at once) and, with
- * -D sparsebackup.stats=1, to the debug log.  With sparsebackup-cbt the
- * cbt's own counters (cbt_get_stats) follow, read before cbt_unload
- * closes the file (sparsebackup_unload calls stats_close first).
+ * -D sparsebackup.stats=1, to the debug log.  What the modules count
+ * themselves (the map, the tracker, the scan cache, the cbt file) is
+ * given by the caller (struct stats_sources), read before they are
+ * freed: a leaf, it calls no other file of the filter.
  */
 
 #include <config.h>
@@ -17,13 +18,14 @@
 #include <inttypes.h>
 #include <string.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include <nbdkit-filter.h>
 
+#include "changes.h"
 #include "sparsebackup.h"
-#include "frozen.h"
-#include "cbt-glue.h"
 
 struct sb_stats stats;
 
@@ -31,25 +33,41 @@ static FILE *statsfp = NULL;
 static char *statsfile = NULL;
 
 int
-stats_open (const char *value)
+stats_open (const char *path)
 {
-  char *path;
+  struct stat st;
   FILE *fp;
+  int fd;
 
-  path = nbdkit_absolute_path (value);
-  if (path == NULL)
-    return -1;
-  fp = fopen (path, "w");
-  if (fp == NULL) {
-    nbdkit_error ("sparsebackup-statsfile: cannot open '%s': %m", path);
-    free (path);
+  /* Never through a symbolic link planted at PATH. */
+  fd = open (path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd == -1 && errno == ELOOP) {
+    nbdkit_error ("sparsebackup-statsfile: '%s' is a symbolic link: "
+                  "refused (name the file itself)", path);
     return -1;
   }
-  if (statsfp)
-    fclose (statsfp);
-  free (statsfile);
+  if (fd == -1) {
+    nbdkit_error ("sparsebackup-statsfile: cannot open '%s': %m", path);
+    return -1;
+  }
+  if (fstat (fd, &st) == -1) {
+    nbdkit_error ("sparsebackup-statsfile: '%s': %m", path);
+    close (fd);
+    return -1;
+  }
+  if (config_check_clash ("sparsebackup-statsfile", path, &st) == -1) {
+    close (fd);
+    return -1;
+  }
+  /* A regular file is written afresh; a device or a pipe as it is. */
+  if ((S_ISREG (st.st_mode) && ftruncate (fd, 0) == -1) ||
+      (fp = fdopen (fd, "w")) == NULL) {
+    nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m", path);
+    close (fd);
+    return -1;
+  }
   statsfp = fp;
-  statsfile = path;
+  statsfile = strdup (path);
   return 0;
 }
 
@@ -109,9 +127,13 @@ print_cbt_stats (FILE *fp, const struct cbt_stats *ts)
 }
 
 static void
-print_stats (FILE *fp, const struct blockmap_stats *bs,
-             const struct changes_stats *cs, const struct cbt_stats *ts)
+print_stats (FILE *fp, const struct stats_sources *src)
 {
+  static const struct blockmap_stats no_map;
+  static const struct changes_stats no_changes;
+  const struct blockmap_stats *bs = src->map ? src->map : &no_map;
+  const struct changes_stats *cs = src->changes ? src->changes : &no_changes;
+
   fprintf (fp, "write-data-bytes: %" PRIu64 "\n", LOAD (write_data_bytes));
   fprintf (fp, "write-zero-bytes: %" PRIu64 "\n", LOAD (write_zero_bytes));
   fprintf (fp, "zero-bytes: %" PRIu64 "\n", LOAD (zero_bytes));
@@ -132,9 +154,14 @@ print_stats (FILE *fp, const struct blockmap_stats *bs,
   fprintf (fp, "map-budget: %" PRIu64 "\n", bs->budget);
   fprintf (fp, "map-forgotten-bytes: %" PRIu64 "\n", bs->forgotten);
   fprintf (fp, "changes: %" PRIu64 "\n", cs->begun);
-  if (ts)
-    print_cbt_stats (fp, ts);
-  if (frozen_configured ()) {
+  if (src->cache) {
+    fprintf (fp, "scan-cache-inserted: %" PRIu64 "\n", src->cache->inserted);
+    fprintf (fp, "scan-cache-refused: %" PRIu64 "\n", src->cache->refused);
+    fprintf (fp, "scan-cache-evicted: %" PRIu64 "\n", src->cache->evicted);
+  }
+  if (src->cbt)
+    print_cbt_stats (fp, src->cbt);
+  if (src->frozen) {
     fprintf (fp, "frozen-saved-bytes: %" PRIu64 "\n",
              LOAD (frozen_saved_bytes));
     fprintf (fp, "frozen-zero-bytes: %" PRIu64 "\n",
@@ -148,8 +175,7 @@ print_stats (FILE *fp, const struct blockmap_stats *bs,
 
 /* Print everything to the debug log, line by line. */
 static void
-debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs,
-             const struct cbt_stats *ts)
+debug_stats (const struct stats_sources *src)
 {
   char *s = NULL;
   size_t len = 0;
@@ -158,7 +184,7 @@ debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs,
   if (fp) {
     char *line, *saveptr = NULL;
 
-    print_stats (fp, bs, cs, ts);
+    print_stats (fp, src);
     fclose (fp);
     for (line = strtok_r (s, "\n", &saveptr); line != NULL;
          line = strtok_r (NULL, "\n", &saveptr))
@@ -168,37 +194,20 @@ debug_stats (const struct blockmap_stats *bs, const struct changes_stats *cs,
 }
 
 int
-stats_close (void)
+stats_close (const struct stats_sources *src)
 {
-  struct blockmap_stats bs;
-  struct changes_stats cs;
-  struct cbt_stats cbts, *ts = NULL;
-  struct cbt *c = cbt_get ();
   char *summary = NULL;
   size_t len = 0;
   FILE *mfp;
   int r = 0;
 
-  memset (&bs, 0, sizeof bs);
-  memset (&cs, 0, sizeof cs);
-  if (disk.bm) {
-    blockmap_get_stats (disk.bm, &bs);
-    if (sparsebackup_debug_stats)
-      nbdkit_debug ("sparsebackup: map of %" PRIu64 " bytes: "
-                    "unknown %" PRIu64 ", allocated %" PRIu64 ", "
-                    "data %" PRIu64 ", zero %" PRIu64,
-                    blockmap_size (disk.bm),
-                    bs.bytes[BM_UNKNOWN], bs.bytes[BM_ALLOCATED],
-                    bs.bytes[BM_DATA], bs.bytes[BM_ZERO]);
-  }
-  if (disk.changes)
-    changes_get_stats (disk.changes, &cs);
-  if (cfg_cbt_path) {
-    memset (&cbts, 0, sizeof cbts);
-    if (c)
-      cbt_get_stats (c, &cbts);
-    ts = &cbts;
-  }
+  if (src->bm && sparsebackup_debug_stats)
+    nbdkit_debug ("sparsebackup: map of %" PRIu64 " bytes: "
+                  "unknown %" PRIu64 ", allocated %" PRIu64 ", "
+                  "data %" PRIu64 ", zero %" PRIu64,
+                  blockmap_size (src->bm),
+                  src->map->bytes[BM_UNKNOWN], src->map->bytes[BM_ALLOCATED],
+                  src->map->bytes[BM_DATA], src->map->bytes[BM_ZERO]);
 
   mfp = open_memstream (&summary, &len);
   if (mfp) {
@@ -209,11 +218,11 @@ stats_close (void)
     nbdkit_debug ("%s", summary ? summary : "");
   }
   if (sparsebackup_debug_stats)
-    debug_stats (&bs, &cs, ts);
+    debug_stats (src);
 
   if (statsfp) {
     fprintf (statsfp, "summary: %s\n", summary ? summary : "");
-    print_stats (statsfp, &bs, &cs, ts);
+    print_stats (statsfp, src);
     if (ferror (statsfp) | (fflush (statsfp) == EOF) |
         (fsync (fileno (statsfp)) == -1 && errno != EINVAL)) {
       nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m",

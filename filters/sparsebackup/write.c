@@ -27,6 +27,7 @@
 #include <nbdkit-filter.h>
 
 #include "sparsebackup.h"
+#include "disk.h"
 #include "zerodetect.h"
 
 /* Zeroes for emulating zero requests when the plugin cannot zero.  Not
@@ -61,7 +62,7 @@ write_data (nbdkit_next *next, struct sb_handle *h,
   struct sb_change c;
   int r;
 
-  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_DATA,
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_DATA,
                     err) == -1)
     return -1;
   r = next->pwrite (next, buf, count, offset, flags, err);
@@ -84,7 +85,7 @@ zeroing (nbdkit_next *next, struct sb_handle *h, bool write_zeroes,
   bool refused;
   int r;
 
-  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_UNKNOWN,
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN,
                     err) == -1)
     return -1;
   /* After change_begin: a change that ended before this snapshot ended
@@ -360,7 +361,7 @@ plain_change (nbdkit_next *next, struct sb_handle *h, bool trim,
 
   if (h->bm == NULL)
     STAT_ADD (passthrough_requests, 1);
-  if (change_begin (&c, next, h->bm != NULL, offset, count, BM_UNKNOWN,
+  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN,
                     err) == -1)
     return -1;
   if (trim)

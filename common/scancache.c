@@ -1,4 +1,7 @@
-/* nbdkit-sparsebackup-filter: the scan cache (see scancache.h). */
+/* sparsebackup: the scan cache (see scancache.h).
+ *
+ * Pure C: no nbdkit headers.
+ */
 
 #include <config.h>
 
@@ -9,7 +12,9 @@
 
 #include "scancache.h"
 #include "changes.h"
+#include "cleanup.h"
 #include "ispowerof2.h"
+#include "vector.h"
 
 struct entry {
   uint64_t offset;
@@ -21,13 +26,14 @@ struct entry {
   struct entry *prev, *next;            /* LRU list, head = most recent */
 };
 
+DEFINE_VECTOR (entry_vector, struct entry *);
+
 struct scancache {
   pthread_mutex_t lock;
   uint64_t capacity;
   uint32_t blksize;
 
-  struct entry **v;                     /* sorted by offset, disjoint */
-  size_t n, alloc;
+  entry_vector v;                       /* sorted by offset, disjoint */
   struct entry *head, *tail;
   uint64_t used;
 
@@ -70,9 +76,9 @@ scancache_free (struct scancache *sc)
 
   if (sc == NULL)
     return;
-  for (i = 0; i < sc->n; ++i)
-    entry_free (sc->v[i]);
-  free (sc->v);
+  for (i = 0; i < sc->v.len; ++i)
+    entry_free (sc->v.ptr[i]);
+  entry_vector_reset (&sc->v);
   pthread_mutex_destroy (&sc->lock);
   free (sc);
 }
@@ -81,11 +87,11 @@ scancache_free (struct scancache *sc)
 static size_t
 search (struct scancache *sc, uint64_t offset)
 {
-  size_t lo = 0, hi = sc->n;
+  size_t lo = 0, hi = sc->v.len;
 
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
-    const struct entry *e = sc->v[mid];
+    const struct entry *e = sc->v.ptr[mid];
     if (e->offset + e->len <= offset)
       lo = mid + 1;
     else
@@ -115,11 +121,10 @@ lru_push_front (struct scancache *sc, struct entry *e)
 static void
 remove_at (struct scancache *sc, size_t i)
 {
-  struct entry *e = sc->v[i];
+  struct entry *e = sc->v.ptr[i];
 
   lru_unlink (sc, e);
-  memmove (&sc->v[i], &sc->v[i+1], (sc->n - i - 1) * sizeof sc->v[0]);
-  sc->n--;
+  entry_vector_remove (&sc->v, i);
   sc->used -= e->len;
   entry_free (e);
 }
@@ -130,7 +135,7 @@ remove_range (struct scancache *sc, uint64_t start, uint64_t end)
 {
   size_t i = search (sc, start);
 
-  while (i < sc->n && sc->v[i]->offset < end)
+  while (i < sc->v.len && sc->v.ptr[i]->offset < end)
     remove_at (sc, i);
 }
 
@@ -148,10 +153,10 @@ remove_lru (struct scancache *sc)
 void
 scancache_drop (struct scancache *sc, uint64_t offset, uint64_t count)
 {
-  pthread_mutex_lock (&sc->lock);
+  SCOPED_MUTEX (&sc->lock);
+
   remove_range (sc, offset, count > UINT64_MAX - offset ?
                 UINT64_MAX : offset + count);
-  pthread_mutex_unlock (&sc->lock);
 }
 
 struct insert {
@@ -173,28 +178,21 @@ insert_cb (void *opaque, uint64_t offset, uint64_t count)
   if (e == NULL || offset != e->offset || count != e->len)
     return;
 
-  pthread_mutex_lock (&sc->lock);
+  SCOPED_MUTEX (&sc->lock);
   remove_range (sc, e->offset, e->offset + e->len);
   while (sc->used + e->len > sc->capacity && sc->tail)
     remove_lru (sc);
-  if (sc->n == sc->alloc) {
-    size_t nalloc = sc->alloc ? sc->alloc * 2 : 64;
-    struct entry **p = realloc (sc->v, nalloc * sizeof *p);
-    if (p == NULL)
-      goto out;
-    sc->v = p;
-    sc->alloc = nalloc;
-  }
+  if (entry_vector_reserve (&sc->v, 1) == -1)
+    return;                     /* not inserted: refused */
   i = search (sc, e->offset);
-  memmove (&sc->v[i+1], &sc->v[i], (sc->n - i) * sizeof sc->v[0]);
-  sc->v[i] = e;
-  sc->n++;
+  memmove (&sc->v.ptr[i + 1], &sc->v.ptr[i],
+           (sc->v.len - i) * sizeof sc->v.ptr[0]);
+  sc->v.ptr[i] = e;
+  sc->v.len++;
   sc->used += e->len;
   lru_push_front (sc, e);
   sc->st.inserted++;
   ins->e = NULL;
- out:
-  pthread_mutex_unlock (&sc->lock);
 }
 
 bool
@@ -229,9 +227,7 @@ scancache_insert (struct scancache *sc, uint64_t snap,
   changes_unchanged (sc->changes, snap, 0, offset, len, insert_cb, &ins);
   if (ins.e == NULL)
     return true;
-  pthread_mutex_lock (&sc->lock);
-  sc->st.refused++;
-  pthread_mutex_unlock (&sc->lock);
+  __atomic_fetch_add (&sc->st.refused, 1, __ATOMIC_RELAXED);
   entry_free (e);
   return false;
 }
@@ -263,11 +259,12 @@ scancache_read (struct scancache *sc, void *buf,
 {
   size_t copied = 0;
   size_t i;
+  SCOPED_MUTEX (&sc->lock);
 
-  pthread_mutex_lock (&sc->lock);
   i = search (sc, offset);
-  while (copied < count && i < sc->n && sc->v[i]->offset <= offset + copied) {
-    struct entry *e = sc->v[i];
+  while (copied < count && i < sc->v.len &&
+         sc->v.ptr[i]->offset <= offset + copied) {
+    struct entry *e = sc->v.ptr[i];
     uint64_t pos = offset + copied;
     size_t rel = pos - e->offset;
     size_t take = e->len - rel;
@@ -286,21 +283,21 @@ scancache_read (struct scancache *sc, void *buf,
       i++;
   }
   if (copied == 0 && uncached) {
-    if (i < sc->n && sc->v[i]->offset - offset < count)
-      *uncached = sc->v[i]->offset - offset;
+    if (i < sc->v.len && sc->v.ptr[i]->offset - offset < count)
+      *uncached = sc->v.ptr[i]->offset - offset;
     else
       *uncached = count;
   }
-  pthread_mutex_unlock (&sc->lock);
   return copied;
 }
 
 void
 scancache_get_stats (struct scancache *sc, struct scancache_stats *stats)
 {
-  pthread_mutex_lock (&sc->lock);
+  SCOPED_MUTEX (&sc->lock);
+
   *stats = sc->st;
-  stats->entries = sc->n;
+  stats->refused = __atomic_load_n (&sc->st.refused, __ATOMIC_RELAXED);
+  stats->entries = sc->v.len;
   stats->bytes = sc->used;
-  pthread_mutex_unlock (&sc->lock);
 }

@@ -1,4 +1,4 @@
-/* nbdkit-sparsebackup-filter: the scan cache.
+/* sparsebackup: the scan cache of the filter.
  *
  * Data read from the plugin while scanning (to answer an extents request
  * or an NBD_CMD_CACHE) is kept here, so that the client's following read
