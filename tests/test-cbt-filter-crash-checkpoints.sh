@@ -425,7 +425,7 @@ crash_case ()
                 st=0
                 ctl backup-begin n1 --since c4 >/dev/null 2>"$tmp/err" || st=$?
                 assert_eq 1 "$st" "$what: backup-begin --since the pending checkpoint"
-                assert_eq "ERR no-such-checkpoint no checkpoint 'c4'" "$(cat "$tmp/err")"
+                assert_eq "ERR no-such-checkpoint no checkpoint 'c4' (checkpoint-list shows them)" "$(cat "$tmp/err")"
                 st=0
                 nbdinfo --size "nbd+unix:///@since:c4?socket=$sock" >/dev/null 2>&1 || st=$?
                 [ $st != 0 ] || fail "$what: @since:c4 accepted after the kill"

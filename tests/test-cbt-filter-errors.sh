@@ -41,25 +41,24 @@ accepted sparsebackup-cbt="$tmp/ok.cbt" sparsebackup-cbt-granularity=4K \
     sparsebackup-cbt-mode=write-ahead sparsebackup-cbt-reset=true \
     sparsebackup-cbt-id="disk 1"
 
-# ---- A cbt file of another disk: connections refused, the field named ---
+# ---- A cbt file of another disk: refused at start-up, the field named ---
 nbdkit -U - --filter=sparsebackup null 1M sparsebackup-cbt="$tmp/a.cbt" \
     --run 'nbdinfo --size "$uri"' >/dev/null
-connect_err ()   # connect_err EXPECTED PARAMS...
+start_err ()   # start_err EXPECTED PARAMS...: refused before serving
 {
     local want=$1; shift
-    nbdkit -U - --filter=sparsebackup null 1M "$@" \
-        --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" &&
-        fail "connection with $* accepted"
-    assert_contains "$tmp/err" "$(ere_quote "$want")"
+    nbdkit_refuses "$(ere_quote "$want")" --filter=sparsebackup null 1M "$@"
 }
-connect_err "sparsebackup: cbt file $tmp/a.cbt: cbt: granularity: the file has 65536, 1048576 was asked for (reset to start afresh)" \
+start_err "sparsebackup-cbt: $tmp/a.cbt: cbt: granularity: the file has 65536, 1048576 was asked for" \
     sparsebackup-cbt="$tmp/a.cbt" sparsebackup-cbt-granularity=1M
-connect_err "sparsebackup: cbt file $tmp/a.cbt: cbt: identity: the file is for disk '', this disk is 'other' (reset to start afresh)" \
+start_err "sparsebackup-cbt: $tmp/a.cbt: cbt: identity: the file is for disk '', this disk is 'other'" \
     sparsebackup-cbt="$tmp/a.cbt" sparsebackup-cbt-id=other
+# The size is known only once the plugin runs: every connection is
+# refused with the message (and nbdkit logs it at start-up).
 nbdkit -U - --filter=sparsebackup null 2M sparsebackup-cbt="$tmp/a.cbt" \
     --run 'nbdinfo --size "$uri"' >"$tmp/out" 2>"$tmp/err" &&
     fail "a cbt file of another size was accepted"
-grep -E "cbt file .*a\.cbt: .*(size|2097152)" "$tmp/err" >/dev/null ||
+grep -E "a\.cbt: cbt: disk size: the file is for a disk of 1048576 bytes, this disk has 2097152" "$tmp/err" >/dev/null ||
     { cat "$tmp/err"; fail "the size mismatch is not named"; }
 # reset=true starts afresh.
 nbdkit -U - --filter=sparsebackup null 2M sparsebackup-cbt="$tmp/a.cbt" \
@@ -86,22 +85,24 @@ expect ()
     assert_eq "$want" "$st" "exit status of '$*'"
     assert_eq "$line" "$(cat "$tmp/out" "$tmp/err" | tail -n 1)" "reply to '$*'"
 }
-expect 1 "ERR state the cbt file is not open yet: it is opened by the first NBD connection (it needs the disk size)" -- status
-nbdinfo --size "$uri" >/dev/null
+# The cbt file is open from start-up: status before any NBD client.
 expect 0 "OK version=2 mode=in-use disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
-expect 1 "ERR no-such-checkpoint no good checkpoint" -- map
-expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- map --since nope
-expect 1 "ERR no-such-checkpoint no checkpoint 'nope'" -- backup-begin c1 --since nope
-expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- backup-end nope --ok
-expect 1 "ERR no-such-checkpoint cbt: no checkpoint 'nope'" -- checkpoint-delete nope
+expect 1 "ERR no-such-checkpoint no good checkpoint: the first backup is a full one (backup-begin NEW)" -- map
+# One lookup, one message, for every command that names a checkpoint.
+nope="ERR no-such-checkpoint no checkpoint 'nope' (checkpoint-list shows them)"
+expect 1 "$nope" -- map --since nope
+expect 1 "$nope" -- backup-begin c1 --since nope
+expect 1 "$nope" -- backup-end nope --ok
+expect 1 "$nope" -- checkpoint-delete nope
 expect 0 "OK checkpoint=c1 state=pending since=-" -- backup-begin c1
 expect 1 "ERR busy cbt: checkpoint 'c1' is pending: end its backup first" -- backup-begin c2
-expect 1 "ERR state checkpoint 'c1' is pending: its backup has not ended" -- backup-begin c2 --since c1
-expect 1 "ERR state cbt: checkpoint 'c1' is pending: its backup has not ended" -- map --since c1
+pending="ERR state checkpoint 'c1' is pending: its backup has not ended (backup-end c1 --ok|--failed)"
+expect 1 "$pending" -- backup-begin c2 --since c1
+expect 1 "$pending" -- map --since c1
 expect 0 "OK checkpoint=c1 state=good" -- backup-end c1 --ok
-expect 1 "ERR state cbt: checkpoint 'c1' is not pending" -- backup-end c1 --ok
+expect 1 "ERR state checkpoint 'c1' is not pending: its backup has ended" -- backup-end c1 --ok
 expect 1 "ERR exists cbt: checkpoint 'c1' exists" -- backup-begin c1
-expect 0 "OK since=c1 extents=0 bytes=0 granularity=65536" -- map
+expect 0 "OK since=c1 extents=0 bytes=0 granularity=65536 disk-size=4194304" -- map
 expect 0 "OK checkpoint=c2 state=pending since=c1" -- backup-begin c2 --since c1
 expect 0 "OK checkpoint=c2 state=deleted" -- backup-end c2 --failed
 expect 0 "OK checkpoints=1" -- checkpoint-list
@@ -123,7 +124,7 @@ for req in [b"bogus", b"backup-begin", b"backup-begin -x", b"backup-end c1",
             break
 PY
 cat > "$tmp/want" <<'EOF2'
-HELLO sparsebackup-ctl 1
+HELLO sparsebackup-ctl 2
 ERR unknown-command unknown command 'bogus' (commands: backup-begin, backup-end, checkpoint-list, checkpoint-delete, map, status)
 ERR syntax backup-begin: missing checkpoint name
 ERR invalid-name checkpoint '-x' is not a valid checkpoint name (1-63 printable characters, no space, not starting with '-')
@@ -143,8 +144,8 @@ view_err ()   # view_err NAME MESSAGE
         fail "export '$1' accepted"
     assert_contains "$server_log" "$(ere_quote "$2")"
 }
-view_err @since:nope "sparsebackup: export '@since:nope': no checkpoint 'nope'"
-view_err @since: "sparsebackup: export '@since:': '' is not a valid checkpoint name"
+view_err @since:nope "sparsebackup: export '@since:nope': no checkpoint 'nope' (checkpoint-list shows them)"
+view_err @since: "sparsebackup: export '@since:' is not a valid backup view"
 ctl backup-begin c3 >/dev/null
 view_err @since:c3 "sparsebackup: export '@since:c3': checkpoint 'c3' is pending: its backup has not ended"
 ctl backup-end c3 --ok >/dev/null

@@ -241,9 +241,12 @@ stop_nbdkit
 # A plugin that cannot open its default export without a client
 # (ondemand names its disks after the client's export name): refused at
 # start-up, saying why.
-nbdkit_refuses "sparsebackup-cbt: cannot open the plugin's default export" \
-    --filter=sparsebackup ondemand dir="$d" size=1M \
-    sparsebackup-cbt="$tmp/od2.cbt"
+st=0
+nbdkit -U - --filter=sparsebackup ondemand dir="$d" size=1M \
+    sparsebackup-cbt="$tmp/od2.cbt" --run 'nbdinfo --size "$uri"' \
+    > "$tmp/out" 2> "$tmp/err" || st=$?
+failed_cleanly $st "the ondemand plugin with sparsebackup-cbt"
+assert_contains "$tmp/err" "sparsebackup-cbt: cannot open the plugin's default export"
 
 # ---- 2: a view is bound to its checkpoint's identity -----------------
 start_nbdkit --filter=sparsebackup memory 16M \

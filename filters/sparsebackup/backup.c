@@ -62,7 +62,8 @@ fail_cbt (struct backup_error *e, const char *msg)
 }
 
 int
-backup_find_checkpoint (const char *name, struct checkpoint_ref *ref,
+backup_find_checkpoint (const char *name, enum checkpoint_want want,
+                        struct checkpoint_ref *ref,
                         struct cbt_checkpoint_info *info,
                         struct backup_error *e)
 {
@@ -84,9 +85,12 @@ backup_find_checkpoint (const char *name, struct checkpoint_ref *ref,
     return fail (e, CTL_E_NO_SUCH_CHECKPOINT, "no checkpoint '%s' "
                  "(checkpoint-list shows them)", name);
   }
-  if (info->state != CBT_STATE_GOOD)
+  if (want == WANT_GOOD && info->state != CBT_STATE_GOOD)
     return fail (e, CTL_E_STATE, "checkpoint '%s' is pending: its backup "
                  "has not ended (backup-end %s --ok|--failed)", name, name);
+  if (want == WANT_PENDING && info->state != CBT_STATE_PENDING)
+    return fail (e, CTL_E_STATE, "checkpoint '%s' is not pending: its "
+                 "backup has ended", name);
   return 0;
 }
 
@@ -124,7 +128,8 @@ backup_begin (const char *name, const char *since, struct backup_error *e)
   SCOPED_MUTEX (&backup_lock);
 
   assert (tracking_cbt () != NULL);
-  if (since && backup_find_checkpoint (since, &ref, NULL, e) == -1)
+  if (since && backup_find_checkpoint (since, WANT_GOOD, &ref, NULL,
+                                      e) == -1)
     return -1;
   if (frozen_enabled ())
     return begin_frozen (name, e);
@@ -171,9 +176,12 @@ end_locked (const char *name, bool ok, struct backup_error *e)
 int
 backup_end (const char *name, bool ok, struct backup_error *e)
 {
+  struct checkpoint_ref ref;
   SCOPED_MUTEX (&backup_lock);
 
   assert (tracking_cbt () != NULL);
+  if (backup_find_checkpoint (name, WANT_PENDING, &ref, NULL, e) == -1)
+    return -1;
   return end_locked (name, ok, e);
 }
 
@@ -181,10 +189,13 @@ int
 backup_checkpoint_delete (const char *name, struct backup_error *e)
 {
   struct frozen_info fi;
+  struct checkpoint_ref ref;
   char msg[CBT_ERRLEN] = "";
   SCOPED_MUTEX (&backup_lock);
 
   assert (tracking_cbt () != NULL);
+  if (backup_find_checkpoint (name, WANT_ANY, &ref, NULL, e) == -1)
+    return -1;
   /* Deleting the frozen backup's checkpoint ends the backup. */
   if (is_frozen (name, &fi)) {
     if (end_locked (name, false, e) == -1 && e->code != CTL_E_BROKEN)

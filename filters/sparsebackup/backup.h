@@ -23,11 +23,21 @@ struct backup_error {
   char msg[2 * CBT_ERRLEN];
 };
 
-/* Checkpoint NAME, which must be good: *REF (and *INFO if not NULL),
- * or -1 with E (invalid-name, no-such-checkpoint, with the reason when
- * the checkpoints were lost, or state when it is pending).
+/* What a lookup needs of the checkpoint. */
+enum checkpoint_want {
+  WANT_GOOD,                    /* a base for an incremental (--since) */
+  WANT_PENDING,                 /* a backup to end */
+  WANT_ANY,                     /* a checkpoint to delete */
+};
+
+/* Checkpoint NAME: *REF (and *INFO if not NULL), or -1 with E:
+ * invalid-name, no-such-checkpoint (with the reason when every
+ * checkpoint was lost when the file was opened), or state when it is
+ * pending (WANT_GOOD) or good (WANT_PENDING).  The one lookup of every
+ * command and view that names a checkpoint.
  */
 extern int backup_find_checkpoint (const char *name,
+                                   enum checkpoint_want want,
                                    struct checkpoint_ref *ref,
                                    struct cbt_checkpoint_info *info,
                                    struct backup_error *e);

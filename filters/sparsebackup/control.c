@@ -46,6 +46,7 @@
 #include "sparsebackup.h"
 #include "backup.h"
 #include "control.h"
+#include "disk.h"
 #include "frozen.h"
 #include "tracking.h"
 
@@ -232,7 +233,7 @@ do_map (struct conn *k, struct cbt *c, const struct ctl_request *req)
   uint64_t bytes = 0;
 
   if (req->since[0]) {
-    if (backup_find_checkpoint (req->since, &since, NULL, &e) == -1) {
+    if (backup_find_checkpoint (req->since, WANT_GOOD, &since, NULL, &e) == -1) {
       send_err (k, e.code, e.msg);
       return;
     }
@@ -245,7 +246,8 @@ do_map (struct conn *k, struct cbt *c, const struct ctl_request *req)
                 "first backup is a full one (backup-begin NEW)");
       return;
     }
-    if (backup_find_checkpoint (latest.name, &since, NULL, &e) == -1) {
+    if (backup_find_checkpoint (latest.name, WANT_GOOD, &since, NULL,
+                                &e) == -1) {
       send_err (k, e.code, e.msg);
       return;
     }
@@ -392,8 +394,14 @@ request (struct conn *k, const char *line)
     send_err (k, code, msg);
     return;
   }
-  /* The cbt file is open from start-up on (disk_after_fork). */
-  assert (c != NULL);
+  /* The cbt file is open from start-up on (disk_after_fork), unless
+   * that failed.
+   */
+  if (c == NULL) {
+    send_err (k, CTL_E_STATE, disk_startup_error () ?
+              disk_startup_error () : "the cbt file is not open");
+    return;
+  }
   switch (req.cmd) {
   case CTL_BACKUP_BEGIN:
     do_begin (k, &req);

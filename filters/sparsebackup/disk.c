@@ -105,42 +105,64 @@ disk_get_ready (int thread_model)
   return 0;
 }
 
-int
-disk_after_fork (nbdkit_backend *backend)
+/* What went wrong at start-up, after nbdkit forked: "" if nothing. */
+static char startup_error[512];
+
+const char *
+disk_startup_error (void)
+{
+  return startup_error[0] ? startup_error : NULL;
+}
+
+/* Open the context of the default export and learn its size. */
+static int
+open_default_export (nbdkit_backend *backend)
 {
   uint32_t minimum = 0, preferred = 0, maximum = 0;
   int64_t size;
 
-  if (!tracking_enabled ())
-    return 0;
   bg = nbdkit_next_context_open (backend, 1, "", 1);
   if (bg == NULL) {
-    nbdkit_error ("sparsebackup-cbt: cannot open the plugin's default "
-                  "export (export name \"\") at start-up to learn the size "
-                  "of the disk to track: changed-block tracking needs a "
-                  "plugin that serves its default export without a client "
-                  "(one that names its disks after the client's export "
-                  "name, such as ondemand or file dir=, cannot be "
-                  "tracked)");
+    snprintf (startup_error, sizeof startup_error,
+              "sparsebackup-cbt: cannot open the plugin's default export "
+              "(export name \"\") at start-up to learn the size of the "
+              "disk to track: changed-block tracking needs a plugin that "
+              "serves its default export without a client (one that names "
+              "its disks after the client's export name, such as ondemand "
+              "or file dir=, cannot be tracked)");
     return -1;
   }
-  if (bg->prepare (bg) == -1) {
-    nbdkit_next_context_close (bg);
-    bg = NULL;
-    nbdkit_error ("sparsebackup-cbt: cannot prepare the plugin's default "
-                  "export");
-    return -1;
-  }
-  size = bg->get_size (bg);
-  if (size == -1 ||
+  if (bg->prepare (bg) == -1 || (size = bg->get_size (bg)) == -1 ||
       bg->block_size (bg, &minimum, &preferred, &maximum) == -1) {
-    nbdkit_error ("sparsebackup-cbt: cannot get the size of the plugin's "
-                  "default export");
+    snprintf (startup_error, sizeof startup_error,
+              "sparsebackup-cbt: cannot get the size of the plugin's "
+              "default export at start-up");
     return -1;
   }
   bg_size = size;
   bg_max_request = maximum;
-  return tracking_open (bg_size);
+  return 0;
+}
+
+/* Failures here cannot stop nbdkit cleanly: it has forked (its parent
+ * may be waiting for a --run command that would then wait forever for
+ * a server that is gone).  They are logged, and every connection and
+ * control command is refused with the message.  What can be checked
+ * before the fork is checked at .get_ready (tracking_check).
+ */
+int
+disk_after_fork (nbdkit_backend *backend)
+{
+  char err[sizeof startup_error];
+
+  if (!tracking_enabled ())
+    return 0;
+  if (open_default_export (backend) == 0 &&
+      tracking_open (bg_size, err, sizeof err) == -1)
+    snprintf (startup_error, sizeof startup_error, "%s", err);
+  if (startup_error[0])
+    nbdkit_error ("%s: no connection will be served", startup_error);
+  return 0;
 }
 
 void
@@ -167,6 +189,11 @@ disk_unload (void)
 int
 disk_check_size (const char *exportname, uint64_t size)
 {
+  if (startup_error[0]) {
+    nbdkit_error ("sparsebackup: export '%s': connection refused: %s",
+                  exportname, startup_error);
+    return -1;
+  }
   if (tracking_enabled () && size != bg_size) {
     nbdkit_error ("sparsebackup: export '%s' has size %" PRIu64 " but the "
                   "cbt file %s tracks a disk of %" PRIu64 " bytes (the "

@@ -37,9 +37,11 @@ extern struct sb_disk disk;
 
 extern int disk_get_ready (int thread_model);
 /* With sparsebackup-cbt: open the context of the default export, learn
- * its size, open the cbt file (tracking.c).
+ * its size, open the cbt file (tracking.c).  A failure is logged and
+ * kept (disk_startup_error): every connection is then refused with it.
  */
 extern int disk_after_fork (nbdkit_backend *backend);
+extern const char *disk_startup_error (void);
 extern void disk_cleanup (void);
 extern void disk_unload (void);
 

@@ -94,6 +94,42 @@ mode_name (enum cbt_mode mode)
 
 /* ---- Opening ---------------------------------------------------------- */
 
+/* The file's own checks (format, granularity, identity), read-only,
+ * before the disk's size is known.  Not for a file that will be reset,
+ * nor an empty one or one whose creation was interrupted (zeros where
+ * the superblocks go), which the real open creates afresh.
+ */
+static int
+check_contents (const struct stat *st)
+{
+  struct cbt_options opts = {
+    .granularity = cfg_cbt_gran, .identity = cfg_cbt_id ? cfg_cbt_id : "",
+    .mode = cfg_cbt_mode, .read_only = true,
+  };
+  char head[8192], err[CBT_ERRLEN];
+  struct cbt *c;
+  int fd;
+  ssize_t n;
+  bool zeros = true;
+
+  if (cfg_cbt_reset || st->st_size == 0)
+    return 0;
+  fd = open (cfg_cbt_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  n = fd >= 0 ? pread (fd, head, sizeof head, 0) : -1;
+  if (fd >= 0)
+    close (fd);
+  for (ssize_t i = 0; i < n; ++i)
+    zeros &= head[i] == 0;
+  if (n > 0 && zeros)
+    return 0;
+  if (cbt_open (cfg_cbt_path, &opts, &c, NULL, err, sizeof err) == -1) {
+    nbdkit_error ("sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
+    return -1;
+  }
+  cbt_close (c, err, sizeof err);
+  return 0;
+}
+
 int
 tracking_check (void)
 {
@@ -144,11 +180,11 @@ tracking_check (void)
     return -1;
   }
   close (fd);
-  return 0;
+  return check_contents (&st);
 }
 
 int
-tracking_open (uint64_t size)
+tracking_open (uint64_t size, char *msg, size_t msglen)
 {
   struct cbt_options opts = {
     .disk_size = size, .granularity = cfg_cbt_gran,
@@ -163,12 +199,12 @@ tracking_open (uint64_t size)
     return 0;
   assert (tracking_cbt () == NULL);
   if (size == 0) {
-    nbdkit_error ("sparsebackup-cbt: the disk has size 0: the cbt file %s "
-                  "needs a disk", cfg_cbt_path);
+    snprintf (msg, msglen, "sparsebackup-cbt: the disk has size 0: the cbt "
+              "file %s needs a disk", cfg_cbt_path);
     return -1;
   }
   if (cbt_open (cfg_cbt_path, &opts, &c, &info, err, sizeof err) == -1) {
-    nbdkit_error ("sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
+    snprintf (msg, msglen, "sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
     return -1;
   }
   if (info.invalidated) {

@@ -31,13 +31,15 @@ struct checkpoint_ref {
 /* At .get_ready, before nbdkit forks: what can be checked of the cbt
  * file without the disk's size (a path where it can be created, not a
  * symbolic link, not a file of another parameter, not locked by another
- * server), so that these mistakes stop nbdkit in the foreground.
+ * server, its format, granularity and identity), so that these
+ * mistakes stop nbdkit at start-up.
  */
 extern int tracking_check (void);
 /* Open (create, lock, check) the cbt file sparsebackup-cbt for a disk
- * of SIZE bytes.  Nothing to do without sparsebackup-cbt.
+ * of SIZE bytes: -1 with a message in MSG.  Nothing to do without
+ * sparsebackup-cbt.
  */
-extern int tracking_open (uint64_t size);
+extern int tracking_open (uint64_t size, char *msg, size_t msglen);
 extern void tracking_close (void);
 extern bool tracking_enabled (void);
 /* The open cbt file, or NULL. */

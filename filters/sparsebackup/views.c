@@ -107,7 +107,8 @@ bind_since (struct sb_handle *h)
 {
   struct backup_error e;
 
-  if (backup_find_checkpoint (h->since_name, &h->since, NULL, &e) == -1) {
+  if (backup_find_checkpoint (h->since_name, WANT_GOOD, &h->since, NULL,
+                              &e) == -1) {
     nbdkit_error ("sparsebackup: export '%s': %s", h->exportname, e.msg);
     return -1;
   }
