@@ -112,7 +112,7 @@ begin_frozen (const char *name, struct backup_error *e)
 
     fail (e, errno == ENOMEM ? CTL_E_INTERNAL : CTL_E_STATE, "backup '%s' "
           "cannot freeze the disk: %s", name, msg);
-    if (cbt_checkpoint_fail (c, name, why, sizeof why) == -1)
+    if (tracking_checkpoint_end (name, false, why, sizeof why) == -1)
       nbdkit_error ("sparsebackup: backup '%s': %s", name, why);
     r = -1;
   }
@@ -149,23 +149,19 @@ is_frozen (const char *name, struct frozen_info *info)
 static int
 end_locked (const char *name, bool ok, struct backup_error *e)
 {
-  struct cbt *c = tracking_cbt ();
   struct frozen_info fi;
   char msg[CBT_ERRLEN] = "";
   bool frozen = is_frozen (name, &fi);
-  int r;
 
   if (frozen && fi.broken) {
-    if (cbt_checkpoint_fail (c, name, msg, sizeof msg) == -1)
+    if (tracking_checkpoint_end (name, false, msg, sizeof msg) == -1)
       return fail_cbt (e, msg);
     frozen_release ();
     return fail (e, CTL_E_BROKEN, "backup '%s' is broken (%s): its "
                  "checkpoint was deleted, take the backup again",
                  name, fi.why);
   }
-  r = ok ? cbt_checkpoint_confirm (c, name, msg, sizeof msg)
-         : cbt_checkpoint_fail (c, name, msg, sizeof msg);
-  if (r == -1)
+  if (tracking_checkpoint_end (name, ok, msg, sizeof msg) == -1)
     return fail_cbt (e, msg);
   /* The checkpoint is good or gone: the frozen disk is no more. */
   if (frozen)
@@ -202,7 +198,7 @@ backup_checkpoint_delete (const char *name, struct backup_error *e)
       return -1;
     return 0;
   }
-  if (cbt_checkpoint_delete (tracking_cbt (), name, msg, sizeof msg) == -1)
+  if (tracking_checkpoint_delete (name, msg, sizeof msg) == -1)
     return fail_cbt (e, msg);
   return 0;
 }

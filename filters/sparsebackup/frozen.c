@@ -217,9 +217,7 @@ frozen_close (void)
     cowmap_free (fz.map);
     fz.map = NULL;
     fz.active = false;
-    if (ftruncate (fz.fd, 0) == -1)
-      nbdkit_debug ("sparsebackup-scratch: cannot empty '%s': %m",
-                    cfg_scratch_path);
+    empty_scratch ();           /* its header stays: it is ours */
     close (fz.fd);
     fz.fd = -1;
   }

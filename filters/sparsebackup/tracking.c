@@ -52,6 +52,53 @@ static bool io_error;                   /* a mark or commit failed */
 static pthread_mutex_t inflight_lock = PTHREAD_MUTEX_INITIALIZER;
 static range_vector inflight = VECTOR_INIT;
 
+/* The identities of the checkpoints: a name gets a new identity when it
+ * is first seen (loaded from the file, or created), and loses it when
+ * the checkpoint is deleted, so a name deleted and created again is
+ * another checkpoint.  Every deletion goes through this file.
+ * IDS_LOCK is held around a deletion and its removal here, and around
+ * a lookup and what is done with it (tracking_map_range), so that a
+ * checkpoint cannot be replaced in between.  Lock order: ids_lock,
+ * then inflight_lock, then the cbt's.
+ */
+struct identity {
+  char name[CBT_NAME_MAX + 1];
+  uint64_t id;
+};
+DEFINE_VECTOR (identity_vector, struct identity);
+static pthread_mutex_t ids_lock = PTHREAD_MUTEX_INITIALIZER;
+static identity_vector ids = VECTOR_INIT;
+static uint64_t next_id = 1;
+
+/* The identity of NAME (ids_lock held): a new one if not known yet;
+ * 0 out of memory.
+ */
+static uint64_t
+identity_of (const char *name)
+{
+  struct identity e;
+
+  for (size_t i = 0; i < ids.len; ++i)
+    if (strcmp (ids.ptr[i].name, name) == 0)
+      return ids.ptr[i].id;
+  snprintf (e.name, sizeof e.name, "%s", name);
+  e.id = next_id++;
+  if (identity_vector_append (&ids, e) == -1)
+    return 0;
+  return e.id;
+}
+
+/* NAME was deleted (ids_lock held). */
+static void
+identity_forget (const char *name)
+{
+  for (size_t i = 0; i < ids.len; ++i)
+    if (strcmp (ids.ptr[i].name, name) == 0) {
+      identity_vector_remove (&ids, i);
+      return;
+    }
+}
+
 bool
 tracking_enabled (void)
 {
@@ -234,6 +281,7 @@ tracking_close (void)
     nbdkit_error ("sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
   the_cbt = NULL;
   range_vector_reset (&inflight);
+  identity_vector_reset (&ids);
 }
 
 /* ---- Marking ---------------------------------------------------------- */
@@ -345,9 +393,12 @@ tracking_checkpoint_begin (const char *name, char *err, size_t errlen)
 
   assert (c != NULL);
   {
+    SCOPED_MUTEX (&ids_lock);
     SCOPED_MUTEX (&inflight_lock);
 
     r = cbt_checkpoint_create (c, name, true, err, errlen);
+    if (r == 0)
+      identity_forget (name);   /* a new checkpoint: a new identity */
     /* cbt.h: mark again every change in flight, so that one landing
      * after the checkpoint is recorded after it too.
      */
@@ -364,9 +415,10 @@ tracking_checkpoint_begin (const char *name, char *err, size_t errlen)
   return r;
 }
 
-ssize_t
-tracking_find (const char *name, struct cbt_checkpoint_info *info,
-               struct checkpoint_ref *ref)
+/* tracking_find with ids_lock held. */
+static ssize_t
+find_locked (const char *name, struct cbt_checkpoint_info *info,
+             struct checkpoint_ref *ref)
 {
   struct cbt *c = tracking_cbt ();
 
@@ -377,7 +429,11 @@ tracking_find (const char *name, struct cbt_checkpoint_info *info,
   for (size_t i = 0; cbt_checkpoint_get (c, i, info) == 0; ++i)
     if (strcmp (info->name, name) == 0) {
       if (ref) {
-        ref->id = info->created;
+        ref->id = identity_of (name);
+        if (ref->id == 0) {
+          errno = ENOMEM;
+          return -1;
+        }
         snprintf (ref->name, sizeof ref->name, "%s", info->name);
       }
       return i;
@@ -386,13 +442,57 @@ tracking_find (const char *name, struct cbt_checkpoint_info *info,
   return -1;
 }
 
-bool
-tracking_ref_alive (const struct checkpoint_ref *ref)
+ssize_t
+tracking_find (const char *name, struct cbt_checkpoint_info *info,
+               struct checkpoint_ref *ref)
+{
+  SCOPED_MUTEX (&ids_lock);
+
+  return find_locked (name, info, ref);
+}
+
+/* REF is alive (ids_lock held). */
+static bool
+alive_locked (const struct checkpoint_ref *ref)
 {
   struct cbt_checkpoint_info info;
   struct checkpoint_ref now;
 
-  return tracking_find (ref->name, &info, &now) >= 0 && now.id == ref->id;
+  return find_locked (ref->name, &info, &now) >= 0 && now.id == ref->id;
+}
+
+bool
+tracking_ref_alive (const struct checkpoint_ref *ref)
+{
+  SCOPED_MUTEX (&ids_lock);
+
+  return alive_locked (ref);
+}
+
+int
+tracking_checkpoint_end (const char *name, bool ok, char *err,
+                         size_t errlen)
+{
+  struct cbt *c = tracking_cbt ();
+  SCOPED_MUTEX (&ids_lock);
+  int r;
+
+  r = ok ? cbt_checkpoint_confirm (c, name, err, errlen)
+         : cbt_checkpoint_fail (c, name, err, errlen);
+  if (r == 0 && !ok)
+    identity_forget (name);
+  return r;
+}
+
+int
+tracking_checkpoint_delete (const char *name, char *err, size_t errlen)
+{
+  SCOPED_MUTEX (&ids_lock);
+
+  if (cbt_checkpoint_delete (tracking_cbt (), name, err, errlen) == -1)
+    return -1;
+  identity_forget (name);
+  return 0;
 }
 
 int
@@ -402,15 +502,16 @@ tracking_map_range (const struct checkpoint_ref *since,
                     cbt_extent_fn extent, void *opaque,
                     char *err, size_t errlen)
 {
-  struct cbt *c = tracking_cbt ();
+  SCOPED_MUTEX (&ids_lock);
 
-  if (!tracking_ref_alive (since) || (until && !tracking_ref_alive (until))) {
+  if (!alive_locked (since) || (until && !alive_locked (until))) {
     snprintf (err, errlen, "checkpoint '%s' was deleted",
-              !tracking_ref_alive (since) ? since->name : until->name);
+              !alive_locked (since) ? since->name : until->name);
     errno = ENOENT;
     return -1;
   }
   err[0] = '\0';
-  return cbt_map_range (c, since->name, until ? until->name : NULL,
-                        start, end, extent, opaque, err, errlen);
+  return cbt_map_range (tracking_cbt (), since->name,
+                        until ? until->name : NULL, start, end, extent,
+                        opaque, err, errlen);
 }

@@ -24,7 +24,7 @@
 
 /* One checkpoint, by identity. */
 struct checkpoint_ref {
-  uint64_t id;                  /* never reused within a file */
+  uint64_t id;                  /* never reused while nbdkit runs */
   char name[CBT_NAME_MAX + 1];
 };
 
@@ -65,6 +65,15 @@ extern void tracking_end (uint64_t offset, uint64_t count);
  */
 extern int tracking_checkpoint_begin (const char *name, char *err,
                                       size_t errlen);
+
+/* End the backup of pending checkpoint NAME: confirm it (OK) or delete
+ * it (merged back).  Delete checkpoint NAME.  -1 with errno and ERR.
+ * Every deletion goes through these, so that identities stay right.
+ */
+extern int tracking_checkpoint_end (const char *name, bool ok, char *err,
+                                    size_t errlen);
+extern int tracking_checkpoint_delete (const char *name, char *err,
+                                       size_t errlen);
 
 /* Look up checkpoint NAME: its index (0 = oldest), *INFO and *REF, or
  * -1 (ENOENT).
