@@ -30,6 +30,9 @@
  *     fz.lock, the cowmap's lock   (leaves)
  *   bg_lock (here)                 calls on the start-up context when
  *                                  the plugin is not fully parallel
+ *   ids_lock (tracking.c)          the identities of the checkpoints:
+ *                                  a checkpoint change, or a lookup and
+ *                                  the map read with it
  *   inflight_lock (tracking.c)     a mark and its listing; a checkpoint
  *                                  and the marks again
  *     the cbt's lock (common/cbt)
@@ -38,7 +41,7 @@
  *     the map's or the scan cache's lock (common/blockmap, scancache)
  *
  * The data paths take only the drain (read), the frozen state's (read),
- * the inflight lock and the leaves below.
+ * the inflight lock and the leaves below (never ids_lock).
  */
 
 #ifndef _GNU_SOURCE
