@@ -29,7 +29,7 @@
 
 #include "cleanup.h"
 #include "ctlproto.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "backup.h"
 #include "disk.h"
 #include "frozen.h"

@@ -1,7 +1,7 @@
 /* nbdkit-sparsebackup-filter: every sparsebackup-* parameter.
  *
  * .config parses each key into the cfg_* variables (declared in
- * sparsebackup.h), .config_complete checks the combinations and opens
+ * internal.h), .config_complete checks the combinations and opens
  * the statistics file (so that a bad path fails at once); the cbt file,
  * the control socket and the scratch file are opened at start-up by
  * their modules.  Every value named in an error is quoted as the user
@@ -25,12 +25,14 @@
 #include <inttypes.h>
 #include <string.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <nbdkit-filter.h>
 
 #include "vector.h"
-#include "sparsebackup.h"
+#include "internal.h"
 
 uint32_t cfg_block_size = 0;
 enum detect_zeroes_mode cfg_detect_zeroes = DZ_UNMAP;
@@ -407,6 +409,46 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   return next (nxdata, key, value);
 }
 
+/* Open (create, or empty) the statistics file PATH, never through a
+ * symbolic link, and give it to stats.c.
+ */
+static int
+open_stats (const char *path)
+{
+  struct stat st;
+  FILE *fp;
+  int fd;
+
+  fd = open (path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd == -1 && errno == ELOOP) {
+    nbdkit_error ("sparsebackup-statsfile: '%s' is a symbolic link: "
+                  "refused (name the file itself)", path);
+    return -1;
+  }
+  if (fd == -1) {
+    nbdkit_error ("sparsebackup-statsfile: cannot open '%s': %m", path);
+    return -1;
+  }
+  if (fstat (fd, &st) == -1) {
+    nbdkit_error ("sparsebackup-statsfile: '%s': %m", path);
+    close (fd);
+    return -1;
+  }
+  if (config_check_clash ("sparsebackup-statsfile", path, &st) == -1) {
+    close (fd);
+    return -1;
+  }
+  /* A regular file is written afresh; a device or a pipe as it is. */
+  if ((S_ISREG (st.st_mode) && ftruncate (fd, 0) == -1) ||
+      (fp = fdopen (fd, "w")) == NULL) {
+    nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m", path);
+    close (fd);
+    return -1;
+  }
+  stats_set_file (fp, path);
+  return 0;
+}
+
 int
 sparsebackup_config_complete (nbdkit_next_config_complete *next,
                               nbdkit_backend *nxdata)
@@ -432,7 +474,7 @@ sparsebackup_config_complete (nbdkit_next_config_complete *next,
                   "backup-begin)", cfg_scratch_path);
     return -1;
   }
-  if (stats_path && stats_open (stats_path) == -1)
+  if (stats_path && open_stats (stats_path) == -1)
     return -1;
   return next (nxdata);
 }

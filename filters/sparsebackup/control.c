@@ -43,7 +43,7 @@
 #include "cleanup.h"
 #include "ctlproto.h"
 #include "vector.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "backup.h"
 #include "control.h"
 #include "disk.h"

@@ -61,7 +61,7 @@
 #include <nbdkit-filter.h>
 
 #include "cleanup.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "disk.h"
 #include "frozen.h"
 #include "tracking.h"

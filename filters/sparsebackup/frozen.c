@@ -57,7 +57,7 @@
 #include "cowmap.h"
 #include "minmax.h"
 #include "zerodetect.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "frozen.h"
 #include "lower.h"
 

@@ -23,7 +23,7 @@
 
 #include <nbdkit-filter.h>
 
-#include "sparsebackup.h"
+#include "internal.h"
 #include "disk.h"
 #include "zerodetect.h"
 

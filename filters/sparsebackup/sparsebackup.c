@@ -5,7 +5,7 @@
  * export of the connection (views.h): the disk (EXPORT_DISK) goes
  * through the map (read.c, write.c), other names straight to the plugin
  * (their changes still tracked: write.c), the backup views to views.c.
- * See sparsebackup.h for the other files, doc/design.md for the data
+ * See internal.h for the other files, doc/design.md for the data
  * paths and the map protocol, and the man page for the parameters.
  */
 
@@ -22,7 +22,7 @@
 
 #include <nbdkit-filter.h>
 
-#include "sparsebackup.h"
+#include "internal.h"
 #include "control.h"
 #include "disk.h"
 #include "frozen.h"

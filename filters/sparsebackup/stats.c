@@ -25,50 +25,19 @@
 #include <nbdkit-filter.h>
 
 #include "changes.h"
-#include "sparsebackup.h"
+#include "internal.h"
 
 struct sb_stats stats;
 
 static FILE *statsfp = NULL;
 static char *statsfile = NULL;
 
-int
-stats_open (const char *path)
+void
+stats_set_file (FILE *fp, const char *path)
 {
-  struct stat st;
-  FILE *fp;
-  int fd;
-
-  /* Never through a symbolic link planted at PATH. */
-  fd = open (path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
-  if (fd == -1 && errno == ELOOP) {
-    nbdkit_error ("sparsebackup-statsfile: '%s' is a symbolic link: "
-                  "refused (name the file itself)", path);
-    return -1;
-  }
-  if (fd == -1) {
-    nbdkit_error ("sparsebackup-statsfile: cannot open '%s': %m", path);
-    return -1;
-  }
-  if (fstat (fd, &st) == -1) {
-    nbdkit_error ("sparsebackup-statsfile: '%s': %m", path);
-    close (fd);
-    return -1;
-  }
-  if (config_check_clash ("sparsebackup-statsfile", path, &st) == -1) {
-    close (fd);
-    return -1;
-  }
-  /* A regular file is written afresh; a device or a pipe as it is. */
-  if ((S_ISREG (st.st_mode) && ftruncate (fd, 0) == -1) ||
-      (fp = fdopen (fd, "w")) == NULL) {
-    nbdkit_error ("sparsebackup-statsfile: cannot write '%s': %m", path);
-    close (fd);
-    return -1;
-  }
   statsfp = fp;
+  free (statsfile);
   statsfile = strdup (path);
-  return 0;
 }
 
 /* 1536 -> "1.5 KiB": binary units, one decimal. */

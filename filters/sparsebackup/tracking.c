@@ -37,7 +37,7 @@
 #include "cleanup.h"
 #include "minmax.h"
 #include "vector.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "tracking.h"
 
 struct range {

@@ -25,7 +25,7 @@
 #include "cleanup.h"
 #include "minmax.h"
 #include "vector.h"
-#include "sparsebackup.h"
+#include "internal.h"
 #include "backup.h"
 #include "frozen.h"
 #include "lower.h"

@@ -25,7 +25,7 @@
 
 #include <nbdkit-filter.h>
 
-#include "sparsebackup.h"
+#include "internal.h"
 
 /* The kind of export NAME: -1 (logged) if the name is in the filter's
  * namespace but not valid.  *SINCE: where X starts in NAME, or NULL.

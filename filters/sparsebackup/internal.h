@@ -20,8 +20,8 @@
  *   stats.c         counters, statistics    (leaf)
  *
  * Headers: this one (configuration, debug flags, statistics, the
- * handle, the data paths), disk.h, tracking.h, frozen.h, backup.h,
- * views.h, lower.h, control.h.
+ * handle, the data paths: shared by every file, defines nothing),
+ * disk.h, tracking.h, frozen.h, backup.h, views.h, lower.h, control.h.
  */
 #ifndef SPARSEBACKUP_FILTER_H
 #define SPARSEBACKUP_FILTER_H
@@ -29,6 +29,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/stat.h>
 
 #include <nbdkit-filter.h>
@@ -149,13 +150,13 @@ struct stats_sources {
   bool frozen;
 };
 
-/* sparsebackup-statsfile=PATH (absolute): open (create) the file at
- * start-up, never through a symbolic link, so that a bad path fails at
- * once.  stats_close prints the summary line
- * (always to the debug log) and, to the file, the summary and the
- * counters; returns -1 if the file could not be written.
+/* sparsebackup-statsfile=PATH: config.c opens (creates) the file at
+ * start-up, so that a bad path fails at once, and gives it here.
+ * stats_close prints the summary line (always to the debug log) and,
+ * to the file, the summary and the counters; returns -1 if the file
+ * could not be written.
  */
-extern int stats_open (const char *value);
+extern void stats_set_file (FILE *fp, const char *path);
 extern int stats_close (const struct stats_sources *src);
 
 /* ---- Connections ------------------------------------------------------- */
