@@ -91,4 +91,11 @@ if command -v man > /dev/null; then
     MANWIDTH=80 man -l "$page" > "$tmp/man" 2> /dev/null || fail "man -l $page"
     assert_contains "$tmp/man" '^EXIT STATUS'
     assert_contains "$tmp/man" 'sparsebackup-copy --delta'
+    # Every option of --help is in the man page, with an example.
+    for o in $(grep -o -E -- '--[a-z][a-z-]+' "$tmp/help" | sort -u); do
+        grep -q -E -- "^ +$o([=[]|\$)" "$tmp/man" ||
+            fail "the man page has no entry for $o"
+        grep -q -E -- "^ +sparsebackup-copy .*$o" "$tmp/man" ||
+            fail "the man page has no example of $o"
+    done
 fi
