@@ -258,8 +258,6 @@ read_done (void *user_data, int *error)
   return 1;
 }
 
-void nbd_write_finished (struct slot *s, int err);
-
 void
 nbd_write_finished (struct slot *s, int err)
 {

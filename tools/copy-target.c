@@ -543,9 +543,6 @@ sync_file_target (void)
   return true;
 }
 
-/* Called by the engine with the piece's slot: in copy-engine.c. */
-extern void nbd_write_finished (struct slot *s, int err);
-
 static int
 write_done (void *user_data, int *error)
 {

@@ -398,5 +398,7 @@ extern bool queue_take (uint64_t max, struct extent *out);
  */
 extern void copy (void);
 extern void engine_init (uint64_t start);
+/* An NBD write or zero of slot S completed (ERR: its errno, or 0). */
+extern void nbd_write_finished (struct slot *s, int err);
 
 #endif /* SPARSEBACKUP_COPY_H */
