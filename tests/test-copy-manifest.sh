@@ -199,7 +199,7 @@ verify_opts=--allow-larger
 r=0; "$copy" --verify="$tmp/chain1.m" "[" nbdkit qcow2 file="$tmp/inc.qcow2" "]" \
     2> "$tmp/err" || r=$?
 assert_eq 1 $r "exit status of --verify of a larger chain without --allow-larger"
-assert_contains "$tmp/err" "TARGET 'nbdkit' is $(( (view_size + 511) / 512 * 512 )) bytes, the manifest '$tmp/chain1.m' is of $view_size bytes \(--allow-larger"
+assert_contains "$tmp/err" "TARGET '\\[ nbdkit qcow2 file=$tmp/inc.qcow2 \\]' is $(( (view_size + 511) / 512 * 512 )) bytes, the manifest '$tmp/chain1.m' is of $view_size bytes \(--allow-larger"
 "$copy" $verify_opts --verify="$tmp/chain1.m" \
     "[" nbdkit qcow2 file="$tmp/inc.qcow2" "]" > "$tmp/out"
 assert_contains "$tmp/out" "matches the manifest '$tmp/chain1.m'"

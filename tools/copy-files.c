@@ -357,10 +357,16 @@ text_in_open (struct text_in *t, const char *path)
   fd = open (path, O_RDONLY | O_CLOEXEC);
   if (fd == -1)
     return -1;
-  if (fstat (fd, &st) == -1 || !S_ISREG (st.st_mode)) {
-    if (errno == 0 || !S_ISREG (st.st_mode))
-      errno = EINVAL;
+  if (fstat (fd, &st) == -1) {
+    int e = errno;
+
     close (fd);
+    errno = e;
+    return -1;
+  }
+  if (!S_ISREG (st.st_mode)) {
+    close (fd);
+    errno = S_ISDIR (st.st_mode) ? EISDIR : EINVAL;
     return -1;
   }
   t->fp = fdopen (fd, "r");

@@ -51,7 +51,7 @@ list_cb (void *user_data, const char *name, const char *description)
 }
 
 /* "[ CMD ARGS ... ]" as one string. */
-static char *
+char *
 command_string (char **cmd)
 {
   size_t n = 4, i;

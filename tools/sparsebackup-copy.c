@@ -515,10 +515,14 @@ copy_source_id (struct source_id *to, const struct source_id *from)
 /* ---- --verify ---------------------------------------------------------- */
 
 static int
-run_verify (const char *target, char **target_cmd)
+run_verify (const char *target_arg, char **target_cmd)
 {
+  char *target_name = target_cmd ? command_string (target_cmd)
+    : xstrdup (target_arg);
+  const char *target = target_name;
   struct manifest m, got = { 0 };
   uint64_t tsize, first = 0, bad;
+  int64_t maxblock;
   double t0 = now ();
   bool ok;
 
@@ -530,8 +534,11 @@ run_verify (const char *target, char **target_cmd)
     src_name = target;
     src_cmd = target_cmd;
     src_label = "TARGET";
-    src = connect_nbd ("TARGET", target, target_cmd, true, &id, NULL);
+    src = connect_nbd ("TARGET", target_arg, target_cmd, true, &id, NULL);
     tsize = nbd_get_size (src);
+    maxblock = nbd_get_block_size (src, LIBNBD_SIZE_MAXIMUM);
+    if (maxblock > 0 && (uint64_t) maxblock < request_size)
+      request_size = maxblock;
     free (id.uri);
     free (id.export);
     free (id.description);
@@ -615,6 +622,7 @@ run_verify (const char *target, char **target_cmd)
             now () - t0);
   manifest_free (&m);
   manifest_free (&got);
+  free (target_name);
   return bad ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 

@@ -231,6 +231,8 @@ extern bool sync_file_target (void);
 extern void finish (void);
 extern void close_source (void);
 extern bool is_nbd_uri (const char *s);
+/* "[ CMD ARGS ... ]" as one malloc'd string. */
+extern char *command_string (char **cmd);
 extern struct nbd_handle *connect_nbd (const char *what, const char *name,
                                        char **cmd, bool want_extents,
                                        struct source_id *id,
