@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "minmax.h"
 #include "ispowerof2.h"
@@ -113,6 +114,7 @@ void
 manifest_load (const char *path, struct manifest *m)
 {
   struct text_in t;
+  struct stat st;
   const char *why, *v;
   uint64_t i, chunks;
 
@@ -149,6 +151,12 @@ manifest_load (const char *path, struct manifest *m)
   m->src.export = string_field (&t, "source-export");
   m->src.description = string_field (&t, "source-description");
   m->src.size = m->size;
+  /* Each chunk takes a line of 65 bytes: a file too short for its count
+   * is refused before the hashes are allocated.
+   */
+  if (fstat (fileno (t.fp), &st) == 0 &&
+      (uint64_t) st.st_size / (2 * HASH_SIZE + 1) < chunks)
+    bad_manifest (path, t.lineno, "the file is too short for its chunks");
   alloc_hashes (m);
   for (i = 0; i < chunks; i++) {
     if (!text_in_line (&t, 2 * HASH_SIZE, &why))
