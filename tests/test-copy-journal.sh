@@ -263,6 +263,8 @@ assert_contains "$tmp/err" "journal '$tmp/jdir'"
 if command -v strace > /dev/null && strace -f -qq -o /dev/null true 2>/dev/null
 then
     rm -f "$tmp/t.img"
+    # LeakSanitizer cannot run under ptrace (a --sanitizers build).
+    ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 \
     strace -qq -y -e trace=fsync,fdatasync,rename,pwrite64,fallocate \
         -o "$tmp/trace" "$copy" -q --journal-every=200K --request-size=64K \
         "$view1" "$tmp/t.img"
