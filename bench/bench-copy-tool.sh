@@ -168,6 +168,22 @@ cp --sparse=always "$tmp/prev.img" "$tmp/out.img"
 cp "$tmp/prev.m" "$tmp/dm"
 "$copy" --delta --manifest="$tmp/dm" "$v64" "$tmp/out.img" > "$tmp/d64.out"
 extra=$(sed -n 's/.*; read \([0-9]*\) more bytes for the manifest.*/\1/p' "$tmp/d64.out")
+# CPU seconds (user + system) of the client: what the hashing costs,
+# whatever else the machine is doing.
+cpu1 ()
+{
+    /usr/bin/time -f "%U %S" -o "$tmp/cpu" "$@" >&2
+    awk '{printf "%.3f\n", $1 + $2}' "$tmp/cpu"
+}
+cp_=() cm_=()
+if [ -x /usr/bin/time ]; then
+    for (( i = 0; i < runs; i++ )); do
+        rm -f "$tmp/out.img"
+        cp_+=("$(cpu1 "$copy" -q "$v1" "$tmp/out.img")")
+        rm -f "$tmp/out.img"
+        cm_+=("$(cpu1 "$copy" -q --manifest="$tmp/m" "$v1" "$tmp/out.img")")
+    done
+fi
 vt=$(timeit "$runs" "$copy" -q --verify="$tmp/m" "$tmp/src.img")
 ct=$(timeit "$runs" cmp "$tmp/src.img" "$tmp/out.img")
 echo "manifest overhead (interleaved medians, with / without --manifest):"
@@ -185,6 +201,11 @@ printf "  %-34s %8.3f s / %8.3f s  ratio %s\n" \
     "--delta, 64K pieces, 64K chunks" "$(median "${d64c[@]}")" \
     "$(median "${d64p[@]}")" \
     "$(ratio "$(median "${d64c[@]}")" "$(median "${d64p[@]}")")"
+if [ ${#cp_[@]} -gt 0 ]; then
+    printf "  %-34s %8.3f s / %8.3f s  ratio %s\n" "full copy, client CPU" \
+        "$(median "${cm_[@]}")" "$(median "${cp_[@]}")" \
+        "$(ratio "$(median "${cm_[@]}")" "$(median "${cp_[@]}")")"
+fi
 echo "journal overhead (full copy, default journal / --no-journal):"
 printf "  %-34s %8.3f s / %8.3f s  ratio %s\n" "full copy" \
     "$(median "${fj[@]}")" "$(median "${fnj[@]}")" \
