@@ -51,34 +51,64 @@ expect_fail "cannot connect to SRC 'nbd://'" "nbd://" "$tmp/x.img"
 
 # Targets it cannot open or write.
 expect_fail "cannot open DST '$tmp': Is a directory" "$view" "$tmp"
-expect_fail "cannot open DST '$tmp/no/such/dir': No such file" \
+expect_fail "cannot create DST '$tmp/no/such/dir': No such file" \
     "$view" "$tmp/no/such/dir"
 if [ -w /dev/full ]; then
-    expect_fail "write error on DST '/dev/full' at offset [0-9]+: No space" \
+    expect_fail "DST '/dev/full' is not a regular file: name a journal for it with --journal=FILE" \
         "$view" /dev/full
+    expect_fail "write error on DST '/dev/full' at offset [0-9]+: No space" \
+        --no-journal "$view" /dev/full
+    expect_fail "--delta: DST '/dev/full' is not a regular file, block device or NBD export" \
+        --delta --no-journal "$view" /dev/full
 fi
 start_nbdkit memory $((view_size - 1))
-expect_fail "DST '$(re "$uri")' is shorter \($((view_size - 1)) bytes\) than SRC \($view_size bytes\)" \
+expect_fail "DST '$(re "$uri")' is not a regular file: name a journal" \
     "$view" "$uri"
+expect_fail "DST '$(re "$uri")' is shorter \($((view_size - 1)) bytes\) than SRC \($view_size bytes\)" \
+    --no-journal "$view" "$uri"
 start_nbdkit -r memory "$view_size"
-expect_fail "DST '$(re "$uri")' is read-only" "$view" "$uri"
+expect_fail "DST '$(re "$uri")' is read-only" --no-journal "$view" "$uri"
 start_nbdkit --filter=error memory "$view_size" error-pwrite=EIO \
     error-pwrite-rate=1
 expect_fail "write error on DST '$(re "$uri")' at offset [0-9]+: Input/output error" \
-    "$view" "$uri"
+    --journal="$tmp/nbd.journal" "$view" "$uri"
+assert_contains "$tmp/err" "DST '$(re "$uri")' is incomplete: 0 of $view_size bytes done; the journal '$tmp/nbd.journal' records it"
+expect_fail "--journal and --no-journal exclude each other" \
+    --journal=j --no-journal "$view" "$uri"
+expect_fail "--journal-every: '0' is not a size" --journal-every=0 "$view" x
+expect_fail "--chunk-size: '3000' is not a power of 2 from 4K to 64M" \
+    --manifest=m --chunk-size=3000 "$view" x
+expect_fail "--chunk-size: '128M' " --manifest=m --chunk-size=128M "$view" x
+expect_fail "--chunk-size needs --manifest" --chunk-size=64K "$view" x
+expect_fail "--base-manifest needs --delta and --manifest" \
+    --base-manifest=m "$view" x
+expect_fail "--manifest-only needs --manifest" --manifest-only "$view"
+expect_fail "--verify takes no copy options" --verify=m --delta x
 
 # Errors from the source.
 echo $((1024 * K)) > "$tmp/fail-read"
 expect_fail "read error on SRC '$(re "$view")' at offset [0-9]+ \([0-9]+ bytes\): Input/output error" \
     "$view" "$tmp/r.img"
 assert_contains "$tmp/out" "\(FAILED\)$"
+# What was done before the error is in the journal; the rest is not.
+assert_contains "$tmp/err" "DST '$tmp/r.img' is incomplete: [0-9]+ of $view_size bytes done; the journal '$tmp/r.img.sparsebackup-journal' records it: run the same command again"
+done=$(sed -n 's/^done //p' "$tmp/r.img.sparsebackup-journal")
+[ "$done" -le $((1024 * K)) ] || fail "the journal says $done bytes are done"
+filled "$tmp/d.img" P
 expect_fail "read error on SRC" --delta --requests=64 --request-size=4K \
-    "$view" "$tmp/r.img"
+    "$view" "$tmp/d.img"
+# A --delta over the interrupted full copy is refused.
+expect_fail "--delta over an interrupted full copy from the same SRC: DST is not a previous backup" \
+    --delta "$view" "$tmp/r.img"
 rm "$tmp/fail-read"
 touch "$tmp/fail-extents"
 expect_fail "SRC: block status at offset 0 failed: Input/output error" \
     "$view" "$tmp/e.img"
 rm "$tmp/fail-extents"
+# The interrupted copy completes once the source reads again.
+"$copy" -q "$view" "$tmp/r.img"
+cmp "$tmp/src.img" "$tmp/r.img" || fail "the completed copy differs"
+[ ! -e "$tmp/r.img.sparsebackup-journal" ] || fail "the journal was left"
 kill -0 "$(cat "$tmp/pid.1")" || fail "the source server died"
 
 # And after all that, the source still copies.

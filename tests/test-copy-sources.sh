@@ -19,7 +19,8 @@ same_as_nbdcopy ()
     shift 2
     rm -f "$tmp/$name.nbdcopy" "$tmp/$name.img"
     nbdcopy "$uri" "$tmp/$name.nbdcopy"
-    : > "$tmp/$name.img"          # an empty previous backup, for --delta
+    # A previous backup of zeroes, for --delta (which needs SRC's size).
+    truncate -s "$(stat -c %s "$tmp/$name.nbdcopy")" "$tmp/$name.img"
     "$copy" "$@" "$uri" "$tmp/$name.img" > "$tmp/$name.out" 2>&1 ||
         { cat "$tmp/$name.out"; fail "$name: copy failed"; }
     cmp "$tmp/$name.nbdcopy" "$tmp/$name.img" || fail "$name: copies differ"
@@ -65,6 +66,6 @@ assert_contains "$tmp/noextents.out" "copied 1048576 bytes, zeroed 0 bytes, skip
 cmp "$tmp/disk.img" "$tmp/sa.img" || fail "socket activation: copy differs"
 cp "$tmp/disk.img" "$tmp/target.img"
 truncate -s 0 "$tmp/target.img"; truncate -s 5M "$tmp/target.img"
-"$copy" -q "[" nbdkit file "$tmp/disk.img" "]" \
+"$copy" -q --journal="$tmp/target.journal" "[" nbdkit file "$tmp/disk.img" "]" \
     "[" nbdkit file "$tmp/target.img" "]"
 cmp "$tmp/disk.img" "$tmp/target.img" || fail "socket activation to NBD differs"

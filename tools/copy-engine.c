@@ -1,31 +1,29 @@
 /* sparsebackup-copy: the copy engine.  The queue of extents filled by
- * block status queries on the source (one ahead), and the copy loop:
- * reads into free slots, then writes or zeroes on the target, all driven
- * by one poll loop over both sockets.
+ * block status queries on the source (one ahead); the pieces, cut from
+ * the extents in order, each a read (into a free slot) then a write or
+ * zero on the target, or done at once (a skipped extent, a zeroed range
+ * of a file); all driven by one poll loop over both sockets.
+ *
+ * Pieces complete out of order, so they are kept in order in a FIFO:
+ * the hasher of a manifest is fed from its front (whole chunks in
+ * order), and the "watermark" (everything below is done on the target)
+ * is where its first unfinished piece starts.  The journal records the
+ * watermark only after the target has been synced (write ahead).
  */
 
-#define _GNU_SOURCE             /* fallocate */
+#define _GNU_SOURCE
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <getopt.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <poll.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
-#include <linux/falloc.h>
-#include <linux/fs.h>
 
 #include <libnbd.h>
 
@@ -42,10 +40,8 @@ queue_add (uint64_t offset, uint64_t length, enum kind kind)
   if (last && last->kind == kind && last->offset + last->length == offset)
     last->length += length;
   else if (extents_append (&queue, (struct extent) {
-        .offset = offset, .length = length, .kind = kind }) == -1) {
-    error_msg ("out of memory for extents");
-    exit (EXIT_FAILURE);
-  }
+        .offset = offset, .length = length, .kind = kind }) == -1)
+    out_of_memory ();
   queued += length;
 }
 
@@ -89,11 +85,11 @@ extents_done (void *user_data, int *error)
 {
   bs_in_flight = false;
   if (*error)
-    fail ("SRC: block status at offset %" PRIu64 " failed: %s",
-          bs_offset, strerror (*error));
+    fail ("%s: block status at offset %" PRIu64 " failed: %s",
+          src_label, bs_offset, strerror (*error));
   else if (bs_reached <= bs_offset)
-    fail ("SRC: block status at offset %" PRIu64 " returned no extents "
-          "for that offset", bs_offset);
+    fail ("%s: block status at offset %" PRIu64 " returned no extents "
+          "for that offset", src_label, bs_offset);
   else
     extents_next = bs_reached;
   return 1;
@@ -153,6 +149,103 @@ queue_take (uint64_t max, struct extent *out)
   return true;
 }
 
+/* ---- The pieces in order ---------------------------------------------- */
+
+static pieces fifo = VECTOR_INIT;
+static size_t fifo_head;
+static uint64_t fifo_base_seq;     /* the seq of fifo.ptr[0] */
+static uint64_t next_seq;
+/* Below it, the chunks touched by a piece that is not skipped are
+ * rehashed whole: skipped parts there are read for the hasher.
+ */
+static uint64_t rehash_until;
+
+static struct piece *
+piece_of (uint64_t seq)
+{
+  assert (seq >= fifo_base_seq + fifo_head && seq < next_seq);
+  return &fifo.ptr[seq - fifo_base_seq];
+}
+
+/* Append a piece; returns its seq.  A piece done at once merges into
+ * the last one when nothing tells them apart.
+ */
+static uint64_t
+fifo_add (struct piece p)
+{
+  if (fifo.len > fifo_head) {
+    struct piece *last = &fifo.ptr[fifo.len - 1];
+
+    if (p.slot == NULL && last->slot == NULL && p.tgt_done &&
+        last->tgt_done && p.hash == last->hash && p.hash != H_DATA &&
+        !last->hashed && last->offset + last->len == p.offset) {
+      last->len += p.len;
+      return next_seq - 1;
+    }
+  }
+  if (fifo_head > 0 && fifo_head >= fifo.len / 2) {
+    memmove (fifo.ptr, &fifo.ptr[fifo_head],
+             (fifo.len - fifo_head) * sizeof fifo.ptr[0]);
+    fifo.len -= fifo_head;
+    fifo_base_seq += fifo_head;
+    fifo_head = 0;
+  }
+  if (pieces_append (&fifo, p) == -1)
+    out_of_memory ();
+  return next_seq++;
+}
+
+static void
+release_slot (struct slot *s)
+{
+  s->state = S_FREE;
+  s->hash_hold = false;
+}
+
+/* Feed the hasher and move the watermark over the finished pieces at
+ * the front.
+ */
+static void
+advance (void)
+{
+  while (fifo_head < fifo.len) {
+    struct piece *p = &fifo.ptr[fifo_head];
+
+    if (p->hash != H_NONE && !p->hashed) {
+      if (failed)
+        return;                 /* no manifest after a failure */
+      switch (p->hash) {
+      case H_DATA:
+        if (p->slot == NULL || p->slot->state == S_READING ||
+            p->slot->state == S_READ_DONE)
+          return;
+        hasher_data (p->offset, p->slot->buf, p->len);
+        p->slot->hash_hold = false;
+        if (p->slot->state == S_HELD)
+          release_slot (p->slot);
+        p->slot = NULL;
+        break;
+      case H_ZERO:
+        hasher_zero (p->offset, p->len);
+        break;
+      case H_KEEP:
+        hasher_keep (p->offset, p->len);
+        break;
+      case H_NONE:
+        break;
+      }
+      p->hashed = true;
+    }
+    if (!p->tgt_done)
+      return;
+    /* The part done by an interrupted run is walked again for the
+     * hasher: the watermark starts past it.
+     */
+    watermark = MAX (watermark, p->offset + p->len);
+    fifo_head++;
+  }
+}
+
 /* ---- The copy loop ---------------------------------------------------- */
 
 static int
@@ -165,7 +258,30 @@ read_done (void *user_data, int *error)
   return 1;
 }
 
-/* Write the slots whose reads have finished. */
+void
+nbd_write_finished (struct slot *s, int err)
+{
+  struct piece *p = piece_of (s->seq);
+
+  if (err) {
+    fail ("write error on DST '%s' at offset %" PRIu64 ": %s", dst_name,
+          s->offset, strerror (err));
+    p->slot = NULL;
+    release_slot (s);
+    return;
+  }
+  p->tgt_done = true;
+  if (s->kind == K_ZERO)
+    zeroed += s->len;
+  else
+    copied += s->len;
+  s->state = s->hash_hold ? S_HELD : S_FREE;
+  if (s->state == S_FREE)
+    p->slot = NULL;
+  debug_kill_point ("write");
+}
+
+/* Act on the slots whose reads have finished. */
 static void
 finish_reads (void)
 {
@@ -173,22 +289,39 @@ finish_reads (void)
 
   for (i = 0; i < requests; i++) {
     struct slot *s = &slots[i];
+    struct piece *p;
 
     if (s->state != S_READ_DONE)
       continue;
-    if (s->err) {
-      fail ("read error on SRC '%s' at offset %" PRIu64 " (%" PRIu64
-            " bytes): %s", src_name, s->offset, s->len, strerror (s->err));
-      s->state = S_FREE;
+    p = piece_of (s->seq);
+    if (s->err || failed) {
+      if (s->err)
+        fail ("read error on %s '%s' at offset %" PRIu64 " (%" PRIu64
+              " bytes): %s", src_label, src_name, s->offset, s->len,
+              strerror (s->err));
+      p->slot = NULL;
+      release_slot (s);
     }
-    else if (failed)
-      s->state = S_FREE;
-    else if (dst_nbd)
+    else if (p->tgt == T_DATA && dst_kind == DST_NBD)
       start_nbd_write (s);
     else {
-      if (write_file (s->buf, s->len, s->offset))
+      if (p->tgt == T_DATA) {
+        if (!write_file (s->buf, s->len, s->offset)) {
+          p->slot = NULL;
+          release_slot (s);
+          continue;
+        }
         copied += s->len;
-      s->state = S_FREE;
+        p->tgt_done = true;
+      }
+      else if (s->kind == K_DATA && dst_kind == DST_NONE &&
+               s->offset >= write_from)
+        copied += s->len;       /* --manifest-only, --verify */
+      else
+        hash_read += s->len;
+      s->state = s->hash_hold ? S_HELD : S_FREE;
+      if (s->state == S_FREE)
+        p->slot = NULL;
     }
   }
 }
@@ -204,72 +337,244 @@ free_slot (void)
   return NULL;
 }
 
-/* The largest piece of an extent of KIND that one step handles. */
-static uint64_t
-piece_max (enum kind kind)
+/* How a skipped extent at OFFSET (the queue's head) is hashed: its
+ * chunk is kept whole from the base manifest when the view skips all of
+ * it (returns the length to keep, whole chunks), else it is read (0).
+ * -1: the extents of the rest of the chunk are not known yet.
+ */
+static int64_t
+skip_keep_length (uint64_t offset)
 {
-  if (kind == K_SKIP || (kind == K_ZERO && !dst_nbd))
-    return UINT64_MAX;          /* no request: done here at once */
-  if (kind == K_ZERO && dst_can_zero)
-    return MAX_ZERO_REQUEST;
-  return request_size;          /* a read, or zeroes written as data */
+  uint64_t chunk = chunk_size_of_hasher ();
+  uint64_t ce = MIN (offset + chunk, size);   /* offset starts a chunk */
+  const struct extent *e = &queue.ptr[head];
+  uint64_t end = e->offset + e->length;
+
+  assert (offset % chunk == 0 && e->offset == offset);
+  if (end >= ce)
+    return end == size ? (int64_t) (size - offset)
+      : (int64_t) ((end - offset) / chunk * chunk);
+  if (end < extents_next)
+    return 0;                   /* another kind follows in this chunk */
+  return -1;                    /* wait for the next block status */
 }
 
-/* Start work while there is a free slot and something to do. */
+/* Start work while there is something to do and a free slot for work
+ * that needs one.
+ */
 static void
 dispatch (void)
 {
-  struct slot *s;
-  struct extent e;
+  for (;;) {
+    struct extent *e;
+    struct extent x;
+    struct piece p = { 0 };
+    struct slot *s = NULL;
+    uint64_t max;
+    bool read;
 
-  while (!failed && (s = free_slot ()) != NULL) {
+    if (failed || stop_signal)
+      return;
     want_extents ();
     if (head == queue.len)
       return;
-    queue_take (piece_max (queue.ptr[head].kind), &e);
-    switch (e.kind) {
-    case K_SKIP:
-      skipped += e.length;
+    e = &queue.ptr[head];
+
+    /* Decide what the next piece is, and how long it may be. */
+    switch (e->kind) {
+    case K_DATA:
+      p.tgt = T_DATA;
+      p.hash = H_DATA;
+      max = request_size;
       break;
     case K_ZERO:
-      if (!dst_nbd) {
-        /* The slot's buffer serves only if zeroes must be written. */
-        if (zero_file (s->buf, e.length, e.offset))
-          zeroed += e.length;
-        break;
-      }
-      /* fall through */
-    case K_DATA:
-      s->kind = e.kind;
-      s->offset = e.offset;
-      s->len = e.length;
-      if (e.kind == K_ZERO)
-        start_nbd_write (s);
-      else {
-        s->state = S_READING;
-        if (nbd_aio_pread (src, s->buf, s->len, s->offset,
-                           (nbd_completion_callback) {
-                             .callback = read_done, .user_data = s },
-                           0) == -1)
-          die_nbd ("SRC: read");
+      p.tgt = T_ZERO;
+      p.hash = H_ZERO;
+      max = dst_kind != DST_NBD ? UINT64_MAX
+        : dst_can_zero ? MAX_ZERO_REQUEST : request_size;
+      break;
+    case K_SKIP:
+    default:
+      p.tgt = T_NONE;
+      p.hash = H_NONE;
+      max = UINT64_MAX;
+      if (hasher_on ()) {
+        if (e->offset < rehash_until) {
+          p.hash = H_DATA;
+          max = MIN (request_size, rehash_until - e->offset);
+        }
+        else {
+          int64_t keep = skip_keep_length (e->offset);
+
+          if (keep == -1)
+            return;             /* busy: the block status is in flight */
+          if (keep == 0) {
+            rehash_until = MIN (e->offset + chunk_size_of_hasher (), size);
+            p.hash = H_DATA;
+            max = MIN (request_size, rehash_until - e->offset);
+          }
+          else {
+            p.hash = H_KEEP;
+            max = keep;
+          }
+        }
       }
       break;
     }
+    if (!hasher_on ())
+      p.hash = H_NONE;
+    if (e->offset < write_from) {
+      p.tgt = T_NONE;           /* done by the interrupted run */
+      max = MIN (max, write_from - e->offset);
+      if (p.hash == H_DATA)
+        max = MIN (max, (uint64_t) request_size);
+    }
+    if (dst_kind == DST_NONE)
+      p.tgt = T_NONE;
+    read = p.hash == H_DATA || p.tgt == T_DATA;
+    if (read || (p.tgt == T_ZERO && dst_kind == DST_NBD)) {
+      s = free_slot ();
+      if (s == NULL)
+        return;
+    }
+    queue_take (max, &x);
+    p.offset = x.offset;
+    p.len = x.length;
+    if (p.hash != H_NONE && p.hash != H_KEEP && hasher_on ()) {
+      uint64_t c = chunk_size_of_hasher ();
+      uint64_t ce = MIN ((x.offset + x.length - 1) / c * c + c, size);
+
+      rehash_until = MAX (rehash_until, ce);
+    }
+
+    /* Counters of what is done at once or never. */
+    if (x.offset < write_from)
+      resumed += x.length;
+    else if (x.kind == K_SKIP)
+      skipped += x.length;
+    else if (x.kind == K_ZERO && dst_kind == DST_NONE)
+      zeroed += x.length;
+
+    if (s == NULL) {
+      /* Done at once: a skip, a zeroed range of a file, nothing. */
+      if (p.tgt == T_ZERO) {
+        if (!zero_file (zero_buf, x.length, x.offset))
+          return;
+        zeroed += x.length;
+      }
+      p.tgt_done = true;
+      fifo_add (p);
+      continue;
+    }
+
+    p.tgt_done = p.tgt == T_NONE;
+    p.slot = s;
+    s->seq = fifo_add (p);
+    s->kind = x.kind;
+    s->offset = x.offset;
+    s->len = x.length;
+    s->err = 0;
+    s->hash_hold = p.hash == H_DATA;
+    if (!read)
+      start_nbd_write (s);      /* a zero request */
+    else {
+      s->state = S_READING;
+      if (nbd_aio_pread (src, s->buf, s->len, s->offset,
+                         (nbd_completion_callback) {
+                           .callback = read_done, .user_data = s },
+                         0) == -1)
+        die_nbd ("SRC: read");
+    }
   }
 }
+
+/* ---- Journal commits -------------------------------------------------- */
+
+static uint64_t committed;         /* the done offset in the journal */
+static double committed_at;
+static bool flush_in_flight;
+static uint64_t flush_target;      /* the watermark the flush covers */
+static int flush_err;
+static bool flush_done;
+
+static int
+flush_cb (void *user_data, int *error)
+{
+  flush_in_flight = false;
+  flush_done = true;
+  flush_err = *error;
+  return 1;
+}
+
+static void
+commit (uint64_t done)
+{
+  if (journal_write (done)) {
+    committed = done;
+    committed_at = now ();
+  }
+  else
+    failed = true;
+}
+
+/* After the target's flush completes, record its watermark. */
+static void
+finish_flush (void)
+{
+  if (!flush_done)
+    return;
+  flush_done = false;
+  if (flush_err) {
+    fail ("DST '%s': flush: %s", dst_name, strerror (flush_err));
+    return;
+  }
+  debug_kill_point ("sync");
+  commit (flush_target);
+}
+
+/* Start making the target durable up to the watermark, and record it. */
+static void
+maybe_commit (bool now_please)
+{
+  if (journal_path == NULL || flush_in_flight || failed ||
+      watermark <= committed)
+    return;
+  if (!now_please && watermark - committed < journal_every &&
+      now () - committed_at < JOURNAL_SECONDS)
+    return;
+  if (dst_kind == DST_NBD) {
+    if (!dst_can_flush) {
+      commit (watermark);       /* no write cache to flush */
+      return;
+    }
+    flush_target = watermark;
+    if (nbd_aio_flush (dst_nbd, (nbd_completion_callback) {
+          .callback = flush_cb }, 0) == -1)
+      die_nbd ("DST: flush");
+    flush_in_flight = true;
+    return;
+  }
+  if (sync_file_target ())
+    commit (watermark);
+}
+
+/* ---- The loop ---------------------------------------------------------- */
 
 static bool
 busy (void)
 {
   unsigned i;
 
-  if (bs_in_flight)
+  if (bs_in_flight || flush_in_flight)
     return true;
   for (i = 0; i < requests; i++)
-    if (slots[i].state != S_FREE)
+    if (slots[i].state == S_READING || slots[i].state == S_WRITING ||
+        slots[i].state == S_READ_DONE)
       return true;
   return false;
 }
+
+static sigset_t unblocked;         /* the mask to wait with */
 
 /* Wait for either connection and let libnbd move on. */
 static void
@@ -289,7 +594,10 @@ poll_once (void)
                     ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
     fds[k].revents = 0;
   }
-  r = poll (fds, n, -1);
+  /* Signals are blocked except while waiting here: one that arrives
+   * during the work of the loop interrupts this wait at once.
+   */
+  r = ppoll (fds, n, NULL, &unblocked);
   if (r == -1) {
     if (errno == EINTR)
       return;
@@ -306,15 +614,64 @@ poll_once (void)
 }
 
 void
+engine_init (uint64_t start)
+{
+  write_from = start;
+  watermark = start;
+  committed = start;
+  committed_at = now ();
+  if (hasher_on ())
+    extents_next = 0;           /* the part done is read for the hasher */
+  else {
+    extents_next = start;
+    resumed = start;
+    watermark = start;
+  }
+  fifo_base_seq = next_seq = 0;
+  if (!hasher_on () && start > 0)
+    fifo_add ((struct piece) { .offset = 0, .len = start, .tgt_done = true,
+                               .hashed = true });
+}
+
+void
 copy (void)
 {
+  sigset_t block;
+
+  sigemptyset (&block);
+  sigaddset (&block, SIGINT);
+  sigaddset (&block, SIGTERM);
+  sigprocmask (SIG_BLOCK, &block, &unblocked);
+  sigdelset (&unblocked, SIGINT);
+  sigdelset (&unblocked, SIGTERM);
+
   for (;;) {
     finish_reads ();
+    finish_flush ();
+    advance ();
     dispatch ();
+    advance ();
+    maybe_commit (false);
     progress_update (false);
-    /* Not busy after dispatch: failed, or nothing is left to do. */
+    /* Not busy after dispatch: failed, interrupted, or all done. */
     if (!busy ())
       break;
     poll_once ();
   }
+  advance ();
+  /* An unfinished copy: record how far it got (a finished one is
+   * recorded by main, after the final flush).
+   */
+  if (watermark < size || failed || stop_signal) {
+    bool was_failed = failed;
+
+    failed = false;             /* the target is fine up to watermark */
+    maybe_commit (true);
+    while (flush_in_flight)
+      poll_once ();
+    finish_flush ();
+    failed = failed || was_failed;
+  }
+  sigprocmask (SIG_SETMASK, &unblocked, NULL);
+  pieces_reset (&fifo);
 }

@@ -64,9 +64,9 @@ human (uint64_t v, char *buf, size_t n)
 }
 
 void
-progress_update (bool force)
+progress_update (bool now_please)
 {
-  uint64_t done = copied + zeroed + skipped;
+  uint64_t done = MIN (copied + zeroed + skipped + resumed, size);
   int percent;
   char line[128];
   int n;
@@ -80,7 +80,7 @@ progress_update (bool force)
     double t = now ();
     char d[16], sz[16];
 
-    if (!force && percent == last_percent && t - last_bar < 0.2)
+    if (!now_please && percent == last_percent && t - last_bar < 0.2)
       return;
     last_bar = t;
     n = snprintf (line, sizeof line, "\r[");
