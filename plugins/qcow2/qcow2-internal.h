@@ -115,6 +115,9 @@ struct scratch {
   bool zs_ok;                   /* zs initialized */
 };
 
+/* Checked bitmap tables remembered per layer. */
+#define BM_OK_TABLES 16
+
 struct layer {
   char *name;                   /* for messages and relative names */
   struct qcow2_io io;
@@ -152,6 +155,13 @@ struct layer {
   uint32_t bm_ext_count;        /* times the extension appears */
   uint32_t bm_ext_len;          /* its length (the first one) */
   uint8_t bm_ext[BITMAPS_EXT_LEN]; /* its first bytes (zero-padded) */
+  /* Bitmap tables of this layer that passed their check (offset and
+   * entries), remembered so that they are not read again; protected by
+   * the image's bm_lock.
+   */
+  uint64_t bm_ok_off[BM_OK_TABLES];
+  uint32_t bm_ok_size[BM_OK_TABLES];
+  unsigned bm_ok_n, bm_ok_next;
 
   struct layer *backing;
 };
@@ -161,6 +171,10 @@ struct qcow2_image {
   unsigned depth;
   qcow2_debug_fn debug;
   void *debug_opaque;
+  qcow2_cancel_fn cancel;
+  void *cancel_opaque;
+  bool bm_lock_ok;
+  pthread_mutex_t bm_lock;      /* the layers' bm_ok_* */
 };
 
 /* A bitmap of the chain (qcow2-bitmap.c): the checked directory entries
