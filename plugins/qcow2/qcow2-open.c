@@ -386,6 +386,11 @@ qcow2_close (struct qcow2_image *img)
                 " misses", l->depth, l->name, l->cache.nslots,
                 l->slice_bytes, l->cache.hits, l->cache.misses);
       img->debug (img->debug_opaque, msg);
+      snprintf (msg, sizeof msg, "layer %u: %s: compressed clusters "
+                "inflated: %" PRIu64 " by libdeflate, %" PRIu64 " by zlib; "
+                "%" PRIu64 " zstd", l->depth, l->name, l->inflated_fast,
+                l->inflated_zlib, l->inflated_zstd);
+      img->debug (img->debug_opaque, msg);
     }
   }
   layer_free (img->top);

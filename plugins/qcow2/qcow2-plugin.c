@@ -132,6 +132,19 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_version=%s\n", PACKAGE_VERSION);
   printf ("qcow2_zlib=yes\n");
   printf ("qcow2_zlib_version=%s\n", zlibVersion ());
+  {
+    /* "zlib", or "libdeflate VERSION" (with zlib for what it cannot
+     * decode exactly like zlib).
+     */
+    const char *d = qcow2_zlib_decoder ();
+    const char *sp = strchr (d, ' ');
+    if (sp) {
+      printf ("qcow2_zlib_decoder=%.*s\n", (int) (sp - d), d);
+      printf ("qcow2_libdeflate_version=%s\n", sp + 1);
+    }
+    else
+      printf ("qcow2_zlib_decoder=%s\n", d);
+  }
   printf ("qcow2_zstd=yes\n");
   printf ("qcow2_zstd_version=%s\n", ZSTD_versionString ());
   printf ("qcow2_extended_l2=yes\n");
