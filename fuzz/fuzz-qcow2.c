@@ -30,7 +30,11 @@
  *   - two reads of the same range that differ,
  *   - a file opened through the callback and never closed, or closed
  *     twice,
- *   - an error without a message or an unterminated message.
+ *   - an error without a message or an unterminated message,
+ *   - a zlib cluster that libdeflate decoded (the fast path of a
+ *     libdeflate build) and zlib, QEMU's decoder, refuses or decodes
+ *     differently: every such cluster is decoded by both
+ *     (q2_zlib_crosscheck).
  *
  * It builds with gcc (fuzz-main.c provides main) and with clang
  * -fsanitize=fuzzer.  Set QCOW2_FUZZ_VERBOSE=1 to print what each input
@@ -47,6 +51,7 @@
 #include <string.h>
 
 #include "qcow2.h"
+#include "qcow2-internal.h"         /* q2_zlib_crosscheck */
 #include "ispowerof2.h"
 #include "minmax.h"
 
@@ -192,6 +197,8 @@ init_once (void)
   verbose = v != NULL && *v != '\0' && strcmp (v, "0") != 0;
   init_raw ();
   init_base ();
+  q2_zlib_crosscheck = true;
+  say ("zlib clusters: %s", qcow2_zlib_decoder ());
 }
 
 /* ---- Files served to the library ------------------------------------ */
@@ -818,6 +825,8 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   check_bitmaps (img, vsize);
 
   qcow2_close (img);
+  if (q2_zlib_crosscheck_failures > 0)
+    die ("libdeflate and zlib disagree on a compressed cluster");
   if (st.closed != st.opened)
     die ("%u of %u files opened by the library were not closed",
          st.opened - st.closed, st.opened);
