@@ -795,7 +795,15 @@ qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
   }
   qsort (c.sorted, c.n, sizeof *c.sorted, sort_cmp);
 
-  /* The top directory: names must be unique there too. */
+  /* The top directory: names must be unique there too, among the
+   * listed bitmaps (neighbours once sorted) and after them.
+   */
+  for (i = 0; i < c.n; ++i)
+    c.v[i].found = true;
+  for (i = 1; i < c.n; ++i)
+    if (name_cmp (c.sorted[i - 1].name, c.sorted[i - 1].len,
+                  c.sorted[i].name, c.sorted[i].len) == 0)
+      c.v[c.sorted[i - 1].i].dup = c.v[c.sorted[i].i].dup = true;
   {
     uint32_t k;
     uint64_t p = 0;
@@ -804,11 +812,11 @@ qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
       int64_t j;
       if (dir_entry (img->top, &d, k, &p, &ent, &e) == -1)
         goto out;               /* cannot happen: walked above */
+      if (k < c.n)
+        continue;
       j = lookup (&c, &ent);
-      if (j >= 0 && (uint32_t) j != k)
-        c.v[j].dup = true;
       if (j >= 0)
-        c.v[j].found = true;
+        c.v[j].dup = true;
     }
   }
   settle (&c, img->top);
