@@ -129,8 +129,8 @@ tracking_set_io_error (void)
   __atomic_store_n (&io_error, true, __ATOMIC_RELAXED);
 }
 
-static const char *
-mode_name (enum cbt_mode mode)
+const char *
+tracking_mode_name (enum cbt_mode mode)
 {
   switch (mode) {
   case CBT_MODE_IN_USE: return "in-use";
@@ -265,7 +265,7 @@ tracking_open (uint64_t size, char *msg, size_t msglen)
   nbdkit_debug ("sparsebackup: cbt file %s open: size %" PRIu64
                 ", granularity %" PRIu32 ", mode %s, %zu checkpoints%s",
                 cfg_cbt_path, size, cbt_granularity (c),
-                mode_name (cfg_cbt_mode), cbt_checkpoint_count (c),
+                tracking_mode_name (cfg_cbt_mode), cbt_checkpoint_count (c),
                 info.created ? " (new)" : "");
   __atomic_store_n (&the_cbt, c, __ATOMIC_RELEASE);
   return 0;
