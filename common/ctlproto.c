@@ -80,8 +80,8 @@ ctl_code_from_errno (int err)
   case EEXIST: return CTL_E_EXISTS;
   case EBUSY: case EAGAIN: return CTL_E_BUSY;
   case EINVAL: return CTL_E_STATE;
-  case ENOSPC: return CTL_E_LIMIT;
-  case EIO: case EROFS: return CTL_E_IO;
+  case EMLINK: return CTL_E_LIMIT;       /* cbt: the checkpoint limit */
+  case EIO: case EROFS: case ENOSPC: return CTL_E_IO;
   default: return CTL_E_INTERNAL;
   }
 }

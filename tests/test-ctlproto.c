@@ -181,6 +181,8 @@ replies (void)
   CHECK (ctl_code_from_errno (EEXIST) == CTL_E_EXISTS);
   CHECK (ctl_code_from_errno (EBUSY) == CTL_E_BUSY);
   CHECK (ctl_code_from_errno (EIO) == CTL_E_IO);
+  CHECK (ctl_code_from_errno (EMLINK) == CTL_E_LIMIT);
+  CHECK (ctl_code_from_errno (ENOSPC) == CTL_E_IO);
   CHECK (strcmp (ctl_code_name (CTL_E_TOO_LONG), "too-long") == 0);
 }
 
