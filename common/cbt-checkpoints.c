@@ -198,6 +198,14 @@ int
 cbt_checkpoint_create (struct cbt *c, const char *name, bool pending,
                        char *err, size_t errlen)
 {
+  return cbt_checkpoint_create_cb (c, name, pending, NULL, NULL, err, errlen);
+}
+
+int
+cbt_checkpoint_create_cb (struct cbt *c, const char *name, bool pending,
+                          void (*taken) (void *opaque), void *opaque,
+                          char *err, size_t errlen)
+{
   struct state *s, *mid = NULL, *ns = NULL;
   struct mrec *old, *fresh = NULL;
   struct frec *rec = NULL;
@@ -278,6 +286,8 @@ cbt_checkpoint_create (struct cbt *c, const char *name, bool pending,
   gen = c->mark_gen;
   pthread_mutex_unlock (&c->lock);
   cbt_state_unref (c, s);               /* the reference c->st had */
+  if (taken)
+    taken (opaque);
 
   /* OLD complete on disk (no more marks reach it). */
   if (n > 0) {
@@ -296,7 +306,12 @@ cbt_checkpoint_create (struct cbt *c, const char *name, bool pending,
         goto fatal;
       break;
     case CBT_MODE_PROCESS_SAFE:
-      break;                    /* written by each mark */
+      /* Written by each mark: wait for the writes in flight. */
+      if (cbt_ps_flush (c, old) == -1) {
+        e = c->io_error;
+        goto fatal;
+      }
+      break;
     }
     rec = cbt_freeze (c, old, err, errlen);
     if (rec == NULL) {

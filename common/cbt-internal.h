@@ -59,9 +59,12 @@ extern const char cbt_magic[8];
 /* A page of a current record. */
 struct pgent {
   uint8_t *mem;                 /* NULL: all zero */
-  uint64_t gen;                 /* write-ahead: generation of its last change */
+  uint64_t gen;                 /* write-ahead, process-safe: generation
+                                   of its last change */
+  uint64_t wgen;                /* process-safe: generation written */
   uint32_t blk;                 /* the block holding it (0: none yet) */
   bool dirty;                   /* memory is newer than the block */
+  bool writing;                 /* process-safe: a thread writes it */
 };
 
 struct mrec {
@@ -114,7 +117,8 @@ struct sbv {
 
 struct cbt {
   pthread_mutex_t lock;
-  pthread_cond_t cond;
+  pthread_cond_t cond;          /* the io token */
+  pthread_cond_t pcond;         /* process-safe: a page write ended */
   pthread_mutex_t struct_lock;
   pthread_mutex_t alloc_lock;
   int fd;
@@ -134,6 +138,7 @@ struct cbt {
   /* The superblocks. */
   uint64_t seq;
   int active;                   /* slot of the newest superblock */
+  int synced_slot;              /* of the newest synced superblock */
   uint64_t compat_other;        /* unknown compatible bits, kept */
   struct sbv pub;               /* what the active superblock names */
 
@@ -294,10 +299,10 @@ extern void cbt_token_take_locked (struct cbt *c);
 extern void cbt_token_give (struct cbt *c);
 extern void cbt_token_give_locked (struct cbt *c);
 
-/* Write the other slot with seq + 1 naming V, and sync; on success
- * c->pub = *V.  Token held.  Failure is sticky (EIO).
+/* Write the other slot with seq + 1 naming V, and (with SYNC) sync; on
+ * success c->pub = *V.  Token held.  Failure is sticky (EIO).
  */
-extern int cbt_write_super (struct cbt *c, const struct sbv *v);
+extern int cbt_write_super (struct cbt *c, const struct sbv *v, bool sync);
 /* Mark the file in use on disk if it is not yet.  Lock held (released
  * while waiting for the token).  -1/EIO.
  */
@@ -314,8 +319,9 @@ extern int cbt_write_table (struct cbt *c, struct state *s);
 /* The superblock values of state S (current record cur[ncur-1]). */
 extern struct sbv cbt_state_sbv (const struct cbt *c, const struct state *s,
                                  uint32_t cur_crc);
-/* Sync, write the superblock V and put NS in force (its reference is
- * taken over).  On failure NS is released.  Token not held.
+/* Sync, write the superblock V, sync, and put NS in force (its
+ * reference is taken over).  On failure NS is released.  Token not
+ * held.  (Process-safe mode, in use: no syncs.)
  */
 extern int cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
                         char *err, size_t errlen);
@@ -336,11 +342,16 @@ extern void cbt_state_unref (struct cbt *c, struct state *s);
  */
 extern uint8_t *cbt_page_get (struct cbt *c, struct mrec *m, uint32_t p);
 /* Bytes [J0, J1] of page P of M (the current record in force) got new
- * bits: dirty, generation, or (process-safe) write them now.  Lock
- * held.  -1/EIO.
+ * bits: dirty, generation, or (process-safe) write the page now (the
+ * lock is released meanwhile).  Lock held.  -1/EIO.
  */
 extern int cbt_page_changed (struct cbt *c, struct mrec *m, uint32_t p,
                              size_t j0, size_t j1);
+/* Process-safe: return once page P of M is written as it is now (lock
+ * held, released meanwhile), or every page of M (lock not held).
+ */
+extern int cbt_ps_write (struct cbt *c, struct mrec *m, uint32_t p);
+extern int cbt_ps_flush (struct cbt *c, struct mrec *m);
 /* Write every dirty page of the NM records M (and the directory entries
  * of pages new on disk); no sync.  Token held, lock not held.  -1 with
  * errno (the caller makes it sticky).

@@ -310,11 +310,15 @@ cbt_token_give (struct cbt *c)
 /* ---- Superblock ---------------------------------------------------- */
 
 int
-cbt_write_super (struct cbt *c, const struct sbv *v)
+cbt_write_super (struct cbt *c, const struct sbv *v, bool sync)
 {
   uint8_t sb[SB_SIZE];
   size_t idlen = strlen (c->identity), bootlen = strlen (c->boot_id);
-  int slot = 1 - c->active;
+  /* The slot other than the last synced one: a write never tears the
+   * only superblock sure to be on disk (unsynced writes, in process-safe
+   * mode, go to the same slot again and again).
+   */
+  int slot = 1 - c->synced_slot;
 
   memset (sb, 0, sizeof sb);
   memcpy (sb + SB_MAGIC, cbt_magic, sizeof cbt_magic);
@@ -343,11 +347,13 @@ cbt_write_super (struct cbt *c, const struct sbv *v)
   put32 (sb + SB_CRC, crc (0, sb, SB_CRC));
 
   if (cbt_pwrite_full (c->fd, sb, sizeof sb, (uint64_t) slot * SB_SIZE) == -1 ||
-      fdatasync (c->fd) == -1)
+      (sync && fdatasync (c->fd) == -1))
     return cbt_io_failed (c, errno);
   pthread_mutex_lock (&c->lock);
   c->seq++;
   c->active = slot;
+  if (sync)
+    c->synced_slot = slot;
   c->pub = *v;
   if (v->in_use)
     c->pub.cur_crc = 0;
@@ -372,7 +378,7 @@ cbt_set_in_use_locked (struct cbt *c)
   v = c->pub;
   v.in_use = true;
   pthread_mutex_unlock (&c->lock);
-  r = cbt_write_super (c, &v);
+  r = cbt_write_super (c, &v, true);
   pthread_mutex_lock (&c->lock);
   cbt_token_give_locked (c);
   if (r == -1)
@@ -537,18 +543,34 @@ cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
              char *err, size_t errlen)
 {
   struct state *old;
+  bool sync = true;
 
-  if (fdatasync (c->fd) == -1) {
+  /* Process-safe mode, the file in use: a power loss drops every
+   * checkpoint anyway (another boot), and the loader then reads only
+   * the superblock: no sync, so that a checkpoint change never makes
+   * the file system flush what the marks wrote.  (The token keeps the
+   * file's in-use state as it is.)
+   */
+  if (c->mode == CBT_MODE_PROCESS_SAFE) {
+    pthread_mutex_lock (&c->lock);
+    cbt_token_take_locked (c);
+    sync = !c->pub.in_use;
+    pthread_mutex_unlock (&c->lock);
+  }
+  if (sync && fdatasync (c->fd) == -1) {
     int e = errno;
+    if (c->mode == CBT_MODE_PROCESS_SAFE)
+      cbt_token_give (c);
     cbt_state_unref (c, ns);
     cbt_io_failed (c, e);
     FAILWITH (EIO, "cbt: syncing the file: %s", strerror (e));
   }
   pthread_mutex_lock (&c->lock);
-  cbt_token_take_locked (c);
+  if (c->mode != CBT_MODE_PROCESS_SAFE)
+    cbt_token_take_locked (c);
   v->in_use = c->pub.in_use;
   pthread_mutex_unlock (&c->lock);
-  if (cbt_write_super (c, v) == -1) {
+  if (cbt_write_super (c, v, sync) == -1) {
     int e;
     pthread_mutex_lock (&c->lock);
     e = c->io_error;

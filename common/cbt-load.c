@@ -62,12 +62,13 @@ alloc_cbt (int fd, const struct cbt_options *opts)
     return NULL;
   pthread_mutex_init (&c->lock, NULL);
   pthread_cond_init (&c->cond, NULL);
+  pthread_cond_init (&c->pcond, NULL);
   pthread_mutex_init (&c->struct_lock, NULL);
   pthread_mutex_init (&c->alloc_lock, NULL);
   c->fd = fd;
   c->read_only = opts->read_only;
   c->mode = opts->mode;
-  c->active = 1;                /* the first write goes to slot 0 */
+  c->active = c->synced_slot = 1;       /* the first write: slot 0 */
   if (opts->identity)
     strcpy (c->identity, opts->identity);
   if (opts->boot_id)
@@ -86,6 +87,7 @@ free_cbt (struct cbt *c)
     close (c->fd);
   free (c->refs);
   pthread_cond_destroy (&c->cond);
+  pthread_cond_destroy (&c->pcond);
   pthread_mutex_destroy (&c->lock);
   pthread_mutex_destroy (&c->struct_lock);
   pthread_mutex_destroy (&c->alloc_lock);
@@ -149,13 +151,9 @@ region_ok (uint64_t off, uint64_t len, uint64_t file_size)
 /* Check the version 2 superblock fields that come before the state. */
 static int
 check_header (struct cbt *c, const uint8_t *sb, const struct cbt_options *o,
-              uint64_t file_size, char *err, size_t errlen)
+              char *err, size_t errlen)
 {
   uint32_t nr = get32 (sb + SB_NR_CPS);
-  uint64_t table_off = get64 (sb + SB_TABLE_OFF);
-  uint32_t table_size = get32 (sb + SB_TABLE_SIZE);
-  uint64_t cur_off = get64 (sb + SB_CUR_OFF);
-  uint64_t next_off = get64 (sb + SB_NEXT_OFF);
   uint32_t mode = get32 (sb + SB_MODE);
   uint32_t bootlen = get32 (sb + SB_BOOT_LEN);
   uint64_t next_serial = get64 (sb + SB_NEXT_SERIAL);
@@ -185,6 +183,26 @@ check_header (struct cbt *c, const uint8_t *sb, const struct cbt_options *o,
   if (nr > CBT_MAX_CHECKPOINTS)
     FAILWITH (EINVAL, "cbt: number of checkpoints: %" PRIu32
               " exceeds the limit %d", nr, CBT_MAX_CHECKPOINTS);
+  if (in_use && get32 (sb + SB_CUR_CRC) != 0)
+    FAILWITH (EINVAL, "cbt: current record crc: 0x%08" PRIx32 " while in "
+              "use, expected 0", get32 (sb + SB_CUR_CRC));
+  c->compat_other = get64 (sb + SB_COMPAT) & ~(uint64_t) COMPAT_KNOWN;
+  return 0;
+}
+
+/* Check the offsets and sizes of the version 2 superblock against the
+ * file (only when its state is read).
+ */
+static int
+check_regions (struct cbt *c, const uint8_t *sb, uint64_t file_size,
+               char *err, size_t errlen)
+{
+  uint32_t nr = get32 (sb + SB_NR_CPS);
+  uint64_t table_off = get64 (sb + SB_TABLE_OFF);
+  uint32_t table_size = get32 (sb + SB_TABLE_SIZE);
+  uint64_t cur_off = get64 (sb + SB_CUR_OFF);
+  uint64_t next_off = get64 (sb + SB_NEXT_OFF);
+
   if (table_size != (uint64_t) nr * ENTRY_SIZE)
     FAILWITH (EINVAL, "cbt: table size: %" PRIu32 " bytes, expected %"
               PRIu32 " for %" PRIu32 " checkpoints", table_size,
@@ -205,10 +223,6 @@ check_header (struct cbt *c, const uint8_t *sb, const struct cbt_options *o,
     FAILWITH (EINVAL, "cbt: next directory offset: %" PRIu64 " (+%"
               PRIu32 " bytes) is unaligned or outside the data area of "
               "the %" PRIu64 " byte file", next_off, c->dir_bytes, file_size);
-  if (in_use && get32 (sb + SB_CUR_CRC) != 0)
-    FAILWITH (EINVAL, "cbt: current record crc: 0x%08" PRIx32 " while in "
-              "use, expected 0", get32 (sb + SB_CUR_CRC));
-  c->compat_other = get64 (sb + SB_COMPAT) & ~(uint64_t) COMPAT_KNOWN;
   return 0;
 }
 
@@ -752,12 +766,20 @@ create_new (struct cbt *c, const struct cbt_options *o,
               "in [%d, %u]", g, CBT_MIN_GRANULARITY, CBT_MAX_GRANULARITY);
   if (o->disk_size > INT64_MAX)
     FAILWITH (EINVAL, "cbt: disk size: %" PRIu64 " too large", o->disk_size);
-  if (ftruncate (c->fd, 0) == -1)
+  if (ftruncate (c->fd, 0) == -1 || ftruncate (c->fd, DATA_START) == -1)
     FAILWITH (EIO, "cbt: truncating the file: %s", strerror (errno));
   if (cbt_set_geometry (c, o->disk_size, log_2_bits (g), err, errlen) == -1)
     return -1;
   if (cbt_blocks_init (c, 0) == -1)
     FAILWITH (ENOMEM, "cbt: out of memory");
+  /* The magic first, synced: a power loss while the first superblock is
+   * written may tear it, but leaves the magic in its first sector (the
+   * same bytes): the file is recognised as one whose creation was
+   * interrupted (interrupted_creation), never refused as another's.
+   */
+  if (cbt_pwrite_full (c->fd, cbt_magic, sizeof cbt_magic, 0) == -1 ||
+      fdatasync (c->fd) == -1)
+    FAILWITH (EIO, "cbt: writing the file: %s", strerror (errno));
   return fresh_state (c, 1, err, errlen);
 }
 
@@ -776,11 +798,11 @@ creation_limit (uint64_t disk_size, uint32_t g)
 }
 
 /* Is the file what an interrupted creation leaves?  create_new writes
- * the first state and syncs before it writes the first superblock, so
- * a kill in between leaves both slots and everything else zero (a power
- * loss during that superblock's write may leave part of it in slot 0,
- * which then starts with the magic but fails its crc), no longer than
- * creation_limit (at the granularity asked for; when none
+ * the magic into slot 0 and the first state and syncs before it writes
+ * the first superblock, so a kill in between leaves both slots and
+ * everything else zero but for the magic (a power loss during that
+ * superblock's write may leave part of it in slot 0, which then starts
+ * with the magic but fails its crc), no longer than creation_limit (at the granularity asked for; when none
  * is, the file's is accepted, so at the smallest).  Such a file holds
  * nothing (no superblock was ever written): it is created afresh.  Only
  * a file that short is read, so that a large file given by mistake is
@@ -881,7 +903,7 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
               "(sequence %" PRIu64 ")", 1 - s, why[1 - s], s,
               get64 (sb[s] + SB_SEQ));
   }
-  c->active = s;
+  c->active = c->synced_slot = s;
   c->seq = get64 (sb[s] + SB_SEQ);
   version = get32 (sb[s] + SB_VERSION);
   v1 = version == FORMAT_VERSION_1;
@@ -889,7 +911,7 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     FAILWITH (EINVAL, "cbt: version: %" PRIu32 " is not supported "
               "(this program reads versions 1 and 2)", version);
   if (v1 ? cbt_check_header_v1 (c, sb[s], o, true, err, errlen) == -1
-      : check_header (c, sb[s], o, file_size, err, errlen) == -1)
+      : check_header (c, sb[s], o, err, errlen) == -1)
     return -1;
   if (cbt_blocks_init (c, file_size) == -1)
     FAILWITH (errno == EFBIG ? EINVAL : ENOMEM, "cbt: file size: %" PRIu64
@@ -952,10 +974,21 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
           "use): all %" PRIu32 " checkpoints are invalid, the next backup "
           "must be full", nr);
 
+  /* Left in use in process-safe mode by another boot: what it wrote
+   * while in use was never synced (nor was its last superblock), so its
+   * records may be missing or partly written: not read, every
+   * checkpoint dropped (the message above says why).
+   */
+  if (!keep && wmode == CBT_MODE_PROCESS_SAFE) {
+    info->invalidated = nr > 0;
+    info->dropped = nr;
+    return fresh_state (c, get64 (sb[s] + SB_NEXT_SERIAL), err, errlen);
+  }
   if (v1 ? cbt_load_v1 (c, sb[s], file_size, o, &wal, &legacy,
                         err, errlen) == -1
-      : load_state (c, sb[s], file_size, keep, &legacy, &torn,
-                    err, errlen) == -1)
+      : (check_regions (c, sb[s], file_size, err, errlen) == -1 ||
+         load_state (c, sb[s], file_size, keep, &legacy, &torn,
+                     err, errlen) == -1))
     goto out;
   if (torn)
     note (info, "cbt: %u directory entries were being written when the "
@@ -1014,7 +1047,7 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     struct sbv v = c->pub;
 
     cbt_token_take (c);
-    if (cbt_write_super (c, &v) == -1) {
+    if (cbt_write_super (c, &v, true) == -1) {
       cbt_token_give (c);
       cbt_seterr (err, errlen, "cbt: updating the superblock: %s",
                   strerror (c->io_error));
@@ -1140,7 +1173,7 @@ cbt_close (struct cbt *c, char *err, size_t errlen)
         else {
           v = cbt_state_sbv (c, c->st, cbt_mrec_crc (c, m));
           v.in_use = false;
-          if (cbt_write_super (c, &v) == -1)
+          if (cbt_write_super (c, &v, true) == -1)
             e = c->io_error;
         }
         cbt_token_give (c);

@@ -12,6 +12,7 @@
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -59,19 +60,40 @@ cbt_mrec_new (struct cbt *c, uint32_t dir)
   return m;
 }
 
+/* Release blocks BLKS[0..N-1] (0: none), a batch at a time. */
+static void
+release_list (struct cbt *c, const uint32_t *blks, size_t n)
+{
+  for (size_t i = 0; i < n; i += 4096) {
+    size_t k = n - i < 4096 ? n - i : 4096;
+
+    pthread_mutex_lock (&c->alloc_lock);
+    for (size_t j = 0; j < k; ++j) {
+      uint32_t b = blks[i + j];
+      if (b && --c->refs[b] == 0 && b < c->hint)
+        c->hint = b;
+    }
+    pthread_mutex_unlock (&c->alloc_lock);
+  }
+}
+
 void
 cbt_mrec_unref (struct cbt *c, struct mrec *m)
 {
   if (m == NULL || unref (&m->refs) > 0)
     return;
-  pthread_mutex_lock (&c->alloc_lock);
-  for (uint32_t p = 0; p < c->nr_pages; ++p) {
-    uint32_t b = m->pg[p].blk;
-    if (b && --c->refs[b] == 0 && b < c->hint)
-      c->hint = b;
+  /* (The dirty list is free now: it holds the blocks to release.) */
+  for (uint32_t p = 0, n = 0; p <= c->nr_pages; ++p) {
+    if (n == c->nr_pages || p == c->nr_pages) {
+      release_list (c, m->dirty, n);
+      n = 0;
+    }
+    if (p == c->nr_pages)
+      break;
+    if (m->pg[p].blk)
+      m->dirty[n++] = m->pg[p].blk;
     free (m->pg[p].mem);
   }
-  pthread_mutex_unlock (&c->alloc_lock);
   if (m->dir)
     cbt_release (c, m->dir, c->dir_blocks);
   free (m->pg);
@@ -103,13 +125,17 @@ cbt_frec_unref (struct cbt *c, struct frec *f)
 {
   if (f == NULL || unref (&f->refs) > 0)
     return;
-  pthread_mutex_lock (&c->alloc_lock);
-  for (size_t i = 0; i < f->n; ++i) {
-    uint32_t b = f->e[i].blk;
-    if (b && --c->refs[b] == 0 && b < c->hint)
-      c->hint = b;
+  for (size_t i = 0; i < f->n; i += 4096) {
+    size_t k = f->n - i < 4096 ? f->n - i : 4096;
+
+    pthread_mutex_lock (&c->alloc_lock);
+    for (size_t j = 0; j < k; ++j) {
+      uint32_t b = f->e[i + j].blk;
+      if (b && --c->refs[b] == 0 && b < c->hint)
+        c->hint = b;
+    }
+    pthread_mutex_unlock (&c->alloc_lock);
   }
-  pthread_mutex_unlock (&c->alloc_lock);
   if (f->idx_blk)
     cbt_release (c, f->idx_blk, blocks_for ((uint64_t) f->n * IDX_SIZE));
   free (f->e);
@@ -192,47 +218,88 @@ set_dirty (struct mrec *m, uint32_t p)
   }
 }
 
-/* Process-safe: write bytes [J0, J1] of page P (the whole page and its
- * directory entry if it has no block yet).  Lock held.
+/* Process-safe: write page P of M (and its directory entry if it has no
+ * block yet) until what is written is at least generation NEED.  One
+ * writer per page at a time; the lock is released during the write, so
+ * that a write the kernel throttles holds up only the marks of that
+ * page.  Lock held.
  */
 static int
-write_now (struct cbt *c, struct mrec *m, uint32_t p, size_t j0, size_t j1)
+write_page (struct cbt *c, struct mrec *m, uint32_t p, uint64_t need)
 {
   struct pgent *pg = &m->pg[p];
-  uint8_t ent[DIR_SIZE];
+  uint8_t buf[PAGE], ent[DIR_SIZE];
+  int r = 0;
 
-  if (c->io_error) {
-    errno = EIO;
-    return -1;
-  }
-  if (pg->blk == 0) {
-    uint32_t b;
+  __atomic_add_fetch (&m->refs, 1, __ATOMIC_RELAXED);
+  while (pg->wgen < need) {
+    uint64_t target = pg->gen;
+    size_t len = page_len (c, p);
+    bool fresh = pg->blk == 0;
+    uint32_t blk;
+    int e = 0;
 
-    if (cbt_alloc (c, 1, &b) == -1) {
-      c->io_error = errno ? errno : EIO;
-      errno = EIO;
-      return -1;
+    if (c->io_error) {
+      r = -1;
+      break;
     }
-    put32 (ent + DIR_BLOCK, b);
-    put32 (ent + DIR_CHECK, dir_check (p, b));
-    if (cbt_pwrite_full (c->fd, pg->mem, page_len (c, p), blk_off (b)) == -1 ||
-        cbt_pwrite_full (c->fd, ent, DIR_SIZE,
-                         blk_off (m->dir) + (uint64_t) p * DIR_SIZE) == -1) {
-      c->io_error = errno ? errno : EIO;
-      cbt_release (c, b, 1);
-      errno = EIO;
-      return -1;
+    if (pg->writing) {
+      pthread_cond_wait (&c->pcond, &c->lock);
+      continue;
     }
-    pg->blk = b;
+    if (fresh && cbt_alloc (c, 1, &pg->blk) == -1) {
+      pg->blk = 0;
+      c->io_error = errno ? errno : EIO;
+      r = -1;
+      break;
+    }
+    blk = pg->blk;
+    memcpy (buf, pg->mem, len);
+    pg->writing = true;
+    pthread_mutex_unlock (&c->lock);
+    put32 (ent + DIR_BLOCK, blk);
+    put32 (ent + DIR_CHECK, dir_check (p, blk));
+    if (cbt_pwrite_full (c->fd, buf, len, blk_off (blk)) == -1 ||
+        (fresh &&
+         cbt_pwrite_full (c->fd, ent, DIR_SIZE,
+                          blk_off (m->dir) + (uint64_t) p * DIR_SIZE) == -1))
+      e = errno ? errno : EIO;
+    pthread_mutex_lock (&c->lock);
+    pg->writing = false;
+    pthread_cond_broadcast (&c->pcond);
+    if (e) {
+      if (c->io_error == 0)
+        c->io_error = e;
+      r = -1;
+      break;
+    }
+    if (target > pg->wgen)
+      pg->wgen = target;
+    c->stats.pages_written++;
   }
-  else if (cbt_pwrite_full (c->fd, pg->mem + j0, j1 - j0 + 1,
-                            blk_off (pg->blk) + j0) == -1) {
-    c->io_error = errno ? errno : EIO;
+  cbt_mrec_unref (c, m);
+  if (r == -1)
     errno = EIO;
-    return -1;
-  }
-  c->stats.pages_written++;
-  return 0;
+  return r;
+}
+
+int
+cbt_ps_write (struct cbt *c, struct mrec *m, uint32_t p)
+{
+  return write_page (c, m, p, m->pg[p].gen);
+}
+
+int
+cbt_ps_flush (struct cbt *c, struct mrec *m)
+{
+  int r = 0;
+
+  pthread_mutex_lock (&c->lock);
+  for (uint32_t p = 0; r == 0 && p < c->nr_pages; ++p)
+    if (m->pg[p].mem && (m->pg[p].writing || m->pg[p].wgen < m->pg[p].gen))
+      r = write_page (c, m, p, m->pg[p].gen);
+  pthread_mutex_unlock (&c->lock);
+  return r;
 }
 
 int
@@ -248,7 +315,9 @@ cbt_page_changed (struct cbt *c, struct mrec *m, uint32_t p,
     set_dirty (m, p);
     return 0;
   case CBT_MODE_PROCESS_SAFE:
-    return write_now (c, m, p, j0, j1);
+    m->pg[p].gen = ++c->mark_gen;
+    (void) j0; (void) j1;
+    return write_page (c, m, p, m->pg[p].gen);
   }
   abort ();
 }
@@ -444,19 +513,26 @@ cbt_freeze (struct cbt *c, struct mrec *m, char *err, size_t errlen)
     errno = ENOMEM;
     return NULL;
   }
-  pthread_mutex_lock (&c->alloc_lock);
   for (uint32_t p = 0; p < c->nr_pages; ++p) {
     const struct pgent *pg = &m->pg[p];
 
     if (pg->mem == NULL)
       continue;
+    assert (pg->blk != 0 && !pg->dirty);
     f->e[f->n].page = p;
     f->e[f->n].crc = crc (0, pg->mem, page_len (c, p));
     f->e[f->n].blk = pg->blk;
-    c->refs[pg->blk]++;
     f->n++;
   }
-  pthread_mutex_unlock (&c->alloc_lock);
+  /* F's own reference on each page, a batch at a time. */
+  for (size_t i = 0; i < f->n; i += 4096) {
+    size_t k = f->n - i < 4096 ? f->n - i : 4096;
+
+    pthread_mutex_lock (&c->alloc_lock);
+    for (size_t j = 0; j < k; ++j)
+      c->refs[f->e[i + j].blk]++;
+    pthread_mutex_unlock (&c->alloc_lock);
+  }
   if (cbt_write_index (c, f) == -1) {
     int e = errno;
     cbt_seterr (err, errlen, "cbt: writing a record index: %s", strerror (e));

@@ -122,13 +122,23 @@ cbt_mark (struct cbt *c, uint64_t offset, uint64_t count, uint64_t *ticket)
       r = -1;
       break;
     }
-    if (set_bits (mem, b0, b1, &j0, &j1) &&
-        cbt_page_changed (c, m, p, j0, j1) == -1) {
+    if (set_bits (mem, b0, b1, &j0, &j1)) {
+      if (cbt_page_changed (c, m, p, j0, j1) == -1) {
+        errno = EIO;
+        r = -1;
+        break;
+      }
+    }
+    else if (c->mode == CBT_MODE_PROCESS_SAFE &&
+             m->pg[p].wgen < m->pg[p].gen && cbt_ps_write (c, m, p) == -1) {
+      /* (set already, by a mark or merge whose write is in flight) */
       errno = EIO;
       r = -1;
       break;
     }
-    if (m->pg[p].gen > c->durable_gen && m->pg[p].gen > t)
+    /* (Process-safe: M may be gone now, the lock was released.) */
+    if (c->mode == CBT_MODE_WRITE_AHEAD &&
+        m->pg[p].gen > c->durable_gen && m->pg[p].gen > t)
       t = m->pg[p].gen;
     if ((p - p0) % MARK_BATCH == MARK_BATCH - 1 && p < p1) {
       /* A long range: let others in between pages. */
@@ -167,7 +177,8 @@ cbt_is_durable (struct cbt *c, uint64_t offset, uint64_t count)
                    : base + GRAN_PER_PAGE - 1) - base;
 
     r = pg->mem && bits_set (pg->mem, b0, b1) &&
-      (c->mode != CBT_MODE_WRITE_AHEAD || pg->gen <= c->durable_gen);
+      (c->mode != CBT_MODE_WRITE_AHEAD || pg->gen <= c->durable_gen) &&
+      (c->mode != CBT_MODE_PROCESS_SAFE || pg->wgen >= pg->gen);
   }
   pthread_mutex_unlock (&c->lock);
   return r;

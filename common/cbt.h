@@ -247,6 +247,20 @@ extern int cbt_commit (struct cbt *cbt, uint64_t ticket);
  */
 extern int cbt_checkpoint_create (struct cbt *cbt, const char *name,
                                   bool pending, char *err, size_t errlen);
+/* The same, calling TAKEN (OPAQUE) once, if and when the new checkpoint
+ * takes effect for marks (a mark from then on is recorded after it):
+ * early, before the slow part (the previous record's index, the sync,
+ * the superblock).  TAKEN runs with no lock of this cbt held, may call
+ * cbt_mark and cbt_commit but no checkpoint function; it is where a
+ * caller ends what must bracket that moment (e.g. marks again the
+ * changes in flight and lets writes go on) instead of holding it over
+ * the whole call.  If the call then fails, the checkpoint is not there
+ * (and the failure is sticky: EIO).
+ */
+extern int cbt_checkpoint_create_cb (struct cbt *cbt, const char *name,
+                                     bool pending,
+                                     void (*taken) (void *opaque),
+                                     void *opaque, char *err, size_t errlen);
 /* A pending checkpoint becomes good: a table and a superblock written. */
 extern int cbt_checkpoint_confirm (struct cbt *cbt, const char *name,
                                    char *err, size_t errlen);

@@ -18,11 +18,12 @@
  *    change that returned is there, and a checkpoint never survives
  *    pending; in in-use mode the same unless the file was in use (then
  *    every checkpoint is dropped);
- *  - power loss (write-ahead mode): only the writes that a finished sync
- *    covered are sure to be there; each later one is there or not, and
- *    may be torn at any 512 byte sector: the same checks hold (or, when
+ *  - power loss: only the writes that a finished sync covered are sure
+ *    to be there; each later one is there or not, and may be torn at any
+ *    512 byte sector: in write-ahead mode the same checks hold (or, when
  *    the newest superblock itself is torn, every checkpoint is dropped:
- *    the documented fallback).
+ *    the documented fallback); in process-safe mode (another boot) the
+ *    file loads, and a file in use loses every checkpoint.
  *
  * And what checkpoint changes write: a confirm writes one table block
  * and one superblock; a delete that merges two records whose pages
@@ -394,6 +395,9 @@ check_image (enum cbt_mode mode, size_t cut, bool power, const char *what)
     }
   }
 
+  /* A power loss is another boot. */
+  if (power && mode == CBT_MODE_PROCESS_SAFE)
+    o.boot_id = BOOT_B;
   /* (create: a kill during the creation of the file leaves zeros.) */
   if (cbt_open (img_path, &o, &c, &info, err, sizeof err) == -1) {
     FAIL ("%s: the file is refused: %s", what, err);
@@ -401,7 +405,8 @@ check_image (enum cbt_mode mode, size_t cut, bool power, const char *what)
   }
   if (info.fallback && !power)
     FAIL ("%s: a fallback without a power loss: %s", what, info.message);
-  if (info.invalidated && (info.fallback || mode == CBT_MODE_IN_USE)) {
+  if (info.invalidated && (info.fallback || mode == CBT_MODE_IN_USE ||
+                           (power && mode == CBT_MODE_PROCESS_SAFE))) {
     CHECK (cbt_checkpoint_count (c) == 0);
     cbt_close (c, NULL, 0);
     return failures == before;
@@ -535,6 +540,7 @@ main (void)
   replay (CBT_MODE_WRITE_AHEAD, false, seed, 250);
   replay (CBT_MODE_WRITE_AHEAD, true, seed + 1, 250);
   replay (CBT_MODE_PROCESS_SAFE, false, seed + 2, 250);
+  replay (CBT_MODE_PROCESS_SAFE, true, seed + 4, 150);
   replay (CBT_MODE_IN_USE, false, seed + 3, 150);
 
   reset_log ();

@@ -8,7 +8,9 @@
  *    marked since it was created; serials never repeat and name the
  *    same checkpoint as its name (cbt_map_serial, find_serial);
  *  - names, serials of a name deleted and created again, the limit
- *    (EMLINK), write errors (EIO with the cause in the message);
+ *    (EMLINK), write errors (EIO with the cause in the message); the
+ *    callback of cbt_checkpoint_create_cb (a mark it makes is after the
+ *    new checkpoint);
  *  - in-use detection: a child that marks and exits without closing
  *    leaves a file whose checkpoints are invalidated at the next load;
  *  - kill -9 (SIGKILL) of a child that marks (and commits) in one thread
@@ -298,6 +300,48 @@ model_test (enum cbt_mode mode, unsigned steps)
   if (nmodel > 0 && model[nmodel - 1].pending)
     model_delete (c, nmodel - 1);
   compare (c, "final reopen");
+  xclose (c);
+}
+
+/* ---- Create with a callback ----------------------------------------- */
+
+static int taken_calls;
+
+static void
+taken (void *opaque)
+{
+  uint64_t t;
+
+  taken_calls++;
+  /* A mark from the callback on is after the new checkpoint. */
+  CHECK (cbt_mark (opaque, 7 * GRAN, 1, &t) == 0 && cbt_commit (opaque, t) == 0);
+}
+
+static void
+create_cb_test (enum cbt_mode mode)
+{
+  struct cbt_options o = options (DISK, GRAN, mode);
+  struct cbt *c;
+  uint8_t *g;
+
+  o.reset = true;
+  c = xopen (&o, NULL);
+  CHECK (cbt_checkpoint_create (c, "a", false, err, sizeof err) == 0);
+  CHECK (cbt_mark (c, 5 * GRAN, 1, NULL) == 0);
+  taken_calls = 0;
+  CHECK (cbt_checkpoint_create_cb (c, "a", false, taken, c, err,
+                                   sizeof err) == -1 && errno == EEXIST);
+  CHECK (taken_calls == 0);
+  CHECK (cbt_checkpoint_create_cb (c, "b", true, taken, c, err,
+                                   sizeof err) == 0);
+  CHECK (taken_calls == 1);
+  CHECK (cbt_checkpoint_confirm (c, "b", err, sizeof err) == 0);
+  g = changed_since (c, "b");
+  CHECK (g[7] && !g[5]);
+  free (g);
+  g = changed_since (c, "a");
+  CHECK (g[7] && g[5]);
+  free (g);
   xclose (c);
 }
 
@@ -1038,6 +1082,9 @@ main (void)
   model_test (CBT_MODE_PROCESS_SAFE, 800);
   printf ("test-cbt: model tests done\n");
   serial_test ();
+  create_cb_test (CBT_MODE_IN_USE);
+  create_cb_test (CBT_MODE_WRITE_AHEAD);
+  create_cb_test (CBT_MODE_PROCESS_SAFE);
   in_use_test (true);
   in_use_test (false);
   for (unsigned round = 0; round < 6; ++round) {
