@@ -865,9 +865,25 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     info->created = true;
     return create_new (c, o, err, errlen);
   }
-  if (file_size < DATA_START)
+  if (file_size < DATA_START) {
+    /* The magic (or nothing) of a creation the machine stopped before
+     * the file's size was synced: created afresh like the longer ones.
+     */
+    uint8_t head[DATA_START];
+
+    if (cbt_pread_full (c->fd, head, file_size, 0) == -1)
+      FAILWITH (EIO, "cbt: reading the file: %s", strerror (errno));
+    if (o->create && o->disk_size != 0 && file_size >= sizeof cbt_magic &&
+        memcmp (head, cbt_magic, sizeof cbt_magic) == 0 &&
+        all_zero (head + sizeof cbt_magic, file_size - sizeof cbt_magic)) {
+      info->created = true;
+      note (info, "cbt: the file held only the magic (its creation was "
+            "interrupted): created afresh");
+      return create_new (c, o, err, errlen);
+    }
     FAILWITH (EINVAL, "cbt: file size: %" PRIu64 " bytes, too short for "
               "the two %d byte superblocks", file_size, SB_SIZE);
+  }
   if (cbt_pread_full (c->fd, sb, sizeof sb, 0) == -1)
     FAILWITH (EIO, "cbt: reading the superblocks: %s", strerror (errno));
   for (s = 0; s < 2; ++s)
@@ -929,12 +945,14 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
    * reused since).
    */
   if (info->fallback) {
-    info->invalidated = nr > 0;
+    /* (The damaged one may have named checkpoints the older one has
+     * not: invalidated even when this one has none.)
+     */
+    info->invalidated = true;
     info->dropped = nr;
-    if (nr > 0)
-      note (info, "the previous state may miss changes recorded after "
-            "the damaged one: all %" PRIu32 " checkpoints are invalid, the "
-            "next backup must be full", nr);
+    note (info, "the previous state may miss changes recorded after the "
+          "damaged one: all %" PRIu32 " checkpoints are invalid, and any "
+          "the damaged one named, the next backup must be full", nr);
     return fresh_state (c, v1 ? 1 : get64 (sb[s] + SB_NEXT_SERIAL),
                         err, errlen);
   }

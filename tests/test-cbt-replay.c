@@ -419,7 +419,7 @@ check_image (enum cbt_mode mode, size_t cut, bool power, const char *what)
     struct set_ctx s = { .gran = GRAN, .disk_size = DISK, .nr = NR_GRAN };
 
     if (ex[j].must == 1 && (k < 0 || ci.state != CBT_STATE_GOOD))
-      FAIL ("%s: checkpoint %s is gone", what, ex[j].name);
+      FAIL ("%s: checkpoint %s is gone (%s)", what, ex[j].name, info.message);
     if (ex[j].must == -1 && k >= 0)
       FAIL ("%s: checkpoint %s is there", what, ex[j].name);
     if (k < 0 || ci.state != CBT_STATE_GOOD)
