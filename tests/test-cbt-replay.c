@@ -222,6 +222,7 @@ marker (void *arg)
       break;
     }
     event (EV_MARK_ACK, 0, NULL, 0, off, len);
+    usleep (200);               /* spread over the checkpoint changes */
   }
   return NULL;
 }
@@ -251,6 +252,8 @@ workload (enum cbt_mode mode, uint64_t seed)
     unsigned op = (unsigned) (rnd_r (&seed) % 4);
     char name[16];
     int r;
+
+    usleep (1000);              /* marks meanwhile */
 
     if ((op == 3 && n > 0) || n == 8) {
       int i = (int) (rnd_r (&seed) % (uint64_t) n);
