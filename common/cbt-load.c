@@ -1142,6 +1142,23 @@ cbt_open_fd (int fd, const struct cbt_options *opts, struct cbt **cbtp,
     errno = e;
     return -1;
   }
+  /* Process-safe: the file is marked in use (synced) now, not by the
+   * first mark, so that no change ever waits for a sync.
+   */
+  if (!c->read_only && c->mode == CBT_MODE_PROCESS_SAFE) {
+    int r;
+
+    pthread_mutex_lock (&c->lock);
+    r = c->pub.in_use ? 0 : cbt_set_in_use_locked (c);
+    pthread_mutex_unlock (&c->lock);
+    if (r == -1) {
+      cbt_seterr (err, errlen, "cbt: marking the file in use: %s",
+                  strerror (c->io_error ? c->io_error : EIO));
+      free_cbt (c);
+      errno = EIO;
+      return -1;
+    }
+  }
   *cbtp = c;
   return 0;
 }

@@ -91,7 +91,7 @@
 #define CBT_BOOT_ID_MAX 63          /* bytes in a boot id */
 #define CBT_MAX_CHECKPOINTS 256
 #define CBT_MAX_BITMAP (UINT64_C (1) << 30)  /* bytes per bitmap */
-#define CBT_ERRLEN 256
+#define CBT_ERRLEN 512
 
 enum cbt_mode {
   CBT_MODE_IN_USE = 0,

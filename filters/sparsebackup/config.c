@@ -292,6 +292,7 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   static const struct sb_choice cbt_mode[] = {
     { "in-use", CBT_MODE_IN_USE, false },
     { "write-ahead", CBT_MODE_WRITE_AHEAD, false },
+    { "process-safe", CBT_MODE_PROCESS_SAFE, false },
     { NULL, 0, false },
   };
   static const struct sb_choice scratch_error[] = {
@@ -502,7 +503,7 @@ const char sparsebackup_config_help[] =
   "                               tracking, delta views @since:CHECKPOINT).\n"
   "sparsebackup-cbt-granularity=<SIZE>\n"
   "                               Bytes per tracked granule (64K).\n"
-  "sparsebackup-cbt-mode=in-use|write-ahead\n"
+  "sparsebackup-cbt-mode=in-use|process-safe|write-ahead\n"
   "                               Durability of the record (in-use).\n"
   "sparsebackup-cbt-reset=true    Discard what FILE holds.\n"
   "sparsebackup-cbt-id=<STRING>   Identity of the disk stored in FILE.\n"
