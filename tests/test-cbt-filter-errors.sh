@@ -21,7 +21,7 @@ done
 refused sparsebackup-cbt-granularity=lots
 assert_contains "$tmp/err" "sparsebackup-cbt-granularity: 'lots' is not a valid size"
 refused sparsebackup-cbt-mode=sync
-assert_contains "$tmp/err" "sparsebackup-cbt-mode: 'sync' is not one of in-use, write-ahead"
+assert_contains "$tmp/err" "sparsebackup-cbt-mode: 'sync' is not one of in-use, write-ahead, process-safe"
 refused sparsebackup-cbt-reset=maybe
 assert_contains "$tmp/err" "sparsebackup-cbt-reset: 'maybe' is not a boolean"
 refused "sparsebackup-cbt-id=a$(printf '\t')b"
@@ -86,7 +86,7 @@ expect ()
     assert_eq "$line" "$(cat "$tmp/out" "$tmp/err" | tail -n 1)" "reply to '$*'"
 }
 # The cbt file is open from start-up: status before any NBD client.
-expect 0 "OK version=2 mode=in-use disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
+expect 0 "OK version=2 mode=process-safe disk-size=4194304 granularity=65536 checkpoints=0 pending=- latest=- state=ok" -- status
 expect 1 "ERR no-such-checkpoint no good checkpoint: the first backup is a full one (backup-begin NEW)" -- map
 # One lookup, one message, for every command that names a checkpoint.
 nope="ERR no-such-checkpoint no checkpoint 'nope' (checkpoint-list shows them)"
