@@ -65,21 +65,25 @@ cbt_read_boot_id (char *buf, size_t len, char *err, size_t errlen)
   int fd = open (path, O_RDONLY | O_CLOEXEC);
 
   if (fd == -1)
-    FAILWITH (errno, "cbt: %s: %s", path, strerror (errno));
+    return cbt_failure (err, errlen, errno,
+                        "cbt: %s: %s", path, strerror (errno));
   n = read (fd, tmp, sizeof tmp - 1);
   if (n == -1) {
     int e = errno;
     close (fd);
-    FAILWITH (e, "cbt: reading %s: %s", path, strerror (e));
+    return cbt_failure (err, errlen, e,
+                        "cbt: reading %s: %s", path, strerror (e));
   }
   close (fd);
   while (n > 0 && (tmp[n - 1] == '\n' || tmp[n - 1] == ' '))
     n--;
   tmp[n] = '\0';
   if (n == 0 || n > CBT_BOOT_ID_MAX || !printable (tmp, (size_t) n, false))
-    FAILWITH (EINVAL, "cbt: %s does not hold a boot id", path);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: %s does not hold a boot id", path);
   if ((size_t) n >= len)
-    FAILWITH (EINVAL, "cbt: the boot id does not fit the buffer");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: the boot id does not fit the buffer");
   memcpy (buf, tmp, (size_t) n + 1);
   return 0;
 }
@@ -91,12 +95,13 @@ static int
 begin_change (struct cbt *c, const char *name, char *err, size_t errlen)
 {
   if (c->read_only)
-    FAILWITH (EROFS, "cbt: opened read-only");
+    return cbt_failure (err, errlen, EROFS, "cbt: opened read-only");
   if (!cbt_name_valid (name))
-    FAILWITH (EINVAL, "cbt: invalid checkpoint name '%s' (1-%d printable "
-              "characters, no space, not starting with '-')",
-              name && printable (name, strlen (name), true) ? name : "?",
-              CBT_NAME_MAX);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: invalid checkpoint name '%s' (1-%d printable "
+                        "characters, no space, not starting with '-')",
+                        name && printable (name, strlen (name), true) ? name : "?",
+                        CBT_NAME_MAX);
   pthread_mutex_lock (&c->struct_lock);
   if (cbt_check_io (c, err, errlen) == -1) {
     pthread_mutex_unlock (&c->struct_lock);
@@ -147,8 +152,9 @@ fatal (struct cbt *c, int e, char *err, size_t errlen, const char *what)
   if (e == 0)
     e = EIO;
   cbt_io_failed (c, e);
-  FAILWITH (EIO, "cbt: %s: %s (the file is left as it was before; "
-            "reopen it)", what, strerror (e));
+  return cbt_failure (err, errlen, EIO,
+                      "cbt: %s: %s (the file is left as it was before; "
+                      "reopen it)", what, strerror (e));
 }
 
 /* NS: its table written and published, with the current record's
@@ -163,7 +169,8 @@ finish (struct cbt *c, struct state *ns, uint32_t cur_crc,
   if (cbt_write_table (c, ns) == -1) {
     int e = errno;
     cbt_state_unref (c, ns);
-    FAILWITH (EIO, "cbt: writing the checkpoint table: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the checkpoint table: %s", strerror (e));
   }
   v = cbt_state_sbv (c, ns, cur_crc);
   return cbt_publish (c, ns, &v, err, errlen);
@@ -465,7 +472,7 @@ merge_into_current (struct cbt *c, const struct frec *r,
   uint64_t gen;
 
   if (buf == NULL)
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   /* In-place writes to the current record only while in use on disk;
    * and in in-use mode the set in memory is what the file must not
    * claim to hold after a crash.
@@ -474,8 +481,9 @@ merge_into_current (struct cbt *c, const struct frec *r,
   if (!c->pub.in_use && cbt_set_in_use_locked (c) == -1) {
     pthread_mutex_unlock (&c->lock);
     free (buf);
-    FAILWITH (EIO, "cbt: marking the file in use: %s",
-              strerror (c->io_error));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: marking the file in use: %s",
+                        strerror (c->io_error));
   }
   pthread_mutex_unlock (&c->lock);
 
@@ -518,7 +526,7 @@ merge_into_current (struct cbt *c, const struct frec *r,
     if (res == -1) {
       int e = errno;
       free (buf);
-      FAILWITH (e == ENOMEM ? ENOMEM : EIO, "cbt: merging into the current "
+      return cbt_failure (err, errlen, e == ENOMEM ? ENOMEM : EIO, "cbt: merging into the current "
                 "record: %s", e == ENOMEM ? strerror (e)
                 : strerror (c->io_error));
     }
@@ -528,8 +536,9 @@ merge_into_current (struct cbt *c, const struct frec *r,
   gen = c->mark_gen;
   pthread_mutex_unlock (&c->lock);
   if (c->mode == CBT_MODE_WRITE_AHEAD && cbt_commit_upto (c, gen) == -1)
-    FAILWITH (EIO, "cbt: writing the current record: %s",
-              strerror (c->io_error));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the current record: %s",
+                        strerror (c->io_error));
   return 0;
 }
 
@@ -551,7 +560,7 @@ cbt_delete_cp (struct cbt *c, size_t k, char *err, size_t errlen)
   ns = copy_state (c, s);
   if (ns == NULL) {
     cbt_state_unref (c, s);
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   }
   if (k + 1 == n && k > 0) {
     cbt_frec_unref (c, ns->cps[k - 1].rec);

@@ -159,13 +159,6 @@ struct cbt {
   struct cbt_stats stats;
 };
 
-/* Set a message and errno, return -1. */
-#define FAILWITH(e, ...)                                \
-  do {                                                  \
-    cbt_seterr (err, errlen, __VA_ARGS__);              \
-    errno = (e);                                        \
-    return -1;                                          \
-  } while (0)
 
 static inline uint32_t
 get32 (const uint8_t *p)
@@ -267,6 +260,11 @@ dir_check (uint32_t page, uint32_t blk)
 /* ---- In cbt-io.c ---------------------------------------------------- */
 
 /* Format a message into ERR (if not NULL), keeping errno. */
+/* Format a message into ERR (if not NULL), set errno to E, return -1:
+ * "return cbt_failure (err, errlen, EINVAL, "cbt: ...", ...);".
+ */
+extern int cbt_failure (char *err, size_t errlen, int e, const char *fmt, ...)
+  __attribute__ ((__format__ (__printf__, 4, 5)));
 extern void cbt_seterr (char *err, size_t errlen, const char *fmt, ...)
   __attribute__ ((__format__ (__printf__, 3, 4)));
 extern int cbt_pread_full (int fd, void *buf, size_t len, uint64_t off);

@@ -57,6 +57,20 @@ cbt_seterr (char *err, size_t errlen, const char *fmt, ...)
   errno = saved;
 }
 
+int __attribute__ ((__format__ (__printf__, 4, 5)))
+cbt_failure (char *err, size_t errlen, int e, const char *fmt, ...)
+{
+  va_list ap;
+
+  if (err != NULL && errlen > 0) {
+    va_start (ap, fmt);
+    vsnprintf (err, errlen, fmt, ap);
+    va_end (ap);
+  }
+  errno = e;
+  return -1;
+}
+
 int
 cbt_pread_full (int fd, void *buf, size_t len, uint64_t off)
 {
@@ -117,8 +131,9 @@ cbt_check_io (struct cbt *c, char *err, size_t errlen)
   e = c->io_error;
   pthread_mutex_unlock (&c->lock);
   if (e)
-    FAILWITH (EIO, "cbt: an earlier write to the file failed (%s): reopen "
-              "it", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: an earlier write to the file failed (%s): reopen "
+                        "it", strerror (e));
   return 0;
 }
 
@@ -563,7 +578,8 @@ cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
       cbt_token_give (c);
     cbt_state_unref (c, ns);
     cbt_io_failed (c, e);
-    FAILWITH (EIO, "cbt: syncing the file: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: syncing the file: %s", strerror (e));
   }
   pthread_mutex_lock (&c->lock);
   if (c->mode != CBT_MODE_PROCESS_SAFE)
@@ -577,7 +593,8 @@ cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
     cbt_token_give_locked (c);
     pthread_mutex_unlock (&c->lock);
     cbt_state_unref (c, ns);
-    FAILWITH (EIO, "cbt: writing the superblock: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the superblock: %s", strerror (e));
   }
   pthread_mutex_lock (&c->lock);
   old = c->st;

@@ -107,10 +107,11 @@ cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
   c->nr_gran = div_round_up (disk_size, UINT64_C (1) << bits);
   c->bm_bytes = div_round_up (c->nr_gran, 8);
   if (c->bm_bytes > CBT_MAX_BITMAP)
-    FAILWITH (EINVAL, "cbt: disk size %" PRIu64 " with granularity %" PRIu64
-              " needs a bitmap of %" PRIu64 " bytes, more than the limit %"
-              PRIu64, disk_size, UINT64_C (1) << bits, c->bm_bytes,
-              CBT_MAX_BITMAP);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size %" PRIu64 " with granularity %" PRIu64
+                        " needs a bitmap of %" PRIu64 " bytes, more than the limit %"
+                        PRIu64, disk_size, UINT64_C (1) << bits, c->bm_bytes,
+                        CBT_MAX_BITMAP);
   nr_pages = div_round_up (c->bm_bytes, PAGE);
   c->nr_pages = (uint32_t) nr_pages;
   c->dir_bytes = (uint32_t) (nr_pages * DIR_SIZE);
@@ -163,29 +164,36 @@ check_header (struct cbt *c, const uint8_t *sb, const struct cbt_options *o,
   if (cbt_check_header_v1 (c, sb, o, false, err, errlen) == -1)
     return -1;
   if (get32 (sb + SB_DIR_SIZE) != c->dir_bytes)
-    FAILWITH (EINVAL, "cbt: directory size: %" PRIu32 " bytes, expected %"
-              PRIu32 " for %" PRIu32 " pages", get32 (sb + SB_DIR_SIZE),
-              c->dir_bytes, c->nr_pages);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: directory size: %" PRIu32 " bytes, expected %"
+                        PRIu32 " for %" PRIu32 " pages", get32 (sb + SB_DIR_SIZE),
+                        c->dir_bytes, c->nr_pages);
   if (mode > CBT_MODE_PROCESS_SAFE)
-    FAILWITH (EINVAL, "cbt: mode: %" PRIu32 " (expected 0 in-use, 1 "
-              "write-ahead or 2 process-safe)", mode);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: mode: %" PRIu32 " (expected 0 in-use, 1 "
+                        "write-ahead or 2 process-safe)", mode);
   if (bootlen > CBT_BOOT_ID_MAX ||
       !printable ((const char *) sb + SB_BOOT_ID, bootlen, false) ||
       !all_zero (sb + SB_BOOT_ID + bootlen, 64 - bootlen))
-    FAILWITH (EINVAL, "cbt: boot id: length %" PRIu32 " is not that of "
-              "at most %d printable characters followed by zeros", bootlen,
-              CBT_BOOT_ID_MAX);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: boot id: length %" PRIu32 " is not that of "
+                        "at most %d printable characters followed by zeros", bootlen,
+                        CBT_BOOT_ID_MAX);
   if (next_serial == 0 || next_serial > (UINT64_C (1) << 62))
-    FAILWITH (EINVAL, "cbt: next serial: %" PRIu64 " is not in [1, 2^62]",
-              next_serial);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: next serial: %" PRIu64 " is not in [1, 2^62]",
+                        next_serial);
   if (!all_zero (sb + SB_RESERVED, SB_CRC - SB_RESERVED))
-    FAILWITH (EINVAL, "cbt: reserved bytes: not zero in the superblock");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: reserved bytes: not zero in the superblock");
   if (nr > CBT_MAX_CHECKPOINTS)
-    FAILWITH (EINVAL, "cbt: number of checkpoints: %" PRIu32
-              " exceeds the limit %d", nr, CBT_MAX_CHECKPOINTS);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: number of checkpoints: %" PRIu32
+                        " exceeds the limit %d", nr, CBT_MAX_CHECKPOINTS);
   if (in_use && get32 (sb + SB_CUR_CRC) != 0)
-    FAILWITH (EINVAL, "cbt: current record crc: 0x%08" PRIx32 " while in "
-              "use, expected 0", get32 (sb + SB_CUR_CRC));
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: current record crc: 0x%08" PRIx32 " while in "
+                        "use, expected 0", get32 (sb + SB_CUR_CRC));
   c->compat_other = get64 (sb + SB_COMPAT) & ~(uint64_t) COMPAT_KNOWN;
   return 0;
 }
@@ -204,34 +212,33 @@ check_regions (struct cbt *c, const uint8_t *sb, uint64_t file_size,
   uint64_t next_off = get64 (sb + SB_NEXT_OFF);
 
   if (table_size != (uint64_t) nr * ENTRY_SIZE)
-    FAILWITH (EINVAL, "cbt: table size: %" PRIu32 " bytes, expected %"
-              PRIu32 " for %" PRIu32 " checkpoints", table_size,
-              nr * ENTRY_SIZE, nr);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table size: %" PRIu32 " bytes, expected %"
+                        PRIu32 " for %" PRIu32 " checkpoints", table_size,
+                        nr * ENTRY_SIZE, nr);
   if (nr == 0 && (table_off != 0 || get32 (sb + SB_TABLE_CRC) != 0))
-    FAILWITH (EINVAL, "cbt: table offset: %" PRIu64 " (crc 0x%08" PRIx32
-              ") with no checkpoints, expected 0", table_off,
-              get32 (sb + SB_TABLE_CRC));
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table offset: %" PRIu64 " (crc 0x%08" PRIx32
+                        ") with no checkpoints, expected 0", table_off,
+                        get32 (sb + SB_TABLE_CRC));
   if (nr > 0 && !region_ok (table_off, table_size, file_size))
-    FAILWITH (EINVAL, "cbt: table offset: %" PRIu64 " (+%" PRIu32
-              " bytes) is unaligned or outside the data area of the %"
-              PRIu64 " byte file", table_off, table_size, file_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table offset: %" PRIu64 " (+%" PRIu32
+                        " bytes) is unaligned or outside the data area of the %"
+                        PRIu64 " byte file", table_off, table_size, file_size);
   if (!region_ok (cur_off, c->dir_bytes, file_size))
-    FAILWITH (EINVAL, "cbt: current directory offset: %" PRIu64 " (+%"
-              PRIu32 " bytes) is unaligned or outside the data area of "
-              "the %" PRIu64 " byte file", cur_off, c->dir_bytes, file_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: current directory offset: %" PRIu64 " (+%"
+                        PRIu32 " bytes) is unaligned or outside the data area of "
+                        "the %" PRIu64 " byte file", cur_off, c->dir_bytes, file_size);
   if (!region_ok (next_off, c->dir_bytes, file_size))
-    FAILWITH (EINVAL, "cbt: next directory offset: %" PRIu64 " (+%"
-              PRIu32 " bytes) is unaligned or outside the data area of "
-              "the %" PRIu64 " byte file", next_off, c->dir_bytes, file_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: next directory offset: %" PRIu64 " (+%"
+                        PRIu32 " bytes) is unaligned or outside the data area of "
+                        "the %" PRIu64 " byte file", next_off, c->dir_bytes, file_size);
   return 0;
 }
 
-#define BAD(...) do { cbt_seterr (err, errlen, __VA_ARGS__);        \
-    errno = EINVAL; goto out; } while (0)
-#define NOMEM() do { cbt_seterr (err, errlen, "cbt: out of memory");  \
-    errno = ENOMEM; goto out; } while (0)
-#define RDERR(what) do { cbt_seterr (err, errlen, "cbt: reading %s: %s", \
-    (what), strerror (errno)); errno = EIO; goto out; } while (0)
 
 /* Hold blocks found in the file for the load (LEGACY); -1 if one is
  * held already: an overlap.
@@ -266,7 +273,10 @@ load_record (struct cbt *c, uint32_t i, const char *name, uint64_t off,
   *fp = NULL;
   f = cbt_frec_new (count);
   if (f == NULL)
-    NOMEM ();
+    {
+      cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+      goto out;
+    }
   if (count == 0) {
     *fp = f;
     return 0;
@@ -274,44 +284,79 @@ load_record (struct cbt *c, uint32_t i, const char *name, uint64_t off,
   idx = malloc (bytes);
   page = malloc (PAGE);
   if (idx == NULL || page == NULL)
-    NOMEM ();
+    {
+      cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+      goto out;
+    }
   if (cbt_pread_full (c->fd, idx, bytes, off) == -1)
-    RDERR ("a record index");
+    {
+      cbt_failure (err, errlen, EIO,
+                   "cbt: reading %s: %s", "a record index", strerror (errno));
+      goto out;
+    }
   if (crc (0, idx, bytes) != icrc)
-    BAD ("cbt: checkpoint %" PRIu32 " '%s' index crc: 0x%08" PRIx32 " in "
-         "the table, the index has 0x%08" PRIx32, i, name, icrc,
-         crc (0, idx, bytes));
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " '%s' index crc: 0x%08" PRIx32 " in "
+                   "the table, the index has 0x%08" PRIx32, i, name, icrc,
+                   crc (0, idx, bytes));
+      goto out;
+    }
   for (uint32_t j = 0; j < count; ++j) {
     const uint8_t *e = idx + (size_t) j * IDX_SIZE;
     uint32_t p = get32 (e + IDX_PAGE);
     uint64_t poff = get64 (e + IDX_OFF);
 
     if (p >= c->nr_pages || (j > 0 && p <= f->e[j - 1].page))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
-           " page: %" PRIu32 " (pages must increase, below %" PRIu32 ")",
-           i, name, j, p, c->nr_pages);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
+                     " page: %" PRIu32 " (pages must increase, below %" PRIu32 ")",
+                     i, name, j, p, c->nr_pages);
+        goto out;
+      }
     if (!region_ok (poff, page_len (c, p), file_size))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
-           " offset: %" PRIu64 " is unaligned or outside the data area of "
-           "the %" PRIu64 " byte file", i, name, j, poff, file_size);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
+                     " offset: %" PRIu64 " is unaligned or outside the data area of "
+                     "the %" PRIu64 " byte file", i, name, j, poff, file_size);
+        goto out;
+      }
     if (hold_found (c, l, poff, page_len (c, p)) == -1)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
-           " offset: %" PRIu64 " overlaps another structure of the file",
-           i, name, j, poff);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index entry %" PRIu32
+                     " offset: %" PRIu64 " overlaps another structure of the file",
+                     i, name, j, poff);
+        goto out;
+      }
     f->e[j].page = p;
     f->e[j].crc = get32 (e + IDX_CRC);
     f->e[j].blk = (uint32_t) (poff >> BLOCK_SHIFT);
     cbt_hold (c, f->e[j].blk, 1);
     f->n++;
     if (cbt_pread_full (c->fd, page, page_len (c, p), poff) == -1)
-      RDERR ("a record page");
+      {
+        cbt_failure (err, errlen, EIO,
+                     "cbt: reading %s: %s", "a record page", strerror (errno));
+        goto out;
+      }
     if (crc (0, page, page_len (c, p)) != f->e[j].crc)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' page %" PRIu32 " crc: 0x%08"
-           PRIx32 " in the index, the page has 0x%08" PRIx32, i, name, p,
-           f->e[j].crc, crc (0, page, page_len (c, p)));
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' page %" PRIu32 " crc: 0x%08"
+                     PRIx32 " in the index, the page has 0x%08" PRIx32, i, name, p,
+                     f->e[j].crc, crc (0, page, page_len (c, p)));
+        goto out;
+      }
     if (page_tail_bad (c, p, page))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' page %" PRIu32 ": bits set "
-           "beyond the end of the disk", i, name, p);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' page %" PRIu32 ": bits set "
+                     "beyond the end of the disk", i, name, p);
+        goto out;
+      }
   }
   /* Held by the index of F from now on (the load holds it once more). */
   cbt_hold (c, (uint32_t) (off >> BLOCK_SHIFT), blocks_for (bytes));
@@ -344,9 +389,16 @@ load_dir (struct cbt *c, const char *what, uint64_t off, bool in_use,
   int r = -1;
 
   if (d == NULL || e == NULL)
-    NOMEM ();
+    {
+      cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+      goto out;
+    }
   if (cbt_pread_full (c->fd, d, c->dir_bytes, off) == -1)
-    RDERR (what);
+    {
+      cbt_failure (err, errlen, EIO,
+                   "cbt: reading %s: %s", what, strerror (errno));
+      goto out;
+    }
   for (uint32_t p = 0; p < c->nr_pages; ++p) {
     const uint8_t *x = d + (size_t) p * DIR_SIZE;
     uint32_t blk = get32 (x + DIR_BLOCK), chk = get32 (x + DIR_CHECK);
@@ -355,8 +407,12 @@ load_dir (struct cbt *c, const char *what, uint64_t off, bool in_use,
     if (blk == 0 && chk == 0)
       continue;
     if (must_be_empty && !in_use)
-      BAD ("cbt: %s entry %" PRIu32 ": not empty in a file that was "
-           "closed cleanly", what, p);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: %s entry %" PRIu32 ": not empty in a file that was "
+                     "closed cleanly", what, p);
+        goto out;
+      }
     ok = chk == dir_check (p, blk) && blk >= 2 &&
       region_ok (blk_off (blk), page_len (c, p), file_size);
     if (!ok && in_use) {
@@ -364,12 +420,20 @@ load_dir (struct cbt *c, const char *what, uint64_t off, bool in_use,
       continue;
     }
     if (!ok)
-      BAD ("cbt: %s entry %" PRIu32 ": block %" PRIu32 " (check 0x%08"
-           PRIx32 ") is not a valid block of the %" PRIu64 " byte file",
-           what, p, blk, chk, file_size);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: %s entry %" PRIu32 ": block %" PRIu32 " (check 0x%08"
+                     PRIx32 ") is not a valid block of the %" PRIu64 " byte file",
+                     what, p, blk, chk, file_size);
+        goto out;
+      }
     if (hold_found (c, l, blk_off (blk), page_len (c, p)) == -1)
-      BAD ("cbt: %s entry %" PRIu32 ": block %" PRIu32 " overlaps "
-           "another structure of the file", what, p, blk);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: %s entry %" PRIu32 ": block %" PRIu32 " overlaps "
+                     "another structure of the file", what, p, blk);
+        goto out;
+      }
     e[p] = blk;
   }
   *ent = e;
@@ -411,21 +475,44 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
   page = malloc (PAGE);
   table = malloc (table_size ? table_size : 1);
   if (st == NULL || table == NULL || page == NULL)
-    NOMEM ();
+    {
+      cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+      goto out;
+    }
   if (nr > 0 && hold_found (c, l, table_off, table_size) == -1)
-    BAD ("cbt: table offset: %" PRIu64 " overlaps another structure",
-         table_off);
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: table offset: %" PRIu64 " overlaps another structure",
+                   table_off);
+      goto out;
+    }
   if (hold_found (c, l, cur_off, c->dir_bytes) == -1)
-    BAD ("cbt: current directory offset: %" PRIu64 " overlaps another "
-         "structure", cur_off);
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: current directory offset: %" PRIu64 " overlaps another "
+                   "structure", cur_off);
+      goto out;
+    }
   if (hold_found (c, l, next_off, c->dir_bytes) == -1)
-    BAD ("cbt: next directory offset: %" PRIu64 " overlaps another "
-         "structure", next_off);
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: next directory offset: %" PRIu64 " overlaps another "
+                   "structure", next_off);
+      goto out;
+    }
   if (nr > 0 && cbt_pread_full (c->fd, table, table_size, table_off) == -1)
-    RDERR ("the table");
+    {
+      cbt_failure (err, errlen, EIO,
+                   "cbt: reading %s: %s", "the table", strerror (errno));
+      goto out;
+    }
   if (crc (0, table, table_size) != table_crc)
-    BAD ("cbt: table crc: 0x%08" PRIx32 " in the superblock, the table "
-         "has 0x%08" PRIx32, table_crc, crc (0, table, table_size));
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: table crc: 0x%08" PRIx32 " in the superblock, the table "
+                   "has 0x%08" PRIx32, table_crc, crc (0, table, table_size));
+      goto out;
+    }
 
   for (uint32_t i = 0; i < nr; ++i) {
     const uint8_t *e = table + (size_t) i * ENTRY_SIZE;
@@ -436,60 +523,108 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
     uint32_t icrc = get32 (e + CP_IDX_CRC), count = get32 (e + CP_IDX_COUNT);
 
     if (len > CBT_NAME_MAX || !all_zero (e + CP_NAME + len, 64 - len))
-      BAD ("cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
-           "of at most %d bytes", i, CBT_NAME_MAX);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
+                     "of at most %d bytes", i, CBT_NAME_MAX);
+        goto out;
+      }
     memcpy (cp->name, e + CP_NAME, len);
     cp->name[len] = '\0';
     if (!cbt_name_valid (cp->name))
-      BAD ("cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
-           "(1-%d printable characters, no space, not starting with '-')",
-           i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
-           CBT_NAME_MAX);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
+                     "(1-%d printable characters, no space, not starting with '-')",
+                     i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
+                     CBT_NAME_MAX);
+        goto out;
+      }
     for (uint32_t j = 0; j < i; ++j)
       if (strcmp (st->cps[j].name, cp->name) == 0)
-        BAD ("cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
-             "checkpoint %" PRIu32, i, cp->name, j);
+        {
+          cbt_failure (err, errlen, EINVAL,
+                       "cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
+                       "checkpoint %" PRIu32, i, cp->name, j);
+          goto out;
+        }
     cp->state = get32 (e + CP_STATE);
     if (cp->state != CBT_STATE_GOOD && cp->state != CBT_STATE_PENDING)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
-           " (expected 1 good or 2 pending)", i, cp->name, cp->state);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
+                     " (expected 1 good or 2 pending)", i, cp->name, cp->state);
+        goto out;
+      }
     if (cp->state == CBT_STATE_PENDING && !last)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
-           "last checkpoint", i, cp->name);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
+                     "last checkpoint", i, cp->name);
+        goto out;
+      }
     if (get32 (e + CP_FLAGS) != 0)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
-           " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
+                     " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
+        goto out;
+      }
     if (!all_zero (e + CP_RESERVED, ENTRY_SIZE - CP_RESERVED))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' reserved bytes: not zero",
-           i, cp->name);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' reserved bytes: not zero",
+                     i, cp->name);
+        goto out;
+      }
     cp->serial = get64 (e + CP_SERIAL);
     if (cp->serial == 0 || cp->serial >= next_serial ||
         (i > 0 && cp->serial <= st->cps[i - 1].serial))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' serial: %" PRIu64 " (serials "
-           "increase in the table, from 1, below the next serial %" PRIu64
-           ")", i, cp->name, cp->serial, next_serial);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' serial: %" PRIu64 " (serials "
+                     "increase in the table, from 1, below the next serial %" PRIu64
+                     ")", i, cp->name, cp->serial, next_serial);
+        goto out;
+      }
     cp->created = get64 (e + CP_CREATED);
     if ((last || count == 0) && (ioff != 0 || icrc != 0 || count != 0))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
-           " (crc 0x%08" PRIx32 ", %" PRIu32 " pages), expected 0 for %s",
-           i, cp->name, ioff, icrc, count, last ? "the last checkpoint "
-           "(its record is the current one)" : "an empty record");
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
+                     " (crc 0x%08" PRIx32 ", %" PRIu32 " pages), expected 0 for %s",
+                     i, cp->name, ioff, icrc, count, last ? "the last checkpoint "
+                     "(its record is the current one)" : "an empty record");
+        goto out;
+      }
     if (last)
       continue;
     if (count > c->nr_pages)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index count: %" PRIu32
-           " pages, the bitmap has %" PRIu32, i, cp->name, count,
-           c->nr_pages);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index count: %" PRIu32
+                     " pages, the bitmap has %" PRIu32, i, cp->name, count,
+                     c->nr_pages);
+        goto out;
+      }
     if (count > 0 &&
         !region_ok (ioff, (uint64_t) count * IDX_SIZE, file_size))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
-           " (+%" PRIu64 " bytes) is unaligned or outside the data area of "
-           "the %" PRIu64 " byte file", i, cp->name, ioff,
-           (uint64_t) count * IDX_SIZE, file_size);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
+                     " (+%" PRIu64 " bytes) is unaligned or outside the data area of "
+                     "the %" PRIu64 " byte file", i, cp->name, ioff,
+                     (uint64_t) count * IDX_SIZE, file_size);
+        goto out;
+      }
     if (count > 0 &&
         hold_found (c, l, ioff, (uint64_t) count * IDX_SIZE) == -1)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
-           " overlaps another structure", i, cp->name, ioff);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' index offset: %" PRIu64
+                     " overlaps another structure", i, cp->name, ioff);
+        goto out;
+      }
     st->n = i + 1;              /* from here on its record is released */
     if (load_record (c, i, cp->name, ioff, count, icrc, file_size, l,
                      &cp->rec, err, errlen) == -1)
@@ -505,7 +640,10 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
     goto out;
   m = cbt_mrec_new (c, (uint32_t) (cur_off >> BLOCK_SHIFT));
   if (m == NULL)
-    NOMEM ();
+    {
+      cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+      goto out;
+    }
   cbt_hold (c, m->dir, c->dir_blocks);
   st->cur[0] = m;
   st->ncur = 1;
@@ -529,7 +667,10 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
       if (dent[p] == 0 && nent[p] == 0)
         continue;
       if (cbt_page_get (c, m, p) == NULL)
-        NOMEM ();
+        {
+          cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
+          goto out;
+        }
       if (dent[p]) {
         if (cbt_read_page (c, dent[p], p, pg->mem, false, 0,
                            err, errlen) == -1)
@@ -558,8 +699,12 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
       cbt_hold (c, pg->blk, 1);
       if (page_tail_bad (c, p, pg->mem)) {
         if (!in_use)
-          BAD ("cbt: current record page %" PRIu32 ": bits set beyond the "
-               "end of the disk", p);
+          {
+            cbt_failure (err, errlen, EINVAL,
+                         "cbt: current record page %" PRIu32 ": bits set beyond the "
+                         "end of the disk", p);
+            goto out;
+          }
         pg->mem[len - 1] &= (uint8_t) ~tail_mask (c);
         pg->dirty = true;       /* (garbage of a write never synced) */
       }
@@ -567,8 +712,12 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
         m->dirty[m->ndirty++] = p;
     }
     if (!in_use && ccrc != get32 (sb + SB_CUR_CRC))
-      BAD ("cbt: current record crc: 0x%08" PRIx32 " in the superblock, the "
-           "record has 0x%08" PRIx32, get32 (sb + SB_CUR_CRC), ccrc);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: current record crc: 0x%08" PRIx32 " in the superblock, the "
+                     "record has 0x%08" PRIx32, get32 (sb + SB_CUR_CRC), ccrc);
+        goto out;
+      }
   }
 
   c->pub.in_use = in_use;
@@ -606,7 +755,7 @@ or_into (struct cbt *c, struct mrec *m, const struct frec *f,
   uint8_t *buf = malloc (PAGE);
 
   if (buf == NULL)
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   for (size_t i = 0; i < f->n; ++i) {
     uint32_t p = f->e[i].page;
     uint8_t *mem;
@@ -619,7 +768,7 @@ or_into (struct cbt *c, struct mrec *m, const struct frec *f,
     mem = cbt_page_get (c, m, p);
     if (mem == NULL) {
       free (buf);
-      FAILWITH (ENOMEM, "cbt: out of memory");
+      return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
     }
     for (size_t j = 0; j < page_len (c, p); ++j)
       if (buf[j] & ~mem[j]) {
@@ -650,7 +799,8 @@ publish_clean (struct cbt *c, bool new_table, char *err, size_t errlen)
   int e;
 
   if (cbt_alloc (c, c->dir_blocks, &dir) == -1)
-    FAILWITH (EIO, "cbt: allocating a directory: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: allocating a directory: %s", strerror (errno));
   m->dir = dir;
   if (old_dir)
     cbt_release (c, old_dir, c->dir_blocks);    /* the load holds it */
@@ -665,25 +815,30 @@ publish_clean (struct cbt *c, bool new_table, char *err, size_t errlen)
   e = cbt_write_dirty (c, &m, 1) == -1 ? errno : 0;
   cbt_token_give (c);
   if (e)
-    FAILWITH (EIO, "cbt: writing the current record: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the current record: %s", strerror (e));
   if (cbt_write_dir (c, m, dir) == -1)
-    FAILWITH (EIO, "cbt: writing the current directory: %s",
-              strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the current directory: %s",
+                        strerror (errno));
   for (size_t i = 0; i + 1 < s->n; ++i)
     if (s->cps[i].rec->idx_blk == 0 && s->cps[i].rec->n > 0 &&
         cbt_write_index (c, s->cps[i].rec) == -1)
-      FAILWITH (EIO, "cbt: writing a record index: %s", strerror (errno));
+      return cbt_failure (err, errlen, EIO,
+                          "cbt: writing a record index: %s", strerror (errno));
   if (cbt_alloc (c, c->dir_blocks, &next) == -1)
-    FAILWITH (EIO, "cbt: allocating a directory: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: allocating a directory: %s", strerror (errno));
   if (cbt_write_zeros (c, next, c->dir_blocks) == -1) {
     e = errno;
     cbt_release (c, next, c->dir_blocks);
-    FAILWITH (EIO, "cbt: writing the next directory: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the next directory: %s", strerror (e));
   }
   ns = cbt_state_copy (s);
   if (ns == NULL) {
     cbt_release (c, next, c->dir_blocks);
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   }
   ns->next_dir = next;
   if (!new_table && s->table_blk) {
@@ -695,7 +850,8 @@ publish_clean (struct cbt *c, bool new_table, char *err, size_t errlen)
   else if (cbt_write_table (c, ns) == -1) {
     e = errno;
     cbt_state_unref (c, ns);
-    FAILWITH (EIO, "cbt: writing the checkpoint table: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the checkpoint table: %s", strerror (e));
   }
   v = cbt_state_sbv (c, ns, cbt_mrec_crc (c, m));
   c->pub.in_use = false;
@@ -713,7 +869,7 @@ fresh_state (struct cbt *c, uint64_t next_serial, char *err, size_t errlen)
   struct sbv v;
 
   if (s == NULL)
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   s->next_serial = next_serial;
   if (!c->read_only &&
       (cbt_alloc (c, c->dir_blocks, &dir) == -1 ||
@@ -726,7 +882,8 @@ fresh_state (struct cbt *c, uint64_t next_serial, char *err, size_t errlen)
     if (next)
       cbt_release (c, next, c->dir_blocks);
     cbt_state_unref (c, s);
-    FAILWITH (EIO, "cbt: writing a directory: %s", strerror (e));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing a directory: %s", strerror (e));
   }
   s->cur[0] = cbt_mrec_new (c, dir);
   if (s->cur[0] == NULL) {
@@ -735,7 +892,7 @@ fresh_state (struct cbt *c, uint64_t next_serial, char *err, size_t errlen)
     if (next)
       cbt_release (c, next, c->dir_blocks);
     cbt_state_unref (c, s);
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   }
   s->ncur = 1;
   s->next_dir = next;
@@ -757,21 +914,26 @@ create_new (struct cbt *c, const struct cbt_options *o,
   uint32_t g = o->granularity ? o->granularity : CBT_DEFAULT_GRANULARITY;
 
   if (o->read_only)
-    FAILWITH (EINVAL, "cbt: the file is empty (and opened read-only)");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: the file is empty (and opened read-only)");
   if (o->disk_size == 0)
-    FAILWITH (EINVAL, "cbt: a new file needs the disk size");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: a new file needs the disk size");
   if (!is_power_of_2 (g) || g < CBT_MIN_GRANULARITY ||
       g > CBT_MAX_GRANULARITY)
-    FAILWITH (EINVAL, "cbt: granularity: %" PRIu32 " is not a power of 2 "
-              "in [%d, %u]", g, CBT_MIN_GRANULARITY, CBT_MAX_GRANULARITY);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: granularity: %" PRIu32 " is not a power of 2 "
+                        "in [%d, %u]", g, CBT_MIN_GRANULARITY, CBT_MAX_GRANULARITY);
   if (o->disk_size > INT64_MAX)
-    FAILWITH (EINVAL, "cbt: disk size: %" PRIu64 " too large", o->disk_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size: %" PRIu64 " too large", o->disk_size);
   if (ftruncate (c->fd, 0) == -1 || ftruncate (c->fd, DATA_START) == -1)
-    FAILWITH (EIO, "cbt: truncating the file: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: truncating the file: %s", strerror (errno));
   if (cbt_set_geometry (c, o->disk_size, log_2_bits (g), err, errlen) == -1)
     return -1;
   if (cbt_blocks_init (c, 0) == -1)
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   /* The magic first, synced: a power loss while the first superblock is
    * written may tear it, but leaves the magic in its first sector (the
    * same bytes): the file is recognised as one whose creation was
@@ -779,7 +941,8 @@ create_new (struct cbt *c, const struct cbt_options *o,
    */
   if (cbt_pwrite_full (c->fd, cbt_magic, sizeof cbt_magic, 0) == -1 ||
       fdatasync (c->fd) == -1)
-    FAILWITH (EIO, "cbt: writing the file: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the file: %s", strerror (errno));
   return fresh_state (c, 1, err, errlen);
 }
 
@@ -857,11 +1020,12 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
   int s, r = -1;
 
   if (fstat (c->fd, &st) == -1)
-    FAILWITH (EIO, "cbt: fstat: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO, "cbt: fstat: %s", strerror (errno));
   file_size = (uint64_t) st.st_size;
   if (file_size == 0 || o->reset) {
     if (!o->create && !o->reset)
-      FAILWITH (ENOENT, "cbt: the file is empty (create it, or reset)");
+      return cbt_failure (err, errlen, ENOENT,
+                          "cbt: the file is empty (create it, or reset)");
     info->created = true;
     return create_new (c, o, err, errlen);
   }
@@ -872,7 +1036,8 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     uint8_t head[DATA_START];
 
     if (cbt_pread_full (c->fd, head, file_size, 0) == -1)
-      FAILWITH (EIO, "cbt: reading the file: %s", strerror (errno));
+      return cbt_failure (err, errlen, EIO,
+                          "cbt: reading the file: %s", strerror (errno));
     if (o->create && o->disk_size != 0 && file_size >= sizeof cbt_magic &&
         memcmp (head, cbt_magic, sizeof cbt_magic) == 0 &&
         all_zero (head + sizeof cbt_magic, file_size - sizeof cbt_magic)) {
@@ -881,36 +1046,43 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
             "interrupted): created afresh");
       return create_new (c, o, err, errlen);
     }
-    FAILWITH (EINVAL, "cbt: file size: %" PRIu64 " bytes, too short for "
-              "the two %d byte superblocks", file_size, SB_SIZE);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: file size: %" PRIu64 " bytes, too short for "
+                        "the two %d byte superblocks", file_size, SB_SIZE);
   }
   if (cbt_pread_full (c->fd, sb, sizeof sb, 0) == -1)
-    FAILWITH (EIO, "cbt: reading the superblocks: %s", strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: reading the superblocks: %s", strerror (errno));
   for (s = 0; s < 2; ++s)
     ok[s] = slot_ok (sb[s], why[s], sizeof why[s]);
   if (!ok[0] && !ok[1]) {
     switch (interrupted_creation (c, o, (const uint8_t (*)[SB_SIZE]) sb,
                                   file_size)) {
     case -1:
-      FAILWITH (EIO, "cbt: reading the file: %s", strerror (errno));
+      return cbt_failure (err, errlen, EIO,
+                          "cbt: reading the file: %s", strerror (errno));
     case 1:
       if (!o->create)
-        FAILWITH (ENOENT, "cbt: the file holds only zeros, no valid "
-                  "superblock (create it, or reset)");
+        return cbt_failure (err, errlen, ENOENT,
+                            "cbt: the file holds only zeros, no valid "
+                            "superblock (create it, or reset)");
       info->created = true;
       note (info, "cbt: the file held only zeros, no valid superblock (its "
             "creation was interrupted): created afresh");
       return create_new (c, o, err, errlen);
     }
     if (memcmp (sb[0], cbt_magic, 8) != 0 && memcmp (sb[1], cbt_magic, 8) != 0)
-      FAILWITH (EINVAL, "cbt: magic: neither superblock starts with the "
-                "cbt magic: not a cbt file (reset to start afresh)");
-    FAILWITH (EINVAL, "cbt: superblock: no valid copy (slot 0: %.100s; "
-              "slot 1: %.100s)", why[0], why[1]);
+      return cbt_failure (err, errlen, EINVAL,
+                          "cbt: magic: neither superblock starts with the "
+                          "cbt magic: not a cbt file (reset to start afresh)");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: superblock: no valid copy (slot 0: %.100s; "
+                        "slot 1: %.100s)", why[0], why[1]);
   }
   if (ok[0] && ok[1] && get64 (sb[0] + SB_SEQ) == get64 (sb[1] + SB_SEQ))
-    FAILWITH (EINVAL, "cbt: sequence: both superblocks have %" PRIu64,
-              get64 (sb[0] + SB_SEQ));
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: sequence: both superblocks have %" PRIu64,
+                        get64 (sb[0] + SB_SEQ));
   s = !ok[1] || (ok[0] && get64 (sb[0] + SB_SEQ) > get64 (sb[1] + SB_SEQ))
     ? 0 : 1;
   if (!ok[1 - s] && strcmp (why[1 - s], "empty") != 0) {
@@ -924,13 +1096,14 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
   version = get32 (sb[s] + SB_VERSION);
   v1 = version == FORMAT_VERSION_1;
   if (version != FORMAT_VERSION && !v1)
-    FAILWITH (EINVAL, "cbt: version: %" PRIu32 " is not supported "
-              "(this program reads versions 1 and 2)", version);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: version: %" PRIu32 " is not supported "
+                        "(this program reads versions 1 and 2)", version);
   if (v1 ? cbt_check_header_v1 (c, sb[s], o, true, err, errlen) == -1
       : check_header (c, sb[s], o, err, errlen) == -1)
     return -1;
   if (cbt_blocks_init (c, file_size) == -1)
-    FAILWITH (errno == EFBIG ? EINVAL : ENOMEM, "cbt: file size: %" PRIu64
+    return cbt_failure (err, errlen, errno == EFBIG ? EINVAL : ENOMEM, "cbt: file size: %" PRIu64
               " bytes: %s", file_size, strerror (errno));
   in_use = get64 (sb[s] + SB_INCOMPAT) & INCOMPAT_IN_USE;
   nr = get32 (sb[s] + SB_NR_CPS);
@@ -1098,34 +1271,39 @@ cbt_open_fd (int fd, const struct cbt_options *opts, struct cbt **cbtp,
                          !printable (opts->identity,
                                      strlen (opts->identity), true))) {
     close (fd);
-    FAILWITH (EINVAL, "cbt: identity: must be at most %d printable "
-              "characters", CBT_IDENTITY_MAX);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: identity: must be at most %d printable "
+                        "characters", CBT_IDENTITY_MAX);
   }
   if (opts->boot_id && (opts->boot_id[0] == '\0' ||
                         strlen (opts->boot_id) > CBT_BOOT_ID_MAX ||
                         !printable (opts->boot_id, strlen (opts->boot_id),
                                     false))) {
     close (fd);
-    FAILWITH (EINVAL, "cbt: boot id: must be 1 to %d printable characters "
-              "without space", CBT_BOOT_ID_MAX);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: boot id: must be 1 to %d printable characters "
+                        "without space", CBT_BOOT_ID_MAX);
   }
   if ((unsigned) opts->mode > CBT_MODE_PROCESS_SAFE) {
     close (fd);
-    FAILWITH (EINVAL, "cbt: mode: %d is not a mode", (int) opts->mode);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: mode: %d is not a mode", (int) opts->mode);
   }
   if (opts->mode == CBT_MODE_PROCESS_SAFE && opts->boot_id == NULL &&
       !opts->read_only) {
     close (fd);
-    FAILWITH (EINVAL, "cbt: process-safe mode needs the boot id");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: process-safe mode needs the boot id");
   }
   if (opts->disk_size == 0 && !opts->read_only) {
     close (fd);
-    FAILWITH (EINVAL, "cbt: the disk size is required unless read-only");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: the disk size is required unless read-only");
   }
   c = alloc_cbt (fd, opts);
   if (c == NULL) {
     close (fd);
-    FAILWITH (ENOMEM, "cbt: out of memory");
+    return cbt_failure (err, errlen, ENOMEM, "cbt: out of memory");
   }
   fl.l_type = opts->read_only ? F_RDLCK : F_WRLCK;
   if (fcntl (fd, F_OFD_SETLK, &fl) == -1) {
@@ -1174,7 +1352,8 @@ cbt_open (const char *path, const struct cbt_options *opts,
 
   *cbtp = NULL;
   if (fd == -1)
-    FAILWITH (errno, "cbt: %s: %s", path, strerror (errno));
+    return cbt_failure (err, errlen, errno,
+                        "cbt: %s: %s", path, strerror (errno));
   return cbt_open_fd (fd, opts, cbtp, info, err, errlen);
 }
 

@@ -487,13 +487,15 @@ cbt_read_page (struct cbt *c, uint32_t blk, uint32_t p, uint8_t *buf,
   size_t len = page_len (c, p);
 
   if (cbt_pread_full (c->fd, buf, len, blk_off (blk)) == -1)
-    FAILWITH (EIO, "cbt: reading page %" PRIu32 " at offset %" PRIu64
-              ": %s", p, blk_off (blk), strerror (errno));
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: reading page %" PRIu32 " at offset %" PRIu64
+                        ": %s", p, blk_off (blk), strerror (errno));
   if (check && crc (0, buf, len) != crc_want)
-    FAILWITH (EIO, "cbt: page %" PRIu32 " at offset %" PRIu64 ": crc "
-              "0x%08" PRIx32 " does not match its index (0x%08" PRIx32
-              "): the file changed underneath", p, blk_off (blk),
-              crc (0, buf, len), crc_want);
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: page %" PRIu32 " at offset %" PRIu64 ": crc "
+                        "0x%08" PRIx32 " does not match its index (0x%08" PRIx32
+                        "): the file changed underneath", p, blk_off (blk),
+                        crc (0, buf, len), crc_want);
   if (len < PAGE)
     memset (buf + len, 0, PAGE - len);
   return 0;

@@ -100,46 +100,54 @@ cbt_check_header_v1 (struct cbt *c, const uint8_t *sb,
   const char *want = o->identity ? o->identity : "";
 
   if (get32 (sb + SB_HEADER_SIZE) != SB_SIZE)
-    FAILWITH (EINVAL, "cbt: header size: %" PRIu32 ", expected %d",
-              get32 (sb + SB_HEADER_SIZE), SB_SIZE);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: header size: %" PRIu32 ", expected %d",
+                        get32 (sb + SB_HEADER_SIZE), SB_SIZE);
   if (incompat & ~(uint64_t) INCOMPAT_KNOWN)
-    FAILWITH (EINVAL, "cbt: incompatible features: unknown bits 0x%"
-              PRIx64 " (a newer program wrote this file)",
-              incompat & ~(uint64_t) INCOMPAT_KNOWN);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: incompatible features: unknown bits 0x%"
+                        PRIx64 " (a newer program wrote this file)",
+                        incompat & ~(uint64_t) INCOMPAT_KNOWN);
   if (bits < 9 || bits > 30)
-    FAILWITH (EINVAL, "cbt: granularity: 2^%" PRIu32 " is outside "
-              "[2^9, 2^30]", bits);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: granularity: 2^%" PRIu32 " is outside "
+                        "[2^9, 2^30]", bits);
   if (disk_size == 0 || disk_size > INT64_MAX)
-    FAILWITH (EINVAL, "cbt: disk size: %" PRIu64 " is not in "
-              "[1, 2^63-1]", disk_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size: %" PRIu64 " is not in "
+                        "[1, 2^63-1]", disk_size);
   if (o->disk_size != 0 && disk_size != o->disk_size)
-    FAILWITH (EINVAL, "cbt: disk size: the file is for a disk of %" PRIu64
-              " bytes, this disk has %" PRIu64 " (reset to start afresh)",
-              disk_size, o->disk_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size: the file is for a disk of %" PRIu64
+                        " bytes, this disk has %" PRIu64 " (reset to start afresh)",
+                        disk_size, o->disk_size);
   if (o->granularity != 0 && (UINT64_C (1) << bits) != o->granularity)
-    FAILWITH (EINVAL, "cbt: granularity: the file has %" PRIu64
-              ", %" PRIu32 " was asked for (reset to start afresh)",
-              UINT64_C (1) << bits, o->granularity);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: granularity: the file has %" PRIu64
+                        ", %" PRIu32 " was asked for (reset to start afresh)",
+                        UINT64_C (1) << bits, o->granularity);
   if (idlen > CBT_IDENTITY_MAX)
-    FAILWITH (EINVAL, "cbt: identity length: %" PRIu32 " exceeds %d",
-              idlen, CBT_IDENTITY_MAX);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: identity length: %" PRIu32 " exceeds %d",
+                        idlen, CBT_IDENTITY_MAX);
   if (!printable (id, idlen, true) || !all_zero (sb + SB_ID + idlen,
                                                  256 - idlen))
-    FAILWITH (EINVAL, "cbt: identity: not %" PRIu32 " printable "
-              "characters followed by zeros", idlen);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: identity: not %" PRIu32 " printable "
+                        "characters followed by zeros", idlen);
   if ((o->disk_size != 0 || o->identity != NULL) &&
       (strlen (want) != idlen || memcmp (want, id, idlen) != 0))
-    FAILWITH (EINVAL, "cbt: identity: the file is for disk '%.*s', this "
-              "disk is '%s' (reset to start afresh)", (int) idlen, id, want);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: identity: the file is for disk '%.*s', this "
+                        "disk is '%s' (reset to start afresh)", (int) idlen, id, want);
   if (v1 && !all_zero (sb + SB_RESERVED1, SB_CRC - SB_RESERVED1))
-    FAILWITH (EINVAL, "cbt: reserved bytes: not zero in the superblock");
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: reserved bytes: not zero in the superblock");
   memcpy (c->identity, id, idlen);
   c->identity[idlen] = '\0';
   return cbt_set_geometry (c, disk_size, bits, err, errlen);
 }
 
-#define BAD(...) do { cbt_seterr (err, errlen, __VA_ARGS__);        \
-    errno = EINVAL; goto out; } while (0)
 
 /* Take the non-zero pages of the bitmap chunk BUF (LEN bytes at bitmap
  * position POS, stored at file offset BASE + POS) into frozen record F
@@ -198,26 +206,32 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
   *wal = get64 (sb + SB_COMPAT) & COMPAT1_WRITE_AHEAD;
   c->compat_other = get64 (sb + SB_COMPAT) & ~(uint64_t) COMPAT1_KNOWN;
   if (nr > CBT_MAX_CHECKPOINTS)
-    FAILWITH (EINVAL, "cbt: number of checkpoints: %" PRIu32
-              " exceeds the limit %d", nr, CBT_MAX_CHECKPOINTS);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: number of checkpoints: %" PRIu32
+                        " exceeds the limit %d", nr, CBT_MAX_CHECKPOINTS);
   if (table_size != (uint64_t) nr * ENTRY_SIZE)
-    FAILWITH (EINVAL, "cbt: table size: %" PRIu32 " bytes, expected %"
-              PRIu32 " for %" PRIu32 " checkpoints", table_size,
-              nr * ENTRY_SIZE, nr);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table size: %" PRIu32 " bytes, expected %"
+                        PRIu32 " for %" PRIu32 " checkpoints", table_size,
+                        nr * ENTRY_SIZE, nr);
   if (nr == 0 && (table_off != 0 || table_crc != 0))
-    FAILWITH (EINVAL, "cbt: table offset: %" PRIu64 " (crc 0x%08" PRIx32
-              ") with no checkpoints, expected 0", table_off, table_crc);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table offset: %" PRIu64 " (crc 0x%08" PRIx32
+                        ") with no checkpoints, expected 0", table_off, table_crc);
   if (nr > 0 && !region_ok (table_off, table_size, file_size))
-    FAILWITH (EINVAL, "cbt: table offset: %" PRIu64 " (+%" PRIu32
-              " bytes) is unaligned or outside the data area of the %"
-              PRIu64 " byte file", table_off, table_size, file_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: table offset: %" PRIu64 " (+%" PRIu32
+                        " bytes) is unaligned or outside the data area of the %"
+                        PRIu64 " byte file", table_off, table_size, file_size);
   if (!region_ok (cur_off, bm, file_size))
-    FAILWITH (EINVAL, "cbt: current bitmap offset: %" PRIu64 " (+%" PRIu64
-              " bytes) is unaligned or outside the data area of the %"
-              PRIu64 " byte file", cur_off, bm, file_size);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: current bitmap offset: %" PRIu64 " (+%" PRIu64
+                        " bytes) is unaligned or outside the data area of the %"
+                        PRIu64 " byte file", cur_off, bm, file_size);
   if (nr > 0 && overlap (table_off, table_size, cur_off, bm))
-    FAILWITH (EINVAL, "cbt: current bitmap offset: %" PRIu64
-              " overlaps the table", cur_off);
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: current bitmap offset: %" PRIu64
+                        " overlaps the table", cur_off);
 
   st = cbt_state_new ();
   m = cbt_mrec_new (c, 0);
@@ -234,8 +248,12 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
     goto out;
   }
   if (crc (0, table, table_size) != table_crc)
-    BAD ("cbt: table crc: 0x%08" PRIx32 " in the superblock, the table "
-         "has 0x%08" PRIx32, table_crc, crc (0, table, table_size));
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: table crc: 0x%08" PRIx32 " in the superblock, the table "
+                   "has 0x%08" PRIx32, table_crc, crc (0, table, table_size));
+      goto out;
+    }
 
   for (uint32_t i = 0; i < nr; ++i) {
     const uint8_t *e = table + (size_t) i * ENTRY_SIZE;
@@ -244,59 +262,103 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
     bool last = i + 1 == nr;
 
     if (len > CBT_NAME_MAX || !all_zero (e + CP_NAME + len, 64 - len))
-      BAD ("cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
-           "of at most %d bytes", i, CBT_NAME_MAX);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
+                     "of at most %d bytes", i, CBT_NAME_MAX);
+        goto out;
+      }
     memcpy (cp->name, e + CP_NAME, len);
     cp->name[len] = '\0';
     if (!cbt_name_valid (cp->name))
-      BAD ("cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
-           "(1-%d printable characters, no space, not starting with '-')",
-           i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
-           CBT_NAME_MAX);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
+                     "(1-%d printable characters, no space, not starting with '-')",
+                     i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
+                     CBT_NAME_MAX);
+        goto out;
+      }
     for (uint32_t j = 0; j < i; ++j)
       if (strcmp (st->cps[j].name, cp->name) == 0)
-        BAD ("cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
-             "checkpoint %" PRIu32, i, cp->name, j);
+        {
+          cbt_failure (err, errlen, EINVAL,
+                       "cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
+                       "checkpoint %" PRIu32, i, cp->name, j);
+          goto out;
+        }
     cp->state = get32 (e + CP_STATE);
     if (cp->state != CBT_STATE_GOOD && cp->state != CBT_STATE_PENDING)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
-           " (expected 1 good or 2 pending)", i, cp->name, cp->state);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
+                     " (expected 1 good or 2 pending)", i, cp->name, cp->state);
+        goto out;
+      }
     if (cp->state == CBT_STATE_PENDING && !last)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
-           "last checkpoint", i, cp->name);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
+                     "last checkpoint", i, cp->name);
+        goto out;
+      }
     if (get32 (e + CP_FLAGS) != 0)
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
-           " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
+                     " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
+        goto out;
+      }
     if (get32 (e + CP1_RESERVED1) != 0 ||
         !all_zero (e + CP1_RESERVED2, ENTRY_SIZE - CP1_RESERVED2))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' reserved bytes: not zero",
-           i, cp->name);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' reserved bytes: not zero",
+                     i, cp->name);
+        goto out;
+      }
     cp->created = get64 (e + CP_CREATED);
     cp->serial = i + 1;
     bm_off[i] = get64 (e + CP1_BM_OFF);
     bm_crc[i] = get32 (e + CP1_BM_CRC);
     if (last && (bm_off[i] != 0 || bm_crc[i] != 0))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
-           " (crc 0x%08" PRIx32 "), expected 0 for the last checkpoint "
-           "(its record is the current bitmap)", i, cp->name, bm_off[i],
-           bm_crc[i]);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
+                     " (crc 0x%08" PRIx32 "), expected 0 for the last checkpoint "
+                     "(its record is the current bitmap)", i, cp->name, bm_off[i],
+                     bm_crc[i]);
+        goto out;
+      }
     if (last)
       continue;
     if (!region_ok (bm_off[i], bm, file_size))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
-           " (+%" PRIu64 " bytes) is unaligned or outside the data area "
-           "of the %" PRIu64 " byte file", i, cp->name, bm_off[i], bm,
-           file_size);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
+                     " (+%" PRIu64 " bytes) is unaligned or outside the data area "
+                     "of the %" PRIu64 " byte file", i, cp->name, bm_off[i], bm,
+                     file_size);
+        goto out;
+      }
     if (overlap (bm_off[i], bm, table_off, table_size) ||
         overlap (bm_off[i], bm, cur_off, bm))
-      BAD ("cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
-           " overlaps the table or the current bitmap", i, cp->name,
-           bm_off[i]);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
+                     " overlaps the table or the current bitmap", i, cp->name,
+                     bm_off[i]);
+        goto out;
+      }
     for (uint32_t j = 0; j < i; ++j)
       if (overlap (bm_off[i], bm, bm_off[j], bm))
-        BAD ("cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
-             " overlaps the bitmap of checkpoint %" PRIu32, i, cp->name,
-             bm_off[i], j);
+        {
+          cbt_failure (err, errlen, EINVAL,
+                       "cbt: checkpoint %" PRIu32 " '%s' bitmap offset: %" PRIu64
+                       " overlaps the bitmap of checkpoint %" PRIu32, i, cp->name,
+                       bm_off[i], j);
+          goto out;
+        }
   }
   st->n = nr;
   st->next_serial = nr + 1;
@@ -341,9 +403,13 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
       }
       bcrc = crc (bcrc, buf, len);
       if (pos + len == bm && (buf[len - 1] & mask))
-        BAD ("cbt: checkpoint %zu '%s' bitmap: bits set beyond the end "
-             "of the disk (last byte 0x%02x)", i, st->cps[i].name,
-             buf[len - 1]);
+        {
+          cbt_failure (err, errlen, EINVAL,
+                       "cbt: checkpoint %zu '%s' bitmap: bits set beyond the end "
+                       "of the disk (last byte 0x%02x)", i, st->cps[i].name,
+                       buf[len - 1]);
+          goto out;
+        }
       if (take_pages (c, buf, len, pos, bm_off[i], f, NULL) == -1) {
         cbt_seterr (err, errlen, "cbt: out of memory");
         errno = ENOMEM;
@@ -356,9 +422,13 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
         f->e = e;
     }
     if (bcrc != bm_crc[i])
-      BAD ("cbt: checkpoint %zu '%s' bitmap crc: 0x%08" PRIx32 " in the "
-           "table, the bitmap has 0x%08" PRIx32, i, st->cps[i].name,
-           bm_crc[i], bcrc);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %zu '%s' bitmap crc: 0x%08" PRIx32 " in the "
+                     "table, the bitmap has 0x%08" PRIx32, i, st->cps[i].name,
+                     bm_crc[i], bcrc);
+        goto out;
+      }
   }
 
   /* The current bitmap: crc unless in use, no bits beyond the disk. */
@@ -376,8 +446,12 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
       }
       ccrc = crc (ccrc, buf, len);
       if (pos + len == bm && (buf[len - 1] & mask))
-        BAD ("cbt: current bitmap: bits set beyond the end of the disk "
-             "(last byte 0x%02x)", buf[len - 1]);
+        {
+          cbt_failure (err, errlen, EINVAL,
+                       "cbt: current bitmap: bits set beyond the end of the disk "
+                       "(last byte 0x%02x)", buf[len - 1]);
+          goto out;
+        }
       if (take_pages (c, buf, len, pos, cur_off, NULL, m) == -1) {
         cbt_seterr (err, errlen, "cbt: out of memory");
         errno = ENOMEM;
@@ -385,11 +459,19 @@ cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
       }
     }
     if (!in_use && ccrc != get32 (sb + SB_CUR_CRC))
-      BAD ("cbt: current bitmap crc: 0x%08" PRIx32 " in the superblock, "
-           "the bitmap has 0x%08" PRIx32, get32 (sb + SB_CUR_CRC), ccrc);
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: current bitmap crc: 0x%08" PRIx32 " in the superblock, "
+                     "the bitmap has 0x%08" PRIx32, get32 (sb + SB_CUR_CRC), ccrc);
+        goto out;
+      }
     if (in_use && get32 (sb + SB_CUR_CRC) != 0)
-      BAD ("cbt: current bitmap crc: 0x%08" PRIx32 " while in use, "
-           "expected 0", get32 (sb + SB_CUR_CRC));
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: current bitmap crc: 0x%08" PRIx32 " while in use, "
+                     "expected 0", get32 (sb + SB_CUR_CRC));
+        goto out;
+      }
   }
   c->st = st;
   st = NULL;
