@@ -28,6 +28,7 @@ requires_filter sparsebackup
 requires_plugin memory
 requires_plugin ondemand
 requires_plugin eval
+requires_filter blocksize-policy
 requires qemu-img --version
 
 ctlsock=$tmp/ctl.sock
@@ -238,6 +239,30 @@ got = h.pread(65536, 0)
 assert got == b"A" * 65536, got[:16]' "$sock"
 ctl backup-end f1 --ok >/dev/null
 stop_nbdkit
+# Copy before write in requests the layer below accepts, before any
+# client opened the default export (the old code read 4M at once, with
+# the request size it learnt from the first default-export client).
+start_nbdkit --filter=sparsebackup --filter=blocksize-policy memory 16M \
+    blocksize-maximum=1M blocksize-error-policy=error \
+    sparsebackup-cbt="$tmp/bp.cbt" sparsebackup-control="$ctlsock" \
+    sparsebackup-scratch="$tmp/bp.scratch"
+nbdsh -u "nbd+unix:///x?socket=$sock" -c 'h.pwrite(b"\x5a" * (1 << 20), 0)' \
+    -c 'h.pwrite(b"\x5b" * (1 << 20), 3 << 20)'
+ctl backup-begin p1 >/dev/null
+"$nbd_python" - "$sock" <<'PY'
+import nbd, sys
+w = nbd.NBD(); w.set_export_name("x"); w.connect_unix(sys.argv[1])
+w.zero(8 << 20, 0)              # one change of 8M: saved in 4M runs
+f = nbd.NBD(); f.set_export_name("@frozen"); f.connect_unix(sys.argv[1])
+assert f.pread(1 << 20, 0) == b"\x5a" * (1 << 20)
+assert f.pread(1 << 20, 1 << 20) == bytes(1 << 20)
+assert f.pread(1 << 20, 3 << 20) == b"\x5b" * (1 << 20)
+PY
+ctl status > "$tmp/out"
+assert_contains "$tmp/out" " frozen=p1 .* backup=ok$"
+ctl backup-end p1 --ok >/dev/null
+stop_nbdkit
+
 # A plugin that cannot open its default export without a client
 # (ondemand names its disks after the client's export name): refused at
 # start-up, saying why.
