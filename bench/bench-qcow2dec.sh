@@ -477,9 +477,14 @@ if [ "$callgrind" = 1 ]; then
                 F) args=(--filter=sparsebackup qcow2 file="$img.qcow2") ;;
             esac
             rm -f out.raw cg.out.*
-            # nbdkit --run: the forked child is the server; the parent
-            # runs the command.  The larger count is the server's.
+            # nbdkit here may be the build tree's wrapper (bash, which
+            # execs nbdkit): children are traced, but not the shell that
+            # --run starts nor nbdcopy.  nbdkit --run: the forked child
+            # is the server, the parent runs the command; the larger
+            # count is the server's.
             valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out.%p" \
+                --trace-children=yes \
+                --trace-children-skip='*/sh,*/dash,*/nbdcopy' \
                 nbdkit -r -U - "${args[@]}" --run 'nbdcopy "$uri" out.raw' \
                 > /dev/null 2> cg.log || fail "callgrind $m $img failed"
             insn[$img.$m]=$(sed -n 's/.*Collected : //p' cg.log | sort -n | tail -n 1)
