@@ -196,7 +196,7 @@ mkfeat compat=1.1,cluster_size=512 f-512.qcow2
 feature f-512.qcow2 "512-byte clusters"
 qemu-img create -q -f qcow2 -o cluster_size=512 f-tiny.qcow2 1M
 qi -c 'write -P 0x12 4k 4k' f-tiny.qcow2
-feature f-tiny.qcow2 "a small image (1M virtual, a 6 KiB file)"
+feature f-tiny.qcow2 "a small image (1M virtual, a 6.5 KiB file)"
 mkfeat compat=1.1,cluster_size=2M f-2m.qcow2
 feature f-2m.qcow2 "2 MiB clusters"
 mkfeat compat=1.1,extended_l2=on f-sub.qcow2
