@@ -3,7 +3,7 @@ test-stress-stacks.sh).
 
     stress-stacks.py --sock SOCK --seed N [--ops N] [--conns N]
                      [--align N] [--error-file PATH] [--expect-errors]
-                     [--no-zero-check] [--label TEXT]
+                     [--no-zero-check] [--errors-always] [--label TEXT]
 
 Opens several connections to the export on SOCK and issues, one at a
 time but on connections picked at random, writes (data, zero blocks and
@@ -27,7 +27,9 @@ ENOTSUP changed nothing.  Then:
     --error-file, requests issued while that file exists (nbdkit's error
     filter with error-rate=100% fails every request it sees then: a
     deterministic low error rate); with --expect-errors at least one
-    request must have failed.
+    request must have failed, with --errors-always every request but a
+    flush issued in an error window (the error filter is above
+    everything else and sees them all).
 
 On a mismatch it prints the seed, the step, the requests that led to it
 (the last ones on the blocks concerned) and exits 1.
@@ -50,6 +52,7 @@ p.add_argument("--error-file")
 p.add_argument("--error-rate", type=float, default=0.04)
 p.add_argument("--expect-errors", action="store_true")
 p.add_argument("--no-zero-check", action="store_true")
+p.add_argument("--errors-always", action="store_true")
 p.add_argument("--label", default="")
 args = p.parse_args()
 
@@ -303,6 +306,8 @@ def do_op(step, c, kind, off, n):
             fail(step, "%s failed: %s" % (text, e))
         errors_seen += 1
         return False
+    if err_window and args.errors_always and kind != "flush":
+        fail(step, "%s: the injected error was not reported" % text)
     return True
 
 

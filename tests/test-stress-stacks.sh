@@ -108,13 +108,16 @@ for stack in "${stacks[@]}"; do
         # nbdkit's cache filter in writeback and unsafe mode reports the
         # extents of the layer below while the data is only in its cache
         # (wrong without the filter too): over the filter, no ZERO check.
+        args=$hargs
         case "$where $label" in
             "below cache=writeback"|"below cache=unsafe")
-                hargs+=" --no-zero-check" ;;
+                args+=" --no-zero-check" ;;
+            # The error filter above the filter sees every request.
+            "below error") args+=" --errors-always" ;;
         esac
         # shellcheck disable=SC2086
         if ! "$nbd_python" "$helper" --sock "$sock" --seed $s --ops "$ops" \
-                --label "$name (${plugin[0]}, scan=$scan)" $hargs; then
+                --label "$name (${plugin[0]}, scan=$scan)" $args; then
             echo "--- server log:" >&2
             tail -n 30 "$server_log" >&2
             fail "$name: rerun with STRESS_SEED=$seed STRESS_STACKS='$name\$'"
