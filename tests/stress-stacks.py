@@ -3,7 +3,8 @@ test-stress-stacks.sh).
 
     stress-stacks.py --sock SOCK --seed N [--ops N] [--conns N]
                      [--align N] [--error-file PATH] [--expect-errors]
-                     [--no-zero-check] [--errors-always] [--label TEXT]
+                     [--no-zero-check] [--errors-always] [--no-fast-zero]
+                     [--label TEXT]
 
 Opens several connections to the export on SOCK and issues, one at a
 time but on connections picked at random, writes (data, zero blocks and
@@ -53,6 +54,7 @@ p.add_argument("--error-rate", type=float, default=0.04)
 p.add_argument("--expect-errors", action="store_true")
 p.add_argument("--no-zero-check", action="store_true")
 p.add_argument("--errors-always", action="store_true")
+p.add_argument("--no-fast-zero", action="store_true")
 p.add_argument("--label", default="")
 args = p.parse_args()
 
@@ -72,7 +74,7 @@ h0 = hs[0]
 size = h0.get_size()
 can_trim = h0.can_trim()
 can_zero = h0.can_zero()
-can_fast_zero = can_zero and h0.can_fast_zero()
+can_fast_zero = can_zero and h0.can_fast_zero() and not args.no_fast_zero
 can_cache = h0.can_cache()
 can_flush = h0.can_flush()
 can_fua = h0.can_fua()
