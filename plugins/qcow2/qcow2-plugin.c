@@ -133,13 +133,13 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_zlib=yes\n");
   printf ("qcow2_zlib_version=%s\n", zlibVersion ());
   {
-    /* "zlib", or "libdeflate VERSION" (with zlib for what it cannot
-     * decode exactly like zlib).
+    /* "zlib", or "libdeflate version VERSION" (with zlib for what it
+     * cannot decode exactly like zlib).
      */
     const char *d = qcow2_zlib_decoder ();
-    const char *sp = strchr (d, ' ');
+    const char *sp = strrchr (d, ' ');
     if (sp) {
-      printf ("qcow2_zlib_decoder=%.*s\n", (int) (sp - d), d);
+      printf ("qcow2_zlib_decoder=%.*s\n", (int) strcspn (d, " "), d);
       printf ("qcow2_libdeflate_version=%s\n", sp + 1);
     }
     else

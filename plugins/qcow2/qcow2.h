@@ -291,7 +291,7 @@ extern int qcow2_map_since (struct qcow2_image *img,
                             char *err, size_t errlen);
 
 /* What inflates zlib compressed clusters in this build: "zlib", or
- * "libdeflate VERSION" (with zlib for the streams libdeflate would
+ * "libdeflate version VERSION" (with zlib for the streams libdeflate would
  * decode differently; see qcow2-decompress.c).
  */
 extern const char *qcow2_zlib_decoder (void);
