@@ -78,7 +78,7 @@ for step in range(400):
         h.pwrite(buf, off)
         model[off:off + n] = buf
         defined[off:off + n] = b"\x01" * n
-    elif op < 6:
+    elif op < 6 and h.can_zero():
         flags = rnd.choice((0, nbd.CMD_FLAG_NO_HOLE))
         h.zero(n, off, flags)
         model[off:off + n] = bytes(n)

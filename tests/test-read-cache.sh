@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Issue 4: NBD_CMD_CACHE scans ahead.
 #
-#   nbdkit --filter=sparsebackup --filter=log file thick.img scan=always
+#   nbdkit --filter=sparsebackup --filter=log --filter=nocache file thick.img
+#          scan=always cachemode=none
+#
+# (nocache cachemode=none: a layer below that cannot cache, over which
+# the filter scans; over one that can, cache requests are passed down.)
 #
 # Connection 1 sends only a cache request over [2M, 6M).  Connection 2 then
 # asks block status and reads all of [2M, 6M): the zero runs are reported
@@ -13,12 +17,14 @@ source "${srcdir:-.}/test-read-lib.sh"
 requires_nbdsh
 requires_plugin file
 requires_filter log
+requires_filter nocache
 
 size=$((8 * M))
 layout="$M:$((64 * K)) $((3 * M)):$((128 * K)) $((5 * M + 64 * K)):$((64 * K)) $((7 * M)):$((64 * K))"
 mk_thick $tmp/thick.img $size $layout
 
-start_nbdkit --filter=sparsebackup --filter=log file $tmp/thick.img \
+start_nbdkit --filter=sparsebackup --filter=log --filter=nocache \
+             file $tmp/thick.img cachemode=none \
              logfile=$tmp/log sparsebackup-scan=always \
              sparsebackup-statsfile=$tmp/sb.txt
 

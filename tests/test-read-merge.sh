@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# sparsebackup-min-zero-extent: short zero runs between data are answered
+# sparsebackup-min-zero-extent: short zero runs that end inside the request
+# (after data, or at its start) are answered
 # as data, never the other way round.
 #  1. Random disks (sparse files: the plugin's extents; thick files under
 #     noextents: scanning), every threshold, REQ_ONE walks and large

@@ -377,8 +377,11 @@ change_begin (struct sb_change *c, bool own, uint64_t offset,
    */
   bm = __atomic_load_n (&disk.bm, __ATOMIC_ACQUIRE);
   sc = __atomic_load_n (&disk.sc, __ATOMIC_ACQUIRE);
+  /* What a change through another export name did is not known to the
+   * map: TRIMMED (never learnt zero from the plugin's extents).
+   */
   if (bm)
-    blockmap_change (bm, offset, count, own ? newstate : BM_UNKNOWN);
+    blockmap_change (bm, offset, count, own ? newstate : BM_TRIMMED);
   if (sc)
     scancache_drop (sc, offset, count);
   return 0;

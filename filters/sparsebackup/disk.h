@@ -65,8 +65,8 @@ struct sb_change {
 
 /* Before a change of [OFFSET, OFFSET+COUNT) is issued.  NEWSTATE: what
  * its blocks become in the map (BM_DATA for a write, BM_UNKNOWN for a
- * zero request or a trim), if the change comes through a connection
- * that uses the map (OWN), else BM_UNKNOWN.  -1 with *ERR: it must not
+ * zero request, BM_TRIMMED for a trim), if the change comes through a
+ * connection that uses the map (OWN), else BM_TRIMMED.  -1 with *ERR: it must not
  * be issued (nothing to end).  After it, change_end with OK = false if
  * it failed (its blocks become unknown).
  */

@@ -126,6 +126,7 @@ struct sb_stats {
   uint64_t read_cache_bytes;
   uint64_t plugin_read_bytes;
   uint64_t scan_bytes;
+  uint64_t scan_unreadable_bytes;       /* blocks a scan could not read */
   uint64_t extents_calls;
   uint64_t merged_zero_bytes;
   uint64_t passthrough_requests;

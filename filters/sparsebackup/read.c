@@ -8,7 +8,8 @@
  * - pread: known-zero blocks are answered without calling the plugin,
  *   cached data from the cache, the rest from the plugin in as few
  *   requests as possible; what was read teaches the map.
- * - cache (NBD_CMD_CACHE): scans ahead into the scan cache.
+ * - cache (NBD_CMD_CACHE): passed down to a layer that caches; over one
+ *   that cannot, scans ahead into the scan cache.
  */
 
 #include <config.h>
@@ -139,12 +140,51 @@ scan_buffer (void)
   return buf;
 }
 
+/* Blocks a scan could not read: [START, END), empty if START == END. */
+struct unreadable {
+  uint64_t start, end;
+};
+
+/* Read [B, B+BN) block by block after a chunk failed: each block that
+ * cannot be read is left as it was (only a client's own read of it
+ * fails), counted, and the first run of them kept in *BAD.
+ */
+static void
+scan_blocks (nbdkit_next *next, struct sb_handle *h, char *buf,
+             uint64_t b, uint64_t end, struct unreadable *bad)
+{
+  for (uint64_t bn; b < end; b += bn) {
+    uint64_t snap = changes_snapshot (disk.changes);
+    int e;
+
+    bn = MIN ((uint64_t) disk.blksize, end - b);
+    if (next->pread (next, buf, bn, b, 0, &e) == -1) {
+      VERBOSE ("scan %" PRIu64 "@%" PRIu64 ": unreadable (%s): data",
+               bn, b, strerror (e));
+      STAT_ADD (scan_unreadable_bytes, bn);
+      if (bad->start == bad->end) {
+        bad->start = b;
+        bad->end = b + bn;
+      }
+      else if (bad->end == b)
+        bad->end = b + bn;
+      continue;
+    }
+    STAT_ADD (scan_bytes, bn);
+    STAT_ADD (plugin_read_bytes, bn);
+    learn_buffer (h->bm, h->sc, snap, buf, bn, b);
+  }
+}
+
 /* Scan [START, END) (START block aligned, END block aligned or the size).
- * Reads into a buffer, learns, and caches the data blocks.
+ * Reads into a buffer, learns, and caches the data blocks.  A chunk that
+ * cannot be read is read again block by block (scan_blocks): blocks that
+ * cannot be read are answered as data by the caller (*BAD), as the
+ * plugin would have answered them.
  */
 static int
 scan_range (nbdkit_next *next, struct sb_handle *h,
-            uint64_t start, uint64_t end, int *err)
+            uint64_t start, uint64_t end, struct unreadable *bad, int *err)
 {
   uint64_t pos;
   char *buf = scan_buffer ();
@@ -158,13 +198,16 @@ scan_range (nbdkit_next *next, struct sb_handle *h,
   for (pos = start; pos < end; ) {
     uint32_t n = MIN ((uint64_t) disk.scan_chunk, end - pos);
     uint64_t snap = changes_snapshot (disk.changes);
+    int e;
 
-    if (next->pread (next, buf, n, pos, 0, err) == -1)
-      return -1;
-    STAT_ADD (scan_bytes, n);
-    STAT_ADD (plugin_read_bytes, n);
-    learn_buffer (h->bm, h->sc, snap, buf, n, pos);
-    VERBOSE ("scan %" PRIu32 "@%" PRIu64, n, pos);
+    if (next->pread (next, buf, n, pos, 0, &e) == -1)
+      scan_blocks (next, h, buf, pos, pos + n, bad);
+    else {
+      STAT_ADD (scan_bytes, n);
+      STAT_ADD (plugin_read_bytes, n);
+      learn_buffer (h->bm, h->sc, snap, buf, n, pos);
+      VERBOSE ("scan %" PRIu32 "@%" PRIu64, n, pos);
+    }
     pos += n;
   }
   return 0;
@@ -177,7 +220,11 @@ query_plugin (nbdkit_next *next, struct sb_handle *h,
   const uint32_t bs = disk.blksize;
   const uint64_t size = MIN (h->size, blockmap_size (h->bm));
   uint64_t qs = round_down (pos, bs);
-  uint64_t qlen = MAX (end - qs, (uint64_t) EXTENTS_AHEAD);
+  /* Whole blocks: what is learnt is rounded inward, and the next
+   * request (nbdinfo --map asks 2^32-1 bytes) starts where this one
+   * ended.
+   */
+  uint64_t qlen = MAX (round_up (end, bs) - qs, (uint64_t) EXTENTS_AHEAD);
   uint64_t answered = qs;
   struct nbdkit_extents *exts;
   uint64_t snap;
@@ -224,13 +271,22 @@ query_plugin (nbdkit_next *next, struct sb_handle *h,
 /* True if the block at POS (block aligned, before END) is not known
  * yet (to be scanned), with BUDGET left for it.
  */
+/* Nothing known of the block: UNKNOWN, or TRIMMED (whose contents are
+ * never learnt from the plugin's extents, only from its data).
+ */
+static bool
+unknown (enum bm_state st)
+{
+  return st == BM_UNKNOWN || st == BM_TRIMMED;
+}
+
 static bool
 unscanned (struct sb_handle *h, uint64_t pos, uint64_t end, uint64_t budget)
 {
   uint64_t run;
 
   return budget >= disk.blksize &&
-    blockmap_lookup (h->bm, pos, end - pos, &run) == BM_UNKNOWN && run > 0;
+    unknown (blockmap_lookup (h->bm, pos, end - pos, &run)) && run > 0;
 }
 
 /* One block-status request walking the map (mapped_extents). */
@@ -248,6 +304,8 @@ struct walk {
   bool scan_unknown, scan_allocated;
   bool scan_on;                 /* scan on for a REQ_ONE extent */
   int64_t first_type;           /* of the first extent answered, or -1 */
+  struct unreadable bad;        /* what this request's scans could not
+                                   read: answered as data */
   struct nbdkit_extents *extents;
 };
 
@@ -280,8 +338,8 @@ static bool
 second_extent_unknown (const struct walk *w, enum bm_state st)
 {
   return w->req_one && w->first_type != -1 &&
-    (st == BM_UNKNOWN || (st == BM_ALLOCATED && w->scan_allocated)) &&
-    !(st == BM_UNKNOWN && w->scan_on);
+    (unknown (st) || (st == BM_ALLOCATED && w->scan_allocated)) &&
+    !(unknown (st) && w->scan_on);
 }
 
 /* Scan from the run at W->POS (RUN bytes of state ST): 1 if it scanned
@@ -298,7 +356,7 @@ walk_scan (struct walk *w, uint64_t run, int *err)
   if (n == 0)
     return 0;
   n = MIN (n, target - s);
-  if (scan_range (w->next, w->h, s, s + n, err) == -1)
+  if (scan_range (w->next, w->h, s, s + n, &w->bad, err) == -1)
     return -1;
   w->budget -= MIN (w->budget, n);
   return 1;
@@ -313,9 +371,21 @@ static int64_t
 walk_zero_type (struct walk *w, uint64_t *run, int *err)
 {
   const uint32_t bs = disk.blksize;
-  uint64_t pos = w->pos, end = w->end;
+  uint64_t pos = w->pos, end = w->end, more;
 
   *run = zero_run_length (w->h->bm, pos, end, *run);
+  /* It ends where the plugin's last answer ended: ask what follows
+   * before judging it short.
+   */
+  if (*run < w->min_zero && pos + *run < end && w->can_extents &&
+      pos + *run >= w->queried_end &&
+      blockmap_lookup (w->h->bm, pos + *run, end - pos - *run, &more) ==
+      BM_UNKNOWN) {
+    if (query_plugin (w->next, w->h, pos + *run, end, &w->queried_end,
+                      err) == -1)
+      return -1;
+    return -2;
+  }
   if (*run < w->min_zero && pos + *run < end && w->scan_on &&
       unscanned (w->h, pos + *run, end, w->budget)) {
     /* It ends where the scan stopped: it may go on.  Scan there first,
@@ -326,7 +396,8 @@ walk_zero_type (struct walk *w, uint64_t *run, int *err)
                                        (uint64_t) disk.scan_chunk), bs),
                       round_up (end, bs) - s);
 
-    if (scan_range (w->next, w->h, s, MIN (s + n, w->h->size), err) == -1)
+    if (scan_range (w->next, w->h, s, MIN (s + n, w->h->size), &w->bad,
+                    err) == -1)
       return -1;
     w->budget -= MIN (w->budget, n);
     return -2;
@@ -370,12 +441,15 @@ walk_step (struct walk *w, int *err)
 
   if (run == 0)
     return walk_past_map (w, err) == -1 ? -1 : 1;
+  /* Blocks this request's scan could not read: data. */
+  if (w->pos >= w->bad.start && w->pos < w->bad.end)
+    return walk_add (w, MIN (run, w->bad.end - w->pos), 0, err);
   if (second_extent_unknown (w, st))
     return 1;
   if (st == BM_UNKNOWN && w->can_extents && w->pos >= w->queried_end)
     return query_plugin (w->next, w->h, w->pos, w->end, &w->queried_end,
                          err);
-  if ((st == BM_UNKNOWN && w->scan_unknown) ||
+  if ((unknown (st) && w->scan_unknown) ||
       (st == BM_ALLOCATED && w->scan_allocated)) {
     r = walk_scan (w, run, err);
     if (r != 0)
@@ -555,18 +629,21 @@ mapped_cache (nbdkit_next *next, struct sb_handle *h,
 {
   const uint32_t bs = disk.blksize;
   uint64_t pos, end, budget;
+  struct unreadable bad = { 0, 0 };
+  int r = next->can_cache (next);
 
-  if (h->sc == NULL) {
-    /* Nowhere to keep scanned data: let the plugin cache if it can. */
-    int r = next->can_cache (next);
-    if (r == -1) {
-      *err = EIO;
-      return -1;
-    }
-    if (r == NBDKIT_CACHE_NONE)
-      return 0;
-    return next->cache (next, count, offset, flags, err);
+  if (r == -1) {
+    *err = EIO;
+    return -1;
   }
+  /* A layer below that caches (the nbd plugin, the cache filter, the
+   * file plugin), or whose caching nbdkit emulates, gets the whole
+   * request.
+   */
+  if (r != NBDKIT_CACHE_NONE)
+    return next->cache (next, count, offset, flags, err);
+  if (h->sc == NULL)
+    return 0;                   /* (not advertised: can_cache said NONE) */
 
   pos = round_down (offset, bs);
   end = MIN (round_up (offset + count, bs), h->size);
@@ -593,7 +670,8 @@ mapped_cache (nbdkit_next *next, struct sb_handle *h,
         uint64_t e = MIN (round_up (p + uncached, bs), h->size);
 
         e = MIN (e, s + budget);
-        if (scan_range (next, h, s, e, err) == -1)
+        /* Unreadable blocks are skipped: caching is advisory. */
+        if (scan_range (next, h, s, e, &bad, err) == -1)
           return -1;
         budget -= e - s;
         p = e;

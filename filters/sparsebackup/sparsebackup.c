@@ -236,43 +236,45 @@ sparsebackup_can_write (nbdkit_next *next, void *handle)
   return next->can_write (next);
 }
 
+/* Every can_* asks the layer below first, always: filters below set
+ * themselves up in their own can_* (nbdkit's readahead filter only
+ * prefetches once its can_cache has been called).
+ */
 static int
 sparsebackup_can_zero (nbdkit_next *next, void *handle)
 {
   struct sb_handle *h = handle;
-  int r;
+  int r = next->can_zero (next);
 
-  if (h->kind != EXPORT_DISK)
-    return next->can_zero (next);
-  r = next->can_write (next);
-  if (r == -1)
-    return -1;
-  /* Zero requests are always handled here: skipped when known zero,
-   * emulated with writes if the plugin cannot zero.
+  if (r == -1 || h->kind != EXPORT_DISK)
+    return r;
+  /* A layer that cannot zero at all (nbdkit-nozero-filter
+   * zeromode=none) stays so: the zero blocks of writes are then written
+   * as data, or skipped where known zero.  Otherwise zero requests are
+   * handled here: skipped when known zero, else passed down (emulated
+   * by nbdkit with writes where the layer emulates).
    */
-  return r ? NBDKIT_ZERO_NATIVE : NBDKIT_ZERO_NONE;
+  return r == NBDKIT_ZERO_NONE ? NBDKIT_ZERO_NONE : NBDKIT_ZERO_NATIVE;
 }
 
 static int
 sparsebackup_can_fast_zero (nbdkit_next *next, void *handle)
 {
-  struct sb_handle *h = handle;
-
-  if (h->kind != EXPORT_DISK)
-    return next->can_fast_zero (next);
-  /* Honest: known-zero ranges succeed at once, the rest is passed down
-   * with FAST_ZERO or fails at once with ENOTSUP.
+  /* The layer's answer: a fast zero over known-zero blocks succeeds at
+   * once, the rest is passed down with FAST_ZERO where it can, and
+   * where it cannot (it advertised none) none is asked.
    */
-  return 1;
+  return next->can_fast_zero (next);
 }
 
 static int
 sparsebackup_can_extents (nbdkit_next *next, void *handle)
 {
   struct sb_handle *h = handle;
+  int r = next->can_extents (next);
 
-  if (h->kind == EXPORT_PASSTHROUGH)
-    return next->can_extents (next);
+  if (r == -1 || h->kind == EXPORT_PASSTHROUGH)
+    return r;
   return 1;
 }
 
@@ -280,16 +282,23 @@ static int
 sparsebackup_can_cache (nbdkit_next *next, void *handle)
 {
   struct sb_handle *h = handle;
+  int r = next->can_cache (next);
 
+  if (r == -1)
+    return -1;
   switch (h->kind) {
   case EXPORT_DISK:
-    return NBDKIT_CACHE_NATIVE;
+    /* Cache requests are passed down to a layer that can cache (or
+     * whose caching nbdkit emulates); over one that cannot, they scan
+     * ahead into the scan cache, if there is one.
+     */
+    return h->sc ? NBDKIT_CACHE_NATIVE : r;
   case EXPORT_PASSTHROUGH:
-    return next->can_cache (next);
+    return r;
   case EXPORT_SINCE:
   case EXPORT_FROZEN:
   case EXPORT_FROZEN_SINCE:
-    return views_can_cache (next, h);
+    return views_can_cache (r, h);
   }
   abort ();
 }

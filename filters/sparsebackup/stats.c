@@ -125,6 +125,8 @@ print_stats (FILE *fp, const struct stats_sources *src)
   fprintf (fp, "read-cache-bytes: %" PRIu64 "\n", LOAD (read_cache_bytes));
   fprintf (fp, "plugin-read-bytes: %" PRIu64 "\n", LOAD (plugin_read_bytes));
   fprintf (fp, "scan-bytes: %" PRIu64 "\n", LOAD (scan_bytes));
+  fprintf (fp, "scan-unreadable-bytes: %" PRIu64 "\n",
+           LOAD (scan_unreadable_bytes));
   fprintf (fp, "extents-calls: %" PRIu64 "\n", LOAD (extents_calls));
   fprintf (fp, "merged-zero-bytes: %" PRIu64 "\n", LOAD (merged_zero_bytes));
   fprintf (fp, "passthrough-requests: %" PRIu64 "\n",
@@ -184,10 +186,11 @@ stats_close (const struct stats_sources *src)
   if (src->bm && sparsebackup_debug_stats)
     nbdkit_debug ("sparsebackup: map of %" PRIu64 " bytes: "
                   "unknown %" PRIu64 ", allocated %" PRIu64 ", "
-                  "data %" PRIu64 ", zero %" PRIu64,
+                  "data %" PRIu64 ", zero %" PRIu64 ", trimmed %" PRIu64,
                   blockmap_size (src->bm),
                   src->map->bytes[BM_UNKNOWN], src->map->bytes[BM_ALLOCATED],
-                  src->map->bytes[BM_DATA], src->map->bytes[BM_ZERO]);
+                  src->map->bytes[BM_DATA], src->map->bytes[BM_ZERO],
+                  src->map->bytes[BM_TRIMMED]);
 
   mfp = open_memstream (&summary, &len);
   if (mfp) {

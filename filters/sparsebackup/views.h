@@ -52,7 +52,8 @@ extern int views_extents (nbdkit_next *next, struct sb_handle *h,
 extern int views_cache (nbdkit_next *next, struct sb_handle *h,
                         uint32_t count, uint64_t offset, uint32_t flags,
                         int *err);
-extern int views_can_cache (nbdkit_next *next, struct sb_handle *h);
+/* What the view advertises, the layer below can cache LOWER. */
+extern int views_can_cache (int lower, struct sb_handle *h);
 extern int views_list_exports (struct nbdkit_exports *exports);
 
 #endif /* SPARSEBACKUP_VIEWS_H */

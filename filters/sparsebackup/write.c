@@ -361,8 +361,12 @@ plain_change (nbdkit_next *next, struct sb_handle *h, bool trim,
 
   if (h->bm == NULL)
     STAT_ADD (passthrough_requests, 1);
-  if (change_begin (&c, h->bm != NULL, offset, count, BM_UNKNOWN,
-                    err) == -1)
+  /* A trim leaves the contents undefined: TRIMMED, never learnt zero
+   * from the plugin's extents (a layer below may keep the old data, as
+   * nbdkit 1.32's cache filter does).
+   */
+  if (change_begin (&c, h->bm != NULL, offset, count,
+                    trim ? BM_TRIMMED : BM_UNKNOWN, err) == -1)
     return -1;
   if (trim)
     r = next->trim (next, count, offset, flags, err);
