@@ -14,8 +14,9 @@
 
       ACTION is run (VALUE: the checks to run after it, or -; EXPECT: the
       N of the block showing what it prints, or -), skip (VALUE: the
-      reason), sample (VALUE: the checks that show it is real) or output
-      (VALUE: the N of the block that prints it).  Exit status 1, naming
+      reason), sample (VALUE: the checks that show it is real), output
+      (VALUE: the N of the block that prints it) or bad (not run: it
+      breaks a rule of the examples, VALUE says which).  Exit status 1, naming
       the problem, when an entry of LIST names no block or several, or
       when a block that is to run breaks the rules of the examples (it
       uses the build tree's paths, or starts an nbdkit that listens on
@@ -333,9 +334,13 @@ def main(argv):
                     else:
                         expect = str(n + 1)
                         output_of = n
-                for p in lint(b):
+                problems = lint(b)
+                for p in problems:
                     errors.append("%s: %s (not listed as skip: in %s)"
                                   % (b.where(), p, lname))
+                if problems:
+                    # Not run: it could clash with other servers.
+                    action, value, expect = "bad", problems[0], "-"
             with open(os.path.join(outdir, "%d.sh" % n), "w",
                       encoding="utf-8") as f:
                 f.write(b.text())

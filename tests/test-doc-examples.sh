@@ -473,17 +473,25 @@ show_failure ()
 }
 
 # run_block N DIR: run block N in the document's shell; its exit status.
+# When the shell cannot go on (the example hangs, or the shell has
+# gone), $dead says so.
 run_block ()
 {
     local n=$1 reply
     : > "$logs/$n.trace"
-    echo "$n $pd/$n.sh $logs/$n.out $logs/$n.err $logs/$n.trace" >&"$drv_in" ||
-        { echo "    the examples' shell has gone" >&2; return 125; }
-    if ! read -r -t "$block_timeout" -u "$drv_out" reply; then
-        echo "    no answer within $block_timeout s: the example hangs (or the shell died)" >&2
-        return 124
+    if ! echo "$n $pd/$n.sh $logs/$n.out $logs/$n.err $logs/$n.trace" \
+            >&"$drv_in"; then
+        dead="the examples' shell has gone"
+        return 1
     fi
-    [ "${reply%% *}" = "$n" ] || { echo "    the shell answered '$reply'" >&2; return 125; }
+    if ! read -r -t "$block_timeout" -u "$drv_out" reply; then
+        dead="no answer within $block_timeout s: the example hangs (or the shell died)"
+        return 1
+    fi
+    if [ "${reply%% *}" != "$n" ]; then
+        dead="the shell answered '$reply'"
+        return 1
+    fi
     return "${reply#* }"
 }
 
@@ -529,11 +537,16 @@ run_docs ()
                 # The output shown for block $value: compared there.
                 echo "output $where  (what block $value prints)"
                 continue ;;
+            bad)
+                echo "FAIL   $where  $first"
+                echo "    not run: $value" >&2
+                failures=$((failures + 1))
+                continue ;;
         esac
         if [ "$action" = run ]; then
             if [ -n "$dead" ]; then
                 echo "FAIL   $where  $first"
-                echo "    not run: an example before it hung" >&2
+                echo "    not run: an example before it broke the shell" >&2
                 failures=$((failures + 1))
                 continue
             fi
@@ -541,10 +554,13 @@ run_docs ()
             run_block "$n" "$dir" || rc=$?
             if [ $rc -ne 0 ]; then
                 echo "FAIL   $where  $first"
-                echo "    exit status $rc" >&2
+                if [ -n "$dead" ]; then
+                    echo "    $dead" >&2
+                else
+                    echo "    exit status $rc" >&2
+                fi
                 show_failure "$n" "$dir"
                 failures=$((failures + 1))
-                [ $rc -lt 124 ] || dead=yes
                 continue
             fi
             if [ "$expect" != - ] &&
