@@ -388,6 +388,15 @@ check_backup_wed ()
     same disk.raw backup-wed.raw
     assert_contains backup.manifest '^source-export @frozen:since:mon$'
 }
+check_interrupted_by_timeout ()
+{
+    # The first copy completed, or was stopped by timeout (124): not
+    # failed for another reason that the "||" would hide.
+    local st
+    st=$(sed -n 's/^interrupted: exit status //p' "$out")
+    [ -z "$st" ] || [ "$st" = 124 ] ||
+        bad "the first copy failed with exit status $st, not interrupted by timeout"
+}
 check_interrupted_completed ()
 {
     same disk.raw backup-wed.raw
