@@ -4,23 +4,28 @@
 #
 # doc-examples.py extracts the code blocks (README: the ``` blocks; POD:
 # the verbatim paragraphs, anywhere).  Each document's blocks run in
-# order, each with `bash -e -o pipefail`, in one scratch directory
-# holding the input files its text assumes (made here, named as the
-# examples name them: inputs_* below), with the build's nbdkit wrapper,
-# sparsebackup-copy and sparsebackup-ctl first on $PATH, as after make
-# install.  A block fails the test when it exits non-zero; its text's
-# claims are checked by the check_* functions below, which
-# doc-examples.list names for it.  doc-examples.list also names the
+# order in one shell (doc-examples-shell.sh, as a reader types them:
+# a server one example starts in the background serves the next ones),
+# in one scratch directory holding the input files its text assumes
+# (made here, named as the examples name them: inputs_* below), with the
+# build's nbdkit wrapper, sparsebackup-copy and sparsebackup-ctl first
+# on $PATH, as after make install.  A block fails the test when a
+# command of it fails (as under set -e -o pipefail) or it hangs; its
+# text's claims are checked by the check_* functions below, which
+# doc-examples.list names for it, and an output block shown after it
+# must be exactly what it prints.  doc-examples.list also names the
 # blocks that do not run (a synopsis, a file format, commands that need
-# root or systemd...), each with its reason; any other block runs, so a
-# new example cannot escape.  Servers an example starts must be stopped
-# by the examples (a server still listening when a document's blocks
-# are done fails the test); an nbdkit that would listen on TCP port
-# 10809 fails it before anything runs.
+# root or systemd...), each with its reason, printed as the test runs;
+# any other block runs, so a new example cannot escape.  The servers an
+# example starts must be stopped by the examples (anything still
+# running in the document's shell session when its blocks are done
+# fails the test); an example that would start nbdkit on TCP port 10809
+# or that uses the build tree's paths fails without being run.
 #
 # A self-test first shows that the runner fails on a typo in a
-# parameter, on a wrong output, on an unlisted block that fails, on a
-# stale list entry, on a server left running and on a TCP listener.
+# parameter's name or value, a wrong output, an unlisted block that
+# fails, a stale list entry, a failure before a block's last command, a
+# hang, a server left running and a TCP listener.
 #
 # To see the blocks and their names:
 #   python3 tests/doc-examples.py list README.md */*/*.pod tools/*.pod
