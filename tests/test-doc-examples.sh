@@ -655,7 +655,7 @@ selftest ()
 if [ "${DOC_EXAMPLES_SELFTEST:-yes}" != no ]; then
 st=$tmp/selftest
 mkdir -p "$st"
-finish_wait=20              # a server left running is found within 2 s
+finish_wait=10              # a server left running is found within 1 s
 block_timeout=60
 printf '%s\n' '# A good example' '' '```' \
        'nbdkit -U - --filter=sparsebackup memory 1M \' \
@@ -689,7 +689,7 @@ printf '```\nfalse | cat\ntrue\n```\n' > "$st/midway.md"
 selftest "a command that fails before the last one (set -e, pipefail)" fail \
          '^FAIL +midway\.md:2' "$st/midway.md" "$st/empty.list"
 printf '```\nsleep 60\n```\n' > "$st/hang.md"
-block_timeout=3
+block_timeout=1
 selftest "an example that hangs" fail "the example hangs" "$st/hang.md" "$st/empty.list"
 block_timeout=60
 printf '```\nnbdkit -U left.sock memory 1M\n```\n' > "$st/left.md"
