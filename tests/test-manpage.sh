@@ -20,4 +20,4 @@ assert_contains "$tmp/out" '^PARAMETERS'
 # The qcow2 plugin is always built: its page must be there too.
 render "$abs_top_builddir/plugins/qcow2/nbdkit-qcow2-plugin.1"
 assert_contains "$tmp/out" 'nbdkit-qcow2-plugin - '
-assert_contains "$tmp/out" 'nbdkit qcow2 file='
+assert_contains "$tmp/out" 'nbdkit (-U - )?qcow2 file='
