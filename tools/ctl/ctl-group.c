@@ -352,19 +352,33 @@ open_member (struct member *m, int64_t deadline_ms)
     return false;
   }
   ctl_reader_init (&m->rd, m->fd);
-  r = ctl_read_line (&m->rd, line, left > 0 ? (int) left : 0, -1);
+  /* A tenth of a second at a time: an NBD server greets with bytes
+   * that are no line, and is named at once.
+   */
+  for (;;) {
+    const char *bytes;
+    size_t nb;
+
+    left = deadline_ms - now_ms ();
+    r = ctl_read_line (&m->rd, line, left < 0 ? 0 : left < 100 ? (int) left
+                       : 100, -1);
+    nb = ctl_reader_pending (&m->rd, &bytes);
+    if (r != -4 || left <= 100 || (nb >= 8 &&
+                                   memcmp (bytes, "NBDMAGIC", 8) == 0))
+      break;
+  }
   if (r != 1) {
     const char *bytes;
     size_t nb = ctl_reader_pending (&m->rd, &bytes);
 
-    snprintf (m->err, sizeof m->err, "%s",
+    snprintf (msg, sizeof msg, "%s",
               nb >= 8 && memcmp (bytes, "NBDMAGIC", 8) == 0 ?
               "it sent NBDMAGIC: this is an NBD server's socket, not the "
               "filter's control socket" :
               r == -4 ? "no hello line within the timeout" :
               r == 0 ? "the server closed the connection before its hello" :
               "no proper hello line");
-    lost (m, m->err);
+    lost (m, msg);
     return false;
   }
   if (ctl_parse_hello (line, &version, msg, sizeof msg) == -1) {
