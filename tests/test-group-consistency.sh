@@ -39,6 +39,7 @@ server ()
 {
     local n=$1
     shift
+    rm -f "$tmp/$n.raw" "$tmp/$n.cbt" "$tmp/$n.scratch"
     truncate -s $size "$tmp/$n.raw"
     start_nbdkit --filter=sparsebackup file "$tmp/$n.raw" \
         sparsebackup-cbt="$tmp/$n.cbt" sparsebackup-cbt-granularity=4096 \

@@ -65,7 +65,10 @@ clean ()
 {
     local ctl_var=${1}_ctl sock_var=${1}_sock
     sctl "${!ctl_var}" status > "$tmp/status"
-    assert_contains "$tmp/status" " pending=- .* group=-$"
+    assert_contains "$tmp/status" " pending=- "
+    if grep -q " group=" "$tmp/status"; then
+        cat "$tmp/status"; fail "$1 still holds writes for a group backup"
+    fi
     sctl "${!ctl_var}" checkpoint-list > "$tmp/list"
     if grep -q "^$2 " "$tmp/list"; then
         cat "$tmp/list"; fail "$1 has checkpoint $2"

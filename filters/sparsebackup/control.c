@@ -444,7 +444,8 @@ do_status (struct conn *k, struct cbt *c)
   struct cbt_checkpoint_info cp, latest;
   const char *pending = "-";
   size_t n = cbt_checkpoint_count (c);
-  char frozen[2 * CBT_NAME_MAX + 128], group[CBT_NAME_MAX + 1];
+  char frozen[2 * CBT_NAME_MAX + 128], group[CBT_NAME_MAX + 8];
+  char name[CBT_NAME_MAX + 1];
 
   if (n > 0 && cbt_checkpoint_get (c, n - 1, &cp) == 0 &&
       cp.state == CBT_STATE_PENDING)
@@ -452,12 +453,13 @@ do_status (struct conn *k, struct cbt *c)
   if (cbt_checkpoint_latest_good (c, &latest) == -1)
     snprintf (latest.name, sizeof latest.name, "-");
   frozen_status (k, frozen, sizeof frozen);
-  if (!backup_group_current (group, sizeof group))
-    snprintf (group, sizeof group, "-");
+  /* group=NAME only while a group backup is prepared. */
+  group[0] = '\0';
+  if (backup_group_current (name, sizeof name))
+    snprintf (group, sizeof group, " group=%s", name);
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
               "version=%d mode=%s disk-size=%" PRIu64 " granularity=%"
-              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s "
-              "group=%s",
+              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s%s",
               CTL_VERSION, mode_name (cbt_mode (c)), cbt_disk_size (c),
               cbt_granularity (c), n, pending, latest.name,
               tracking_io_error () ? "io-error" : "ok", frozen, group));
