@@ -149,7 +149,7 @@ fresh ()
 # ---- 1. qcow2: retention, then killed after every step ------------------
 fresh
 for p in c0 c1 c2 c3 c4; do restores_exactly $p; done
-"$retain" --keep=2 --control="$ctlsock" --verify-all "$bk/c4.qcow2" > "$tmp/out" ||
+(cd "$tmp" && "$retain" --keep=2 --control=ctl.sock --verify-all backups/c4.qcow2) > "$tmp/out" ||
     { cat "$tmp/out"; fail "sparsebackup-retain failed"; }
 cat "$tmp/out"
 assert_contains "$tmp/out" "kept 3 points: c2 c3 c4 \(base c2.qcow2\)"
