@@ -564,6 +564,7 @@ group_begin (int argc, char **argv, bool json, int timeout_ms)
   const char **paths = calloc ((size_t) argc, sizeof *paths);
   int64_t start_us, deadline;
   bool hold_given = false;
+  int status;
 
   if (paths == NULL)
     usage_error ("out of memory");
@@ -630,7 +631,9 @@ group_begin (int argc, char **argv, bool json, int timeout_ms)
   if (g.abort) {
     for (size_t i = 0; i < g.n; ++i)
       close_member (&g.m[i]);
-    return report (&g, json, now_us ());
+    status = report (&g, json, now_us ());
+    free (g.m);
+    return status;
   }
 
   /* Phase 1: every server prepares; any failure aborts them all. */
@@ -671,5 +674,7 @@ group_begin (int argc, char **argv, bool json, int timeout_ms)
   }
   for (size_t i = 0; i < g.n; ++i)
     close_member (&g.m[i]);
-  return report (&g, json, start_us);
+  status = report (&g, json, start_us);
+  free (g.m);
+  return status;
 }
