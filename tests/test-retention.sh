@@ -265,6 +265,13 @@ rc=0
 assert_eq 1 $rc "exit status with a file of the chain missing"
 assert_contains "$tmp/err" "c2.qcow2': not a regular file \(a backup of the chain is missing\)"
 mv "$tmp/c2.away" "$bk/c2.qcow2"
+# Another chain branching at the base.
+qemu-img create -q -f qcow2 -b c0.qcow2 -F qcow2 "$bk/branch.qcow2"
+rc=0
+"$retain" --keep=2 "$bk/c4.qcow2" > "$tmp/out" 2> "$tmp/err" || rc=$?
+assert_eq 1 $rc "a merge of a base another chain uses"
+assert_contains "$tmp/err" "'branch.qcow2' also has 'c0.qcow2' as its backing file: another chain branches there, merge refused"
+rm -f "$bk/branch.qcow2" "$bk/.sparsebackup-retain.journal"
 # Names, options, a journal not ours.
 cp "$bk/c4.qcow2" "$tmp/top copy.qcow2"
 rc=0; "$retain" --keep=2 "$tmp/top copy.qcow2" 2> "$tmp/err" || rc=$?
