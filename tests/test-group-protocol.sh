@@ -103,7 +103,12 @@ def changed_since(cp):
             ctl("map", "--since", cp).splitlines() if not l.startswith("OK")]
 
 def log_has(regex):
-    return re.search(regex, open(log).read()) is not None
+    # The server logs after it has let the writes go on: wait for it.
+    for _ in range(1200):
+        if re.search(regex, open(log).read()):
+            return True
+        time.sleep(0.1)
+    return False
 
 # ---- 1. prepare holds writes until commit --------------------------------
 a = Ctl()
