@@ -45,7 +45,7 @@ time1 ()
     "$@" >&2 || r=$?
     t1=$(now)
     [ "$r" -eq 0 ] || { echo "$0: '$*' failed (status $r)" >&2; return "$r"; }
-    echo "$t1 - $t0" | bc -l | awk '{printf "%.4f\n", $1}'
+    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.4f\n", b - a}'
 }
 
 # median X...: the median of the numbers.

@@ -8,7 +8,7 @@
 #   E  nbdkit -U - file RAW --run 'nbdcopy "$uri" out.raw'
 #      (the same content as a sparse raw file: the NBD peer of B and C)
 #
-# for three images:
+# for five images:
 #   sparse      BENCH_SIZE virtual (default 4G), BENCH_DATA of random data
 #               (default 300M) in scattered pieces of 64K..2M
 #   chain       three layers: the sparse image as base, then two overlays
@@ -16,6 +16,11 @@
 #               zeroing as much over data below (qemu-io write / write -z)
 #   compressed  qemu-img convert -c of BENCH_COMP_DATA (default 160M) of
 #               compressible data (base64 text) scattered in BENCH_SIZE
+#   zstd        the same with compression_type=zstd
+#   words       qemu-img convert -c (zlib) of as much text made of words
+#               (a vocabulary of 2000): unlike base64 (2 or more deflate
+#               blocks per 64K cluster), one block per cluster, which the
+#               plugin inflates with libdeflate when built with it
 # Cluster size BENCH_CLUSTER (default 64K).  Each copy is timed
 # BENCH_RUNS times (default 3; the methods alternate) and the median is
 # printed with its ratio to qemu-img convert measured in the same run,
@@ -49,7 +54,7 @@ iec () { numfmt --to=iec "$1"; }
 
 # mk_raw FILE SIZE DATA SEED KIND: a sparse raw file of SIZE bytes with
 # DATA bytes in pieces of 64K..2M (64K aligned) at pseudo-random places;
-# KIND random (incompressible) or text (compressible base64).
+# KIND random (incompressible), text (compressible base64) or words.
 mk_raw ()
 {
     python3 - "$@" <<'PY'
@@ -60,6 +65,9 @@ r = random.Random(seed)
 unit = 64 * 1024
 nunits = size // unit
 used = bytearray(nunits)
+words = [b"w%xq%d" % (w * 7919 % 4093, w % 13) for w in range(2000)]
+wordtext = b" ".join(r.choice(words) for _ in range(800000)) \
+    if kind == "words" else b""
 with open(path, "wb") as f:
     f.truncate(size)
     left = data
@@ -72,6 +80,9 @@ with open(path, "wb") as f:
         length = min(n * unit, left)
         if kind == "random":
             buf = os.urandom(length)
+        elif kind == "words":
+            o = r.randrange(0, len(wordtext) - length)
+            buf = wordtext[o:o + length]
         else:
             buf = base64.b64encode(os.urandom(length * 3 // 4 + 3))[:length]
         f.seek(u * unit)
@@ -127,6 +138,12 @@ qemu-img convert -f qcow2 -O raw "$tmp/top.qcow2" "$tmp/chain.raw"
 mk_raw "$tmp/comp.raw" "$size" "$comp_data" 4 text
 qemu-img convert -c -f raw -O qcow2 -o cluster_size="$cluster" \
     "$tmp/comp.raw" "$tmp/comp.qcow2"
+qemu-img convert -c -f raw -O qcow2 \
+    -o cluster_size="$cluster",compression_type=zstd \
+    "$tmp/comp.raw" "$tmp/zstd.qcow2"
+mk_raw "$tmp/words.raw" "$size" "$comp_data" 5 words
+qemu-img convert -c -f raw -O qcow2 -o cluster_size="$cluster" \
+    "$tmp/words.raw" "$tmp/words.qcow2"
 echo "images built in $(elapsed "$t0") s:"
 echo "  sparse:     $(iec $size) virtual, $(iec $data) random data," \
      "file $(iec "$(stat -c %s "$tmp/sparse.qcow2")")"
@@ -136,6 +153,11 @@ echo "  chain:      sparse + 2 overlays, each $(iec $chain_data) data" \
      "$(iec "$(stat -c %s "$tmp/top.qcow2")")"
 echo "  compressed: $(iec $size) virtual, $(iec $comp_data) text data," \
      "file $(iec "$(stat -c %s "$tmp/comp.qcow2")")"
+echo "  zstd:       the same, zstd, file $(iec "$(stat -c %s "$tmp/zstd.qcow2")")"
+echo "  words:      $(iec $size) virtual, $(iec $comp_data) of words," \
+     "file $(iec "$(stat -c %s "$tmp/words.qcow2")")"
+echo "  zlib clusters inflated by: $(nbdkit qcow2 --dump-plugin |
+    sed -n 's/^qcow2_zlib_decoder=//p')"
 
 # Methods: each copies $1 (qcow2) to $2 (raw, absent).
 m_qemu_img ()  { qemu-img convert -f qcow2 -O raw "$1" "$2"; }
@@ -157,11 +179,14 @@ methods=(m_qemu_img m_filter m_plugin m_qemu_nbd m_file)
 labels=("qemu-img convert" "nbdkit+sparsebackup" "nbdkit qcow2" "qemu-nbd+nbdcopy" "nbdkit file (raw)")
 
 declare -A med alloc
-for img in sparse chain comp; do
+images=(sparse chain comp zstd words)
+for img in "${images[@]}"; do
     case $img in
         sparse) src=$tmp/sparse.qcow2; ref=$tmp/sparse.raw ;;
         chain)  src=$tmp/top.qcow2;    ref=$tmp/chain.raw ;;
         comp)   src=$tmp/comp.qcow2;   ref=$tmp/comp.raw ;;
+        zstd)   src=$tmp/zstd.qcow2;   ref=$tmp/comp.raw ;;
+        words)  src=$tmp/words.qcow2;  ref=$tmp/words.raw ;;
     esac
     declare -A times=()
     for (( run = 0; run < runs; run++ )); do
@@ -196,7 +221,7 @@ header ()
     echo
 }
 header "median seconds (ratio to qemu-img convert); all outputs identical (cmp)"
-for img in sparse chain comp; do
+for img in "${images[@]}"; do
     printf '%-12s' "$img"
     base=${med[$img.m_qemu_img]}
     for m in "${methods[@]}"; do
@@ -208,7 +233,7 @@ done
 echo
 echo "qcow2 over NBD against the same content served raw by nbdkit file (+ nbdcopy), goal <= 1.05"
 printf '%-12s %22s %22s\n' image "nbdkit+sparsebackup" "nbdkit qcow2"
-for img in sparse chain comp; do
+for img in "${images[@]}"; do
     base=${med[$img.m_file]}
     printf '%-12s %22s %22s\n' "$img" \
         "$(ratio "${med[$img.m_filter]}" "$base")" \
@@ -216,7 +241,7 @@ for img in sparse chain comp; do
 done
 echo
 header "bytes allocated by the output file"
-for img in sparse chain comp; do
+for img in "${images[@]}"; do
     printf '%-12s' "$img"
     for m in "${methods[@]}"; do printf ' %22s' "$(iec "${alloc[$img.$m]}")"; done
     echo

@@ -165,8 +165,10 @@ blocks_to_bytes (const struct blockmap *bm, uint64_t first, uint64_t end)
 /* The run containing BLOCK (BLOCK < nblocks, or 0 for an empty export). */
 extern struct pos bm_find (const struct blockmap *bm, uint64_t block);
 
-/* Forget everything.  Needs no memory, so it cannot fail. */
-extern void bm_reset_unknown (struct blockmap *bm);
+/* Forget everything: the whole map becomes one run of state ST.  Needs
+ * no memory, so it cannot fail.
+ */
+extern void bm_reset (struct blockmap *bm, unsigned st);
 
 /* Set blocks [A, B) (A < B <= nblocks) to state ST.  Returns -1 (and
  * changes nothing) if memory could not be allocated.

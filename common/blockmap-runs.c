@@ -29,8 +29,8 @@
  * the chunk array) are made before anything is changed, so an edit
  * either happens completely or not at all.  Where an edit must not be
  * lost (clearing zero knowledge before a write), a failure to allocate
- * resets the whole map to "unknown", which needs no memory and is always
- * safe.
+ * resets the whole map to TRIMMED ("nothing known, and never zero from
+ * extents"), which needs no memory and is always safe.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -289,9 +289,11 @@ distance (const struct blockmap *bm, struct pos a, struct pos b)
   return d + b.k + 1;
 }
 
-/* Forget everything.  Needs no memory, so it cannot fail. */
+/* Forget everything: one run of state ST.  Needs no memory, so it
+ * cannot fail.
+ */
 void
-bm_reset_unknown (struct blockmap *bm)
+bm_reset (struct blockmap *bm, unsigned st)
 {
   size_t c;
 
@@ -299,7 +301,7 @@ bm_reset_unknown (struct blockmap *bm)
     release_chunk (bm, bm->chunks[c]);
   bm->nchunks = 1;
   bm->chunks[0]->n = 1;
-  bm->chunks[0]->e[0] = mkent (0, BM_UNKNOWN);
+  bm->chunks[0]->e[0] = mkent (0, st);
   bm->nruns = 1;
 }
 
@@ -375,7 +377,7 @@ bm_transform (struct blockmap *bm, uint64_t a, uint64_t b,
   while (cur < b) {
     uint64_t e = run_end (bm, p);
     unsigned st = ent_state (ent_at (bm, p));
-    unsigned ns = table[st & BM_STATE_MASK];
+    unsigned ns = table[st];
 
     if (e > b)
       e = b;

@@ -10,9 +10,13 @@
  * A client that writes alternating data and zero blocks makes one run
  * per block.  The map never holds more than its budget: when an edit
  * takes it over, the runs of two neighbouring chunks at a rotating
- * cursor are replaced by one UNKNOWN run (knowledge is forgotten, which
- * is always safe; nothing becomes ZERO), until it is back under 3/4 of
- * the budget.  FORGOTTEN counts the bytes that lost their state.
+ * cursor are replaced by one run (knowledge is forgotten, which is
+ * always safe; nothing becomes ZERO), until it is back under 3/4 of the
+ * budget.  That run is UNKNOWN, or TRIMMED if any of its blocks was DATA
+ * or TRIMMED: blocks the map saw hold data must not be learnt zero from
+ * the plugin's extents once forgotten (a layer below that caches writes
+ * may report zero over them).  FORGOTTEN counts the bytes that lost
+ * their state.
  *
  * Zero knowledge and concurrent changes
  * -------------------------------------
@@ -78,6 +82,16 @@ round_inward (const struct blockmap *bm, uint64_t offset, uint64_t count,
   return r->first < r->end;
 }
 
+/* Where an edit that must not be lost cannot be made for want of
+ * memory, everything is forgotten: TRIMMED, which needs no memory, is
+ * never ZERO and is not learnt zero from extents.
+ */
+static void
+reset_lossless (struct blockmap *bm)
+{
+  bm_reset (bm, BM_TRIMMED);
+}
+
 /*----------------------------------------------------------------------
  * The memory budget.
  */
@@ -100,7 +114,8 @@ enforce_budget (struct blockmap *bm)
     return;
   while (memory_used (bm) > target && bm->nchunks > 1) {
     struct pos p;
-    uint64_t a, b;
+    uint64_t a, b, total;
+    unsigned st;
 
     if (bm->evict_cursor >= bm->nblocks)
       bm->evict_cursor = 0;
@@ -110,10 +125,15 @@ enforce_budget (struct blockmap *bm)
     a = p.c == 0 ? 0 : ent_start (bm->chunks[p.c]->e[0]);
     b = p.c + 2 < bm->nchunks ?
       ent_start (bm->chunks[p.c + 2]->e[0]) : bm->nblocks;
-    bm->forgotten += bm_bytes_not_in (bm, a, b, BM_UNKNOWN);
-    if (bm_set_uniform (bm, a, b, BM_UNKNOWN) == -1) {
-      bm->forgotten += bm_bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
-      bm_reset_unknown (bm);
+    /* What held data stays out of reach of the plugin's extents. */
+    total = blocks_to_bytes (bm, a, b);
+    st = bm_bytes_not_in (bm, a, b, BM_DATA) < total ||
+      bm_bytes_not_in (bm, a, b, BM_TRIMMED) < total ?
+      BM_TRIMMED : BM_UNKNOWN;
+    bm->forgotten += bm_bytes_not_in (bm, a, b, st);
+    if (bm_set_uniform (bm, a, b, st) == -1) {
+      bm->forgotten += bm_bytes_not_in (bm, 0, bm->nblocks, BM_TRIMMED);
+      reset_lossless (bm);
       break;
     }
     bm->evict_cursor = b;
@@ -127,7 +147,7 @@ static void
 set_or_reset (struct blockmap *bm, uint64_t a, uint64_t b, unsigned st)
 {
   if (bm_set_uniform (bm, a, b, st) == -1)
-    bm_reset_unknown (bm);
+    reset_lossless (bm);
   else
     enforce_budget (bm);
 }
@@ -229,7 +249,7 @@ blockmap_resize (struct blockmap *bm, uint64_t size)
   }
   pthread_mutex_lock (&bm->lock);
   bm->forgotten += bm_bytes_not_in (bm, 0, bm->nblocks, BM_UNKNOWN);
-  bm_reset_unknown (bm);
+  bm_reset (bm, BM_UNKNOWN);
   bm->size = size;
   bm->nblocks = (size >> bm->blkshift) + ((size & (bm->blksize - 1)) != 0);
   bm->evict_cursor = 0;
@@ -258,7 +278,7 @@ blockmap_lookup (struct blockmap *bm, uint64_t offset, uint64_t limit,
   pthread_mutex_unlock (&bm->lock);
 
   *run = MIN (end - offset, limit);
-  return st & BM_STATE_MASK;
+  return st;
 }
 
 bool
@@ -296,16 +316,16 @@ transform_bytes (struct blockmap *bm, uint64_t offset, uint64_t count,
   if (!round_outward (bm, offset, count, &r))
     return;
   if (bm_transform (bm, r.first, r.end, table) == -1 && lossless)
-    bm_reset_unknown (bm);
+    reset_lossless (bm);
   enforce_budget (bm);
 }
 
 void
 blockmap_learn_allocated (struct blockmap *bm, uint64_t offset, uint64_t count)
 {
-  static const unsigned table[4] = {
+  static const unsigned table[BM_NSTATES] = {
     [BM_UNKNOWN] = BM_ALLOCATED, [BM_ALLOCATED] = BM_ALLOCATED,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO, [BM_TRIMMED] = BM_TRIMMED,
   };
 
   pthread_mutex_lock (&bm->lock);
@@ -326,9 +346,9 @@ struct learn_data {
 static void
 zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
 {
-  static const unsigned table[4] = {
+  static const unsigned table[BM_NSTATES] = {
     [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_DATA,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_DATA, [BM_TRIMMED] = BM_TRIMMED,
   };
   struct learn_data *l = opaque;
   struct blockmap *bm = l->bm;
@@ -348,7 +368,7 @@ zero_to_data_cb (void *opaque, uint64_t offset, uint64_t count)
     b >>= bm->blkshift;
   /* A block seen to hold data must not stay ZERO. */
   if (a < b && bm_transform (bm, a, b, table) == -1)
-    bm_reset_unknown (bm);
+    reset_lossless (bm);
   enforce_budget (bm);
  out:
   pthread_mutex_unlock (&bm->lock);
@@ -358,9 +378,9 @@ void
 blockmap_learn_data (struct blockmap *bm, uint64_t snap,
                      uint64_t offset, uint64_t count)
 {
-  static const unsigned weak_to_data[4] = {
+  static const unsigned weak_to_data[BM_NSTATES] = {
     [BM_UNKNOWN] = BM_DATA, [BM_ALLOCATED] = BM_DATA,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO, [BM_TRIMMED] = BM_DATA,
   };
   struct range r;
   bool some_zero = false;
@@ -396,9 +416,12 @@ struct learn_zero {
 static void
 learn_zero_cb (void *opaque, uint64_t offset, uint64_t count)
 {
-  static const unsigned weak_to_zero[4] = {
+  /* From extents: never over what was seen to hold data or became
+   * undefined (blockmap.h).
+   */
+  static const unsigned weak_to_zero[BM_NSTATES] = {
     [BM_UNKNOWN] = BM_ZERO, [BM_ALLOCATED] = BM_ZERO,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_ZERO, [BM_TRIMMED] = BM_TRIMMED,
   };
   struct learn_zero *l = opaque;
   struct blockmap *bm = l->bm;
@@ -446,41 +469,29 @@ void
 blockmap_change (struct blockmap *bm, uint64_t offset, uint64_t count,
                  enum bm_state newstate)
 {
-  static const unsigned zero_to_unknown[4] = {
+  static const unsigned zero_to_unknown[BM_NSTATES] = {
     [BM_UNKNOWN] = BM_UNKNOWN, [BM_ALLOCATED] = BM_ALLOCATED,
-    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_UNKNOWN,
+    [BM_DATA] = BM_DATA, [BM_ZERO] = BM_UNKNOWN, [BM_TRIMMED] = BM_TRIMMED,
   };
-  struct range out, in;
-  unsigned st = newstate & BM_STATE_MASK;
-  bool has_in;
+  struct range r;
+  unsigned st = newstate;
 
   /* Only blockmap_learn_zero makes blocks ZERO. */
-  if (st == BM_ZERO)
+  if (st == BM_ZERO || st >= BM_NSTATES)
     st = BM_UNKNOWN;
   pthread_mutex_lock (&bm->lock);
-  if (!round_outward (bm, offset, count, &out))
+  if (!round_outward (bm, offset, count, &r))
     goto out;
-  if (st != BM_UNKNOWN) {
-    set_or_reset (bm, out.first, out.end, st);
-    goto out;
-  }
-  /* Blocks only partly covered keep the data of the rest of the block:
-   * they only lose ZERO.
-   */
-  has_in = round_inward (bm, offset, count, &in);
-  if (!has_in)
-    in.first = in.end = out.end;
-  if (out.first < in.first &&
-      bm_transform (bm, out.first, in.first, zero_to_unknown) == -1)
-    bm_reset_unknown (bm);
-  if (in.end < out.end &&
-      bm_transform (bm, MAX (in.end, out.first), out.end,
-                    zero_to_unknown) == -1)
-    bm_reset_unknown (bm);
-  if (has_in)
-    set_or_reset (bm, in.first, in.end, BM_UNKNOWN);
-  else
+  if (st != BM_UNKNOWN)
+    set_or_reset (bm, r.first, r.end, st);
+  else {
+    /* A zero request: the blocks lose ZERO, the rest stays until it
+     * has succeeded or failed.
+     */
+    if (bm_transform (bm, r.first, r.end, zero_to_unknown) == -1)
+      reset_lossless (bm);
     enforce_budget (bm);
+  }
  out:
   pthread_mutex_unlock (&bm->lock);
 }
@@ -492,7 +503,7 @@ blockmap_forget (struct blockmap *bm, uint64_t offset, uint64_t count)
 
   pthread_mutex_lock (&bm->lock);
   if (round_outward (bm, offset, count, &r))
-    set_or_reset (bm, r.first, r.end, BM_UNKNOWN);
+    set_or_reset (bm, r.first, r.end, BM_TRIMMED);
   pthread_mutex_unlock (&bm->lock);
 }
 
@@ -515,7 +526,7 @@ blockmap_get_stats (struct blockmap *bm, struct blockmap_stats *stats)
       struct pos p = { c, k };
       uint64_t first = ent_start (ch->e[k]);
 
-      stats->bytes[ent_state (ch->e[k]) & BM_STATE_MASK] +=
+      stats->bytes[ent_state (ch->e[k])] +=
         blocks_to_bytes (bm, first, run_end (bm, p));
     }
   }
@@ -543,7 +554,7 @@ blockmap_check (struct blockmap *bm)
       uint64_t start = ent_start (ch->e[k]);
       unsigned st = ent_state (ch->e[k]);
 
-      if (st > BM_STATE_MASK)
+      if (st >= BM_NSTATES)
         goto out;
       if (runs == 0) {
         if (start != 0)

@@ -11,8 +11,10 @@
  *
  * Memory is bounded by a budget given at creation: stored as runs of
  * equal state, a 1 TiB disk with 100 000 extents costs about 1 MiB; a
- * map that would grow past its budget forgets (makes unknown) the
- * knowledge of whole chunks of runs until it is back under 3/4 of it.
+ * map that would grow past its budget forgets the knowledge of whole
+ * chunks of runs until it is back under 3/4 of it: they become UNKNOWN,
+ * or TRIMMED where they held DATA or TRIMMED blocks (what the map saw
+ * hold data is never learnt zero from extents, even once forgotten).
  *
  * Zero knowledge follows the rules of doc/design.md ("The map
  * protocol"), with the disk's change tracker (changes.h):
@@ -22,7 +24,14 @@
  *  - zero knowledge is only ever added through blockmap_learn_zero,
  *    rounded inward, and only on the parts that the tracker reports
  *    unchanged since the learner's snapshot (changes_snapshot);
- *  - on error, blockmap_forget makes the blocks unknown.
+ *  - on error, blockmap_forget makes the blocks BM_TRIMMED (undefined).
+ *
+ * The plugin's extents are believed only where the filter has not seen
+ * the blocks hold data or become undefined: a layer below that caches
+ * (nbdkit's cache filter) may report zero over data it still holds, for
+ * example after a trim it does not implement itself.  BM_DATA and
+ * BM_TRIMMED blocks become ZERO only from their contents (a read of
+ * zeros, a zero request that succeeded), never from extents.
  *
  * Changed-block tracking does not live here: it hangs off the change
  * tracker, at its own granularity.
@@ -41,8 +50,13 @@ enum bm_state {
   BM_ALLOCATED = 1,   /* plugin reports data; contents not verified */
   BM_DATA      = 2,   /* verified to hold data, or written through us */
   BM_ZERO      = 3,   /* known to read as zero */
+  BM_TRIMMED   = 4,   /* contents undefined since a trim, a failed change
+                       * or a change the map could not follow: nothing
+                       * known, and zero only from contents (a read of
+                       * zeros, a successful zero request), never from
+                       * the plugin's extents */
 };
-#define BM_STATE_MASK 3u
+#define BM_NSTATES 5
 
 struct blockmap;
 struct changes;
@@ -83,13 +97,14 @@ extern bool blockmap_is_zero (struct blockmap *bm,
                               uint64_t offset, uint64_t count);
 
 /* What the plugin's extents call data: UNKNOWN blocks touched (rounded
- * outward) become BM_ALLOCATED; others are left alone.
+ * outward) become BM_ALLOCATED; others (TRIMMED included) are left alone.
  */
 extern void blockmap_learn_allocated (struct blockmap *bm,
                                       uint64_t offset, uint64_t count);
 
 /* Contents seen non-zero by a read issued after SNAP: the blocks touched
- * (rounded outward) become BM_DATA, except that a BM_ZERO block stays
+ * (rounded outward; UNKNOWN, ALLOCATED and TRIMMED ones) become BM_DATA,
+ * except that a BM_ZERO block stays
  * ZERO where a change since SNAP touched it (that knowledge is newer than
  * the read), or where the tracker cannot tell (its history overflowed).
  * Keeping ZERO then is still right: a block is ZERO only if it was
@@ -104,10 +119,12 @@ extern void blockmap_learn_data (struct blockmap *bm, uint64_t snap,
  * become BM_ZERO where no change other than EXCEPT (the caller's own zero
  * request, or 0) touched them since SNAP.  CONTENTS is true when the
  * request saw the contents (a read) or made them (a successful zero
- * request): then BM_DATA becomes ZERO too.  From the plugin's extents
- * (CONTENTS false) a BM_DATA block stays DATA: a layer below that caches
- * writes may report zero over data it holds, and believing data is
- * always safe.  Returns the number of bytes newly marked.
+ * request): then BM_DATA and BM_TRIMMED become ZERO too.  From the
+ * plugin's extents (CONTENTS false) only UNKNOWN and ALLOCATED blocks
+ * become ZERO; DATA and TRIMMED ones stay: a layer below that caches
+ * writes may report zero over data it holds (after a trim it passed down
+ * without dropping its own copy, after a failure, ...), and believing
+ * data is always safe.  Returns the number of bytes newly marked.
  */
 extern uint64_t blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
                                      uint64_t except,
@@ -115,18 +132,26 @@ extern uint64_t blockmap_learn_zero (struct blockmap *bm, uint64_t snap,
                                      bool contents);
 
 /* A change is about to be issued (after changes_begin).  NEWSTATE is
- * BM_DATA for a write: every block touched (rounded outward) becomes
- * DATA.  It is BM_UNKNOWN for a trim, a zero request or anything whose
- * result is undefined (BM_ZERO is treated as BM_UNKNOWN): blocks fully
- * covered become UNKNOWN, blocks only partly covered keep the data of
- * the rest of the block and only lose ZERO.
+ *  - BM_UNKNOWN (or BM_ZERO) for a zero request: every block touched
+ *    (rounded outward) loses ZERO (becomes UNKNOWN); the others keep
+ *    their state until the request has succeeded (blockmap_learn_zero)
+ *    or failed (blockmap_forget).  DATA stays DATA meanwhile: a fast
+ *    zero refused with ENOTSUP changed nothing, and a layer below that
+ *    caches writes may still hold the data;
+ *  - BM_TRIMMED for a trim, or a change whose result the map cannot
+ *    know (a write through another export name): every block touched
+ *    becomes TRIMMED;
+ *  - any other state (BM_DATA for a write): every block touched
+ *    becomes that state.
  */
 extern void blockmap_change (struct blockmap *bm,
                              uint64_t offset, uint64_t count,
                              enum bm_state newstate);
 
-/* Set a range unconditionally to BM_UNKNOWN (rounded outward), e.g. after
- * a failed change.
+/* A change failed: its contents are undefined.  The range (rounded
+ * outward) becomes BM_TRIMMED, unconditionally: never ZERO, and not
+ * learnt ZERO from the plugin's extents either (a layer below may hold
+ * part of what failed).
  */
 extern void blockmap_forget (struct blockmap *bm,
                              uint64_t offset, uint64_t count);
@@ -137,7 +162,7 @@ struct blockmap_stats {
   uint64_t memory;            /* bytes allocated for the map */
   uint64_t budget;            /* the most it may use */
   uint64_t forgotten;         /* bytes whose state was forgotten for it */
-  uint64_t bytes[4];          /* bytes in each enum bm_state */
+  uint64_t bytes[BM_NSTATES]; /* bytes in each enum bm_state */
 };
 extern void blockmap_get_stats (struct blockmap *bm,
                                 struct blockmap_stats *stats);

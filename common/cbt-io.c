@@ -1,27 +1,31 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
  * doc/cbt-format.md): the file's I/O.  Reading and writing whole, the
- * superblocks, and writing a whole new state.
+ * blocks of the file and their references, the io token, superblocks,
+ * directories, indexes and tables, and publishing a new state.
  *
- * On disk: two superblock slots (0 and 4096), then the data area.  A
- * "state" (checkpoint table, frozen bitmaps, current bitmap) is written
- * whole into free space outside the state the active superblock names,
- * synced, and then published by writing the other superblock slot with
- * sequence + 1 and syncing.  A torn superblock fails its crc and the
- * load uses the other slot, whose state is intact.  The only in-place
- * writes are to the current bitmap: they only ever set bits, and happen
- * while the file is marked in use (whose crc is then not checked).
+ * On disk: two superblock slots (0 and 4096), then blocks of 4096
+ * bytes.  A new state (table, indexes, directories, pages) is written
+ * into blocks the state in force does not hold, synced, and then
+ * published by writing the other superblock slot with sequence + 1 and
+ * syncing.  Blocks the old state held and the new one does not are
+ * free only then.  The only writes to blocks a published superblock
+ * names are to the current record (its pages and its directory entries,
+ * while the file is marked in use: they only ever set bits, or an entry
+ * from 0 to a block), and to the next directory's entries (marks made
+ * while a new checkpoint is being written).
  *
- * The other parts: cbt-load.c (opening, validating, closing), cbt.c
- * (marking, durability, commit, queries), cbt-checkpoints.c.
+ * The other parts: cbt-rec.c (records in memory), cbt.c (marking,
+ * commit, queries), cbt-checkpoints.c, cbt-load.c (opening, validating,
+ * closing), cbt-v1.c (version 1 files).
  *
  * Pure C: no nbdkit headers.
  */
-
 
 #ifdef HAVE_CONFIG_H
 #include <config.h>
 #endif
 
+#include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -32,9 +36,10 @@
 #include <unistd.h>
 
 #include "cbt-internal.h"
-#include "rounding.h"
 
 const char cbt_magic[8] = { 'S', 'B', 'K', 'C', 'B', 'T', '\r', '\n' };
+
+static const uint8_t zeros[65536];
 
 /* ---- Reading and writing ------------------------------------------- */
 
@@ -50,6 +55,20 @@ cbt_seterr (char *err, size_t errlen, const char *fmt, ...)
     va_end (ap);
   }
   errno = saved;
+}
+
+int __attribute__ ((__format__ (__printf__, 4, 5)))
+cbt_failure (char *err, size_t errlen, int e, const char *fmt, ...)
+{
+  va_list ap;
+
+  if (err != NULL && errlen > 0) {
+    va_start (ap, fmt);
+    vsnprintf (err, errlen, fmt, ap);
+    va_end (ap);
+  }
+  errno = e;
+  return -1;
 }
 
 int
@@ -83,38 +102,238 @@ cbt_pwrite_full (int fd, const void *buf, size_t len, uint64_t off)
       continue;
     if (r == -1)
       return -1;
+    if (r == 0) {
+      errno = EIO;
+      return -1;
+    }
     p += r; len -= (size_t) r; off += (uint64_t) r;
   }
   return 0;
 }
 
-/* OR bytes [POS, POS+LEN) of the frozen bitmaps of checkpoints
- * [LO, HI) into BUF, reading through TMP (CHUNK bytes).
- */
 int
-cbt_or_frozen (struct cbt *c, size_t lo, size_t hi, uint64_t pos,
-               uint8_t *buf, size_t len, uint8_t *tmp)
+cbt_io_failed (struct cbt *c, int e)
 {
-  for (size_t i = lo; i < hi; ++i) {
-    if (cbt_pread_full (c->fd, tmp, len, c->cps[i].off + pos) == -1)
-      return -1;
-    for (size_t j = 0; j < len; ++j)
-      buf[j] |= tmp[j];
-  }
+  pthread_mutex_lock (&c->lock);
+  if (c->io_error == 0)
+    c->io_error = e ? e : EIO;
+  pthread_mutex_unlock (&c->lock);
+  errno = EIO;
+  return -1;
+}
+
+int
+cbt_check_io (struct cbt *c, char *err, size_t errlen)
+{
+  int e;
+
+  pthread_mutex_lock (&c->lock);
+  e = c->io_error;
+  pthread_mutex_unlock (&c->lock);
+  if (e)
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: an earlier write to the file failed (%s): reopen "
+                        "it", strerror (e));
   return 0;
+}
+
+/* ---- Blocks -------------------------------------------------------- */
+
+int
+cbt_blocks_init (struct cbt *c, uint64_t file_size)
+{
+  uint64_t nb = (file_size + BLOCK - 1) >> BLOCK_SHIFT;
+
+  if (nb < 2)
+    nb = 2;
+  if (nb > UINT32_MAX / 2) {
+    errno = EFBIG;
+    return -1;
+  }
+  c->capblk = (uint32_t) nb + 64;
+  c->refs = calloc (c->capblk, sizeof *c->refs);
+  if (c->refs == NULL)
+    return -1;
+  c->nblk = (uint32_t) nb;
+  c->refs[0] = c->refs[1] = 1;  /* the superblocks */
+  c->hint = 2;
+  return 0;
+}
+
+/* Room for NEED blocks.  alloc_lock held. */
+static int
+grow (struct cbt *c, uint64_t need)
+{
+  uint64_t cap = c->capblk;
+  uint32_t *p;
+
+  if (need <= c->capblk)
+    return 0;
+  if (need > UINT32_MAX / 2) {
+    errno = EFBIG;
+    return -1;
+  }
+  while (cap < need)
+    cap *= 2;
+  if (cap > UINT32_MAX / 2)
+    cap = UINT32_MAX / 2;
+  p = realloc (c->refs, cap * sizeof *p);
+  if (p == NULL)
+    return -1;
+  memset (p + c->capblk, 0, (cap - c->capblk) * sizeof *p);
+  c->refs = p;
+  c->capblk = (uint32_t) cap;
+  return 0;
+}
+
+int
+cbt_alloc (struct cbt *c, uint32_t k, uint32_t *blk)
+{
+  uint32_t run = 0, start = 0, first_free = UINT32_MAX;
+  bool found = false;
+
+  assert (k > 0);
+  pthread_mutex_lock (&c->alloc_lock);
+  for (uint32_t b = c->hint; b < c->nblk; ++b) {
+    if (c->refs[b]) {
+      run = 0;
+      continue;
+    }
+    if (first_free == UINT32_MAX)
+      first_free = b;
+    if (run++ == 0)
+      start = b;
+    if (run == k) {
+      found = true;
+      break;
+    }
+  }
+  if (!found) {
+    /* At the end: after a free run that reaches it, or after it. */
+    if (run == 0)
+      start = c->nblk;
+    if (grow (c, (uint64_t) start + k) == -1) {
+      pthread_mutex_unlock (&c->alloc_lock);
+      return -1;
+    }
+    if (start + k > c->nblk)
+      c->nblk = start + k;
+  }
+  for (uint32_t i = 0; i < k; ++i)
+    c->refs[start + i] = 1;
+  if (first_free == UINT32_MAX || first_free == start)
+    c->hint = start + k;
+  else
+    c->hint = first_free;
+  pthread_mutex_unlock (&c->alloc_lock);
+  *blk = start;
+  return 0;
+}
+
+void
+cbt_hold (struct cbt *c, uint32_t blk, uint32_t k)
+{
+  pthread_mutex_lock (&c->alloc_lock);
+  for (uint32_t i = 0; i < k; ++i) {
+    assert (blk + i < c->nblk && c->refs[blk + i] > 0);
+    c->refs[blk + i]++;
+  }
+  pthread_mutex_unlock (&c->alloc_lock);
+}
+
+void
+cbt_release (struct cbt *c, uint32_t blk, uint32_t k)
+{
+  pthread_mutex_lock (&c->alloc_lock);
+  for (uint32_t i = 0; i < k; ++i) {
+    assert (blk + i < c->nblk && c->refs[blk + i] > 0);
+    if (--c->refs[blk + i] == 0 && blk + i < c->hint)
+      c->hint = blk + i;
+  }
+  pthread_mutex_unlock (&c->alloc_lock);
+}
+
+int
+cbt_hold_new (struct cbt *c, uint32_t blk, uint32_t k)
+{
+  int r = 0;
+
+  pthread_mutex_lock (&c->alloc_lock);
+  if (blk < 2 || (uint64_t) blk + k > c->nblk)
+    r = -1;
+  for (uint32_t i = 0; r == 0 && i < k; ++i)
+    if (c->refs[blk + i])
+      r = -1;
+  for (uint32_t i = 0; r == 0 && i < k; ++i)
+    c->refs[blk + i] = 1;
+  pthread_mutex_unlock (&c->alloc_lock);
+  return r;
+}
+
+void
+cbt_trim_file (struct cbt *c)
+{
+  uint32_t last;
+
+  if (c->read_only)
+    return;
+  pthread_mutex_lock (&c->alloc_lock);
+  last = c->nblk;
+  while (last > 2 && c->refs[last - 1] == 0)
+    last--;
+  if (last < c->nblk && ftruncate (c->fd, (off_t) blk_off (last)) == 0) {
+    c->nblk = last;
+    if (c->hint > last)
+      c->hint = last;
+  }
+  pthread_mutex_unlock (&c->alloc_lock);
+}
+
+/* ---- The io token -------------------------------------------------- */
+
+void
+cbt_token_take_locked (struct cbt *c)
+{
+  while (c->io_busy)
+    pthread_cond_wait (&c->cond, &c->lock);
+  c->io_busy = true;
+}
+
+void
+cbt_token_give_locked (struct cbt *c)
+{
+  c->io_busy = false;
+  pthread_cond_broadcast (&c->cond);
+}
+
+void
+cbt_token_take (struct cbt *c)
+{
+  pthread_mutex_lock (&c->lock);
+  cbt_token_take_locked (c);
+  pthread_mutex_unlock (&c->lock);
+}
+
+void
+cbt_token_give (struct cbt *c)
+{
+  pthread_mutex_lock (&c->lock);
+  cbt_token_give_locked (c);
+  pthread_mutex_unlock (&c->lock);
 }
 
 /* ---- Superblock ---------------------------------------------------- */
 
-/* Write the other slot with seq + 1 and sync.  Called with the lock
- * held or as the io_busy owner.  Failure is sticky.
- */
 int
-cbt_write_super (struct cbt *c, const struct sbvals *v)
+cbt_write_super (struct cbt *c, const struct sbv *v, bool sync)
 {
   uint8_t sb[SB_SIZE];
-  size_t idlen = strlen (c->identity);
-  int slot = 1 - c->active;
+  size_t idlen = strlen (c->identity), bootlen = strlen (c->boot_id);
+  /* The slot other than the last synced one: a write never tears the
+   * only superblock sure to be on disk (unsynced writes, in process-safe
+   * mode, go to the same slot again and again).
+   */
+  int slot = 1 - c->synced_slot;
 
   memset (sb, 0, sizeof sb);
   memcpy (sb + SB_MAGIC, cbt_magic, sizeof cbt_magic);
@@ -122,259 +341,267 @@ cbt_write_super (struct cbt *c, const struct sbvals *v)
   put32 (sb + SB_HEADER_SIZE, SB_SIZE);
   put64 (sb + SB_SEQ, c->seq + 1);
   put64 (sb + SB_INCOMPAT, v->in_use ? INCOMPAT_IN_USE : 0);
-  put64 (sb + SB_COMPAT, c->compat_other |
-         (c->mode == CBT_MODE_WRITE_AHEAD ? COMPAT_WRITE_AHEAD : 0));
+  put64 (sb + SB_COMPAT, c->compat_other);
   put64 (sb + SB_AUTOCLEAR, 0);
   put64 (sb + SB_DISK_SIZE, c->disk_size);
   put32 (sb + SB_GRAN_BITS, c->gran_bits);
-  put32 (sb + SB_NR_CPS, v->nr);
-  put64 (sb + SB_TABLE_OFF, v->table_off);
+  put32 (sb + SB_NR_CPS, v->n);
+  put64 (sb + SB_TABLE_OFF, v->table_blk ? blk_off (v->table_blk) : 0);
   put32 (sb + SB_TABLE_SIZE, v->table_size);
   put32 (sb + SB_TABLE_CRC, v->table_crc);
-  put64 (sb + SB_CUR_OFF, v->cur_off);
+  put64 (sb + SB_CUR_OFF, blk_off (v->cur_dir));
   put32 (sb + SB_CUR_CRC, v->in_use ? 0 : v->cur_crc);
   put32 (sb + SB_ID_LEN, (uint32_t) idlen);
   memcpy (sb + SB_ID, c->identity, idlen);
+  put64 (sb + SB_NEXT_OFF, blk_off (v->next_dir));
+  put32 (sb + SB_DIR_SIZE, c->dir_bytes);
+  put32 (sb + SB_MODE, (uint32_t) c->mode);
+  put64 (sb + SB_NEXT_SERIAL, v->next_serial);
+  put32 (sb + SB_BOOT_LEN, (uint32_t) bootlen);
+  memcpy (sb + SB_BOOT_ID, c->boot_id, bootlen);
   put32 (sb + SB_CRC, crc (0, sb, SB_CRC));
 
   if (cbt_pwrite_full (c->fd, sb, sizeof sb, (uint64_t) slot * SB_SIZE) == -1 ||
-      fdatasync (c->fd) == -1) {
-    c->io_error = errno ? errno : EIO;
-    return -1;
-  }
+      (sync && fdatasync (c->fd) == -1))
+    return cbt_io_failed (c, errno);
+  pthread_mutex_lock (&c->lock);
   c->seq++;
   c->active = slot;
-  c->autoclear = 0;
-  c->in_use_on_disk = v->in_use;
+  if (sync)
+    c->synced_slot = slot;
+  c->pub = *v;
+  if (v->in_use)
+    c->pub.cur_crc = 0;
+  pthread_mutex_unlock (&c->lock);
   return 0;
 }
 
-/* The superblock values of the state in memory. */
-struct sbvals
-cbt_current_vals (const struct cbt *c, bool in_use, uint32_t cur_crc)
+int
+cbt_set_in_use_locked (struct cbt *c)
 {
-  struct sbvals v = {
-    .table_off = c->table_off, .table_size = c->table_size,
-    .table_crc = c->table_crc, .cur_off = c->cur_off, .cur_crc = cur_crc,
-    .nr = (uint32_t) c->n, .in_use = in_use,
+  struct sbv v;
+  int r;
+
+  cbt_token_take_locked (c);
+  if (c->pub.in_use || c->io_error) {
+    r = c->io_error ? -1 : 0;
+    cbt_token_give_locked (c);
+    if (r == -1)
+      errno = EIO;
+    return r;
+  }
+  v = c->pub;
+  v.in_use = true;
+  pthread_mutex_unlock (&c->lock);
+  r = cbt_write_super (c, &v, true);
+  pthread_mutex_lock (&c->lock);
+  cbt_token_give_locked (c);
+  if (r == -1)
+    errno = EIO;
+  return r;
+}
+
+/* ---- Directories, indexes, tables ---------------------------------- */
+
+int
+cbt_write_zeros (struct cbt *c, uint32_t blk, uint32_t nb)
+{
+  uint64_t off = blk_off (blk), len = (uint64_t) nb << BLOCK_SHIFT;
+
+  while (len > 0) {
+    size_t n = len < sizeof zeros ? (size_t) len : sizeof zeros;
+    if (cbt_pwrite_full (c->fd, zeros, n, off) == -1)
+      return -1;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int
+cbt_write_dir (struct cbt *c, const struct mrec *m, uint32_t dir)
+{
+  uint8_t *buf;
+  uint64_t total = (uint64_t) c->dir_blocks << BLOCK_SHIFT;
+  int r = 0;
+
+  buf = malloc (65536);
+  if (buf == NULL)
+    return -1;
+  for (uint64_t pos = 0; r == 0 && pos < total; pos += 65536) {
+    size_t n = total - pos < 65536 ? (size_t) (total - pos) : 65536;
+
+    memset (buf, 0, n);
+    for (size_t j = 0; j < n; j += DIR_SIZE) {
+      uint64_t p = (pos + j) / DIR_SIZE;
+      if (p < c->nr_pages && m->pg[p].blk) {
+        put32 (buf + j + DIR_BLOCK, m->pg[p].blk);
+        put32 (buf + j + DIR_CHECK, dir_check ((uint32_t) p, m->pg[p].blk));
+      }
+    }
+    r = cbt_pwrite_full (c->fd, buf, n, blk_off (dir) + pos);
+  }
+  free (buf);
+  return r;
+}
+
+int
+cbt_write_index (struct cbt *c, struct frec *f)
+{
+  uint64_t bytes = (uint64_t) f->n * IDX_SIZE;
+  uint32_t nb = blocks_for (bytes), blk, icrc = 0;
+  uint64_t total = (uint64_t) nb << BLOCK_SHIFT;
+  uint8_t *buf;
+  int r = 0;
+
+  f->idx_blk = f->idx_crc = 0;
+  if (f->n == 0)
+    return 0;
+  buf = malloc (65536);
+  if (buf == NULL)
+    return -1;
+  if (cbt_alloc (c, nb, &blk) == -1) {
+    free (buf);
+    return -1;
+  }
+  for (uint64_t pos = 0; r == 0 && pos < total; pos += 65536) {
+    size_t n = total - pos < 65536 ? (size_t) (total - pos) : 65536;
+
+    memset (buf, 0, n);
+    for (size_t j = 0; j < n && pos + j < bytes; j += IDX_SIZE) {
+      const struct fent *e = &f->e[(pos + j) / IDX_SIZE];
+      put32 (buf + j + IDX_PAGE, e->page);
+      put32 (buf + j + IDX_CRC, e->crc);
+      put64 (buf + j + IDX_OFF, blk_off (e->blk));
+    }
+    icrc = crc (icrc, buf, pos + n <= bytes ? n : (size_t) (bytes - pos));
+    r = cbt_pwrite_full (c->fd, buf, n, blk_off (blk) + pos);
+  }
+  free (buf);
+  if (r == -1) {
+    int e = errno;
+    cbt_release (c, blk, nb);
+    errno = e;
+    return -1;
+  }
+  f->idx_blk = blk;
+  f->idx_crc = icrc;
+  return 0;
+}
+
+int
+cbt_write_table (struct cbt *c, struct state *s)
+{
+  uint32_t size = (uint32_t) (s->n * ENTRY_SIZE);
+  uint32_t nb = blocks_for (size), blk;
+  uint8_t *buf;
+  int r;
+
+  s->table_blk = s->table_size = s->table_crc = 0;
+  if (s->n == 0)
+    return 0;
+  buf = calloc (nb, BLOCK);
+  if (buf == NULL)
+    return -1;
+  for (size_t i = 0; i < s->n; ++i) {
+    const struct cpe *cp = &s->cps[i];
+    const struct frec *f = cp->rec;
+    uint8_t *e = buf + i * ENTRY_SIZE;
+
+    memcpy (e + CP_NAME, cp->name, strlen (cp->name));
+    put32 (e + CP_STATE, cp->state);
+    put64 (e + CP_CREATED, cp->created);
+    put64 (e + CP_SERIAL, cp->serial);
+    if (f && f->n) {
+      put64 (e + CP_IDX_OFF, blk_off (f->idx_blk));
+      put32 (e + CP_IDX_CRC, f->idx_crc);
+      put32 (e + CP_IDX_COUNT, (uint32_t) f->n);
+    }
+  }
+  if (cbt_alloc (c, nb, &blk) == -1) {
+    free (buf);
+    return -1;
+  }
+  r = cbt_pwrite_full (c->fd, buf, (size_t) nb << BLOCK_SHIFT, blk_off (blk));
+  if (r == -1) {
+    int e = errno;
+    cbt_release (c, blk, nb);
+    free (buf);
+    errno = e;
+    return -1;
+  }
+  s->table_blk = blk;
+  s->table_size = size;
+  s->table_crc = crc (0, buf, size);
+  free (buf);
+  return 0;
+}
+
+struct sbv
+cbt_state_sbv (const struct cbt *c, const struct state *s, uint32_t cur_crc)
+{
+  struct sbv v = {
+    .n = (uint32_t) s->n,
+    .table_blk = s->table_blk, .table_size = s->table_size,
+    .table_crc = s->table_crc,
+    .cur_dir = s->cur[s->ncur - 1]->dir, .next_dir = s->next_dir,
+    .cur_crc = cur_crc, .next_serial = s->next_serial,
   };
+  (void) c;
   return v;
 }
 
-/* ---- Writing a whole new state ------------------------------------- */
+/* ---- Publishing ---------------------------------------------------- */
 
-/* [LO, HI): the extent of the data area the active state uses. */
-static void
-active_extent (const struct cbt *c, uint64_t *lo, uint64_t *hi)
-{
-  uint64_t bm = round_up (c->bm_bytes, ALIGN);
-
-  *lo = UINT64_MAX; *hi = DATA_START;
-#define EXTEND(off, len)                                        \
-  do {                                                          \
-    if ((off) < *lo) *lo = (off);                               \
-    if ((off) + (len) > *hi) *hi = (off) + (len);               \
-  } while (0)
-  if (c->cur_off)
-    EXTEND (c->cur_off, bm);
-  if (c->table_size)
-    EXTEND (c->table_off, (uint64_t) c->table_size);
-  for (size_t i = 0; i + 1 < c->n; ++i)
-    EXTEND (c->cps[i].off, bm);
-#undef EXTEND
-}
-
-/* Write the records (the frozen ones, then the current bitmap: zeros if
- * ZERO_CURRENT) and the table of NC into free space, sync, publish.  On
- * success the state in memory becomes NC.  Lock held, not io_busy.
- */
 int
-cbt_write_state (struct cbt *c, const struct newcp *nc, size_t nn,
-                 bool zero_current, char *err, size_t errlen)
+cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
+             char *err, size_t errlen)
 {
-  uint64_t bm = round_up (c->bm_bytes, ALIGN);
-  uint64_t table_alloc = round_up ((uint64_t) nn * ENTRY_SIZE, ALIGN);
-  uint64_t total = table_alloc + (nn > 1 ? nn - 1 : 0) * bm + bm;
-  uint64_t lo, hi, start, cur_off;
-  uint32_t cur_crc = 0, table_crc = 0;
-  uint8_t *buf = NULL, *tmp = NULL, *table = NULL;
-  struct cp newcps[CBT_MAX_CHECKPOINTS];
-  struct sbvals v;
+  struct state *old;
+  bool sync = true;
 
-  if (c->io_error)
-    FAILWITH (EIO, "cbt: an earlier write to the file failed (%s)",
-              strerror (c->io_error));
-  active_extent (c, &lo, &hi);
-  start = DATA_START + total <= lo ? DATA_START : round_up (hi, ALIGN);
-  cur_off = start + table_alloc + (nn > 1 ? nn - 1 : 0) * bm;
-
-  buf = malloc (CHUNK);
-  tmp = malloc (CHUNK);
-  table = calloc (1, table_alloc ? table_alloc : 1);
-  if (buf == NULL || tmp == NULL || table == NULL) {
-    cbt_seterr (err, errlen, "cbt: out of memory");
-    goto fail;
-  }
-
-  for (size_t i = 0; i < nn; ++i) {
-    uint64_t off = i + 1 < nn ? start + table_alloc + i * bm : cur_off;
-    bool last = i + 1 == nn;
-    uint32_t bcrc = 0;
-
-    newcps[i] = nc[i].cp;
-    for (uint64_t pos = 0; pos < c->bm_bytes; pos += CHUNK) {
-      size_t len = chunk_len (c, pos);
-
-      memset (buf, 0, len);
-      if (!last) {
-        if (cbt_or_frozen (c, nc[i].lo, nc[i].hi, pos, buf, len, tmp) == -1) {
-          cbt_seterr (err, errlen, "cbt: reading a checkpoint bitmap: %m");
-          goto fail;
-        }
-        if (nc[i].mem)
-          for (size_t j = 0; j < len; ++j)
-            buf[j] |= c->cur[pos + j];
-      }
-      else if (!zero_current)
-        memcpy (buf, c->cur + pos, len);
-      bcrc = crc (bcrc, buf, len);
-      if (cbt_pwrite_full (c->fd, buf, len, off + pos) == -1) {
-        cbt_seterr (err, errlen, "cbt: writing a bitmap: %m");
-        goto fail;
-      }
-    }
-    newcps[i].off = last ? 0 : off;
-    newcps[i].crc = last ? 0 : bcrc;
-    if (last)
-      cur_crc = bcrc;
-  }
-  if (nn == 0) {                /* just the current bitmap */
-    for (uint64_t pos = 0; pos < c->bm_bytes; pos += CHUNK) {
-      size_t len = chunk_len (c, pos);
-
-      if (zero_current)
-        memset (buf, 0, len);
-      else
-        memcpy (buf, c->cur + pos, len);
-      cur_crc = crc (cur_crc, buf, len);
-      if (cbt_pwrite_full (c->fd, buf, len, cur_off + pos) == -1) {
-        cbt_seterr (err, errlen, "cbt: writing the current bitmap: %m");
-        goto fail;
-      }
-    }
-  }
-
-  for (size_t i = 0; i < nn; ++i) {
-    uint8_t *e = table + i * ENTRY_SIZE;
-
-    memcpy (e + CP_NAME, newcps[i].name, strlen (newcps[i].name));
-    put32 (e + CP_STATE, newcps[i].state);
-    put64 (e + CP_BM_OFF, newcps[i].off);
-    put32 (e + CP_BM_CRC, newcps[i].crc);
-    put64 (e + CP_CREATED, newcps[i].created);
-  }
-  table_crc = crc (0, table, nn * ENTRY_SIZE);
-  if (nn > 0 &&
-      cbt_pwrite_full (c->fd, table, nn * ENTRY_SIZE, start) == -1) {
-    cbt_seterr (err, errlen, "cbt: writing the checkpoint table: %m");
-    goto fail;
-  }
-  if (fdatasync (c->fd) == -1) {
-    c->io_error = errno ? errno : EIO;
-    cbt_seterr (err, errlen, "cbt: syncing the file: %m");
-    goto fail;
-  }
-
-  v.table_off = nn ? start : 0;
-  v.table_size = (uint32_t) (nn * ENTRY_SIZE);
-  v.table_crc = nn ? table_crc : 0;
-  v.cur_off = cur_off;
-  v.cur_crc = cur_crc;
-  v.nr = (uint32_t) nn;
-  v.in_use = c->in_use_on_disk;
-  if (cbt_write_super (c, &v) == -1) {
-    cbt_seterr (err, errlen, "cbt: writing the superblock: %m");
-    goto fail;
-  }
-
-  c->table_off = v.table_off;
-  c->table_size = v.table_size;
-  c->table_crc = v.table_crc;
-  c->cur_off = cur_off;
-  memcpy (c->cps, newcps, nn * sizeof newcps[0]);
-  c->n = nn;
-  if (zero_current)
-    memset (c->cur, 0, c->bm_bytes);
-  c->durable_gen = c->mark_gen;   /* everything in memory is on disk */
-  /* Beyond the new state and the previous one (which the other
-   * superblock names, kept for a damaged newest superblock) is free.
+  /* Process-safe mode, the file in use: a power loss drops every
+   * checkpoint anyway (another boot), and the loader then reads only
+   * the superblock: no sync, so that a checkpoint change never makes
+   * the file system flush what the marks wrote.  (The token keeps the
+   * file's in-use state as it is.)
    */
-  {
-    uint64_t old_hi = hi;
-
-    active_extent (c, &lo, &hi);
-    if (ftruncate (c->fd, (off_t) (hi > old_hi ? hi : old_hi)) == -1) {
-      /* harmless: the file is just longer */
-    }
+  if (c->mode == CBT_MODE_PROCESS_SAFE) {
+    pthread_mutex_lock (&c->lock);
+    cbt_token_take_locked (c);
+    sync = !c->pub.in_use;
+    pthread_mutex_unlock (&c->lock);
   }
-  free (buf); free (tmp); free (table);
+  if (sync && fdatasync (c->fd) == -1) {
+    int e = errno;
+    if (c->mode == CBT_MODE_PROCESS_SAFE)
+      cbt_token_give (c);
+    cbt_state_unref (c, ns);
+    cbt_io_failed (c, e);
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: syncing the file: %s", strerror (e));
+  }
+  pthread_mutex_lock (&c->lock);
+  if (c->mode != CBT_MODE_PROCESS_SAFE)
+    cbt_token_take_locked (c);
+  v->in_use = c->pub.in_use;
+  pthread_mutex_unlock (&c->lock);
+  if (cbt_write_super (c, v, sync) == -1) {
+    int e;
+    pthread_mutex_lock (&c->lock);
+    e = c->io_error;
+    cbt_token_give_locked (c);
+    pthread_mutex_unlock (&c->lock);
+    cbt_state_unref (c, ns);
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the superblock: %s", strerror (e));
+  }
+  pthread_mutex_lock (&c->lock);
+  old = c->st;
+  c->st = ns;
+  cbt_token_give_locked (c);
+  pthread_mutex_unlock (&c->lock);
+  cbt_state_unref (c, old);
+  cbt_trim_file (c);
   return 0;
-
- fail:
-  free (buf); free (tmp); free (table);
-  errno = c->io_error ? EIO : (errno ? errno : EIO);
-  return -1;
-}
-
-/* The state in memory as a newcp list (each keeps its own record). */
-void
-cbt_same_state (const struct cbt *c, struct newcp *nc)
-{
-  for (size_t i = 0; i < c->n; ++i) {
-    nc[i].cp = c->cps[i];
-    nc[i].lo = i;
-    nc[i].hi = i + 1;
-    nc[i].mem = false;
-  }
-}
-
-/* Delete checkpoint K, merging its record into K-1 (dropping it if
- * K == 0).  Lock held, not io_busy.
- */
-int
-cbt_delete_cp (struct cbt *c, size_t k, char *err, size_t errlen)
-{
-  struct newcp nc[CBT_MAX_CHECKPOINTS];
-  size_t nn = 0;
-
-  if (k + 1 == c->n && k > 0) {
-    /* The record of K is the current bitmap: OR the frozen record of
-     * K-1 into it (in memory first: a superset is always safe).
-     */
-    uint8_t *tmp = malloc (CHUNK);
-
-    if (tmp == NULL)
-      FAILWITH (ENOMEM, "cbt: out of memory");
-    for (uint64_t pos = 0; pos < c->bm_bytes; pos += CHUNK)
-      if (cbt_or_frozen (c, k - 1, k, pos, c->cur + pos, chunk_len (c, pos),
-                         tmp) == -1) {
-        cbt_seterr (err, errlen, "cbt: reading checkpoint '%s': %m",
-                    c->cps[k - 1].name);
-        free (tmp);
-        return -1;
-      }
-    free (tmp);
-    if (c->page_gen) {
-      c->mark_gen++;
-      for (size_t p = 0; p < c->nr_pages; ++p)
-        c->page_gen[p] = c->mark_gen;
-    }
-  }
-  cbt_same_state (c, nc);
-  if (k > 0 && k + 1 < c->n)
-    nc[k - 1].hi = k + 1;
-  for (size_t i = 0; i < c->n; ++i)
-    if (i != k)
-      nc[nn++] = nc[i];
-  return cbt_write_state (c, nc, nn, false, err, errlen);
 }

@@ -1,10 +1,13 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
- * doc/cbt-format.md): recording changes.  Marking granules in the
- * current bitmap, the write-ahead of its pages (durability), commit,
- * and the query of what changed since a checkpoint (cbt_map).
+ * doc/cbt-format.md): recording changes and reading them back.  Marking
+ * granules in the current record (by page), the durability of marks
+ * (write-ahead tickets and commits, process-safe writes), and the query
+ * of what changed since a checkpoint (cbt_map*), which reads the
+ * records of a state it holds a reference on, without the lock.
  *
- * The file is opened in cbt-load.c, written in cbt-io.c; checkpoints are
- * in cbt-checkpoints.c, the shared types in cbt-internal.h.
+ * The file is opened in cbt-load.c, written in cbt-io.c and cbt-rec.c;
+ * checkpoints are in cbt-checkpoints.c, the shared types in
+ * cbt-internal.h.
  *
  * Pure C: no nbdkit headers.
  */
@@ -14,15 +17,19 @@
 #endif
 
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cbt-internal.h"
 #include "minmax.h"
-#include "rounding.h"
+
+#define GRAN_PER_PAGE (UINT64_C (1) << PAGE_GRAN_SHIFT)
+#define MARK_BATCH 64           /* pages marked per hold of the lock */
 
 /* ---- Recording ----------------------------------------------------- */
 
@@ -40,54 +47,47 @@ range_granules (const struct cbt *c, uint64_t offset, uint64_t count,
   return 0;
 }
 
-/* Set bits [G0, G1]; true if any was clear. */
+/* Set bits [B0, B1] of BM; the bytes that changed are [*J0, *J1]
+ * (returns false if none).
+ */
 static bool
-set_bits (uint8_t *bm, uint64_t g0, uint64_t g1)
+set_bits (uint8_t *bm, uint64_t b0, uint64_t b1, size_t *j0, size_t *j1)
 {
   bool changed = false;
 
-  while (g0 <= g1) {
-    uint64_t byte = g0 / 8;
-    unsigned b0 = g0 % 8;
-    unsigned b1 = g1 / 8 == byte ? g1 % 8 : 7;
-    uint8_t m = (uint8_t) ((0xff << b0) & (0xff >> (7 - b1)));
+  while (b0 <= b1) {
+    size_t byte = (size_t) (b0 / 8);
+    unsigned lo = b0 % 8;
+    unsigned hi = b1 / 8 == byte ? b1 % 8 : 7;
+    uint8_t m = (uint8_t) ((0xff << lo) & (0xff >> (7 - hi)));
 
     if ((bm[byte] & m) != m) {
       bm[byte] |= m;
+      if (!changed)
+        *j0 = byte;
+      *j1 = byte;
       changed = true;
     }
-    g0 = (byte + 1) * 8;
+    b0 = ((uint64_t) byte + 1) * 8;
   }
   return changed;
 }
 
 static bool
-bits_set (const uint8_t *bm, uint64_t g0, uint64_t g1)
+bits_set (const uint8_t *bm, uint64_t b0, uint64_t b1)
 {
-  for (uint64_t g = g0; g <= g1; ++g)
-    if (!(bm[g / 8] & (1u << (g % 8))))
+  for (uint64_t b = b0; b <= b1; ++b)
+    if (!(bm[b / 8] & (1u << (b % 8))))
       return false;
   return true;
-}
-
-/* The ticket to wait for to make granules [G0, G1] durable: 0 if they
- * are already.  Lock held.
- */
-static uint64_t
-ticket_of (const struct cbt *c, uint64_t g0, uint64_t g1)
-{
-  uint64_t t = 0;
-
-  for (uint64_t p = g0 / 8 / PAGE; p <= g1 / 8 / PAGE; ++p)
-    if (c->page_gen[p] > c->durable_gen && c->page_gen[p] > t)
-      t = c->page_gen[p];
-  return t;
 }
 
 int
 cbt_mark (struct cbt *c, uint64_t offset, uint64_t count, uint64_t *ticket)
 {
-  uint64_t g0, g1;
+  uint64_t g0, g1, t = 0;
+  uint32_t p0, p1;
+  int r = 0;
 
   if (ticket)
     *ticket = 0;
@@ -99,32 +99,62 @@ cbt_mark (struct cbt *c, uint64_t offset, uint64_t count, uint64_t *ticket)
     return -1;
   if (count == 0)
     return 0;
+  p0 = (uint32_t) (g0 >> PAGE_GRAN_SHIFT);
+  p1 = (uint32_t) (g1 >> PAGE_GRAN_SHIFT);
   pthread_mutex_lock (&c->lock);
   c->stats.marks++;
-  if (c->io_error) {
+  if (c->io_error || (!c->pub.in_use && cbt_set_in_use_locked (c) == -1)) {
     pthread_mutex_unlock (&c->lock);
     errno = EIO;
     return -1;
   }
-  if (c->mode == CBT_MODE_IN_USE && !c->in_use_on_disk) {
-    struct sbvals v = cbt_current_vals (c, true, 0);
+  for (uint32_t p = p0; p <= p1; ++p) {
+    struct mrec *m = c->st->cur[c->st->ncur - 1];
+    uint64_t base = (uint64_t) p << PAGE_GRAN_SHIFT;
+    uint64_t b0 = (g0 > base ? g0 : base) - base;
+    uint64_t b1 = (g1 < base + GRAN_PER_PAGE - 1 ? g1
+                   : base + GRAN_PER_PAGE - 1) - base;
+    uint8_t *mem = cbt_page_get (c, m, p);
+    size_t j0 = 0, j1 = 0;
 
-    wait_idle (c);
-    if (cbt_write_super (c, &v) == -1) {
-      pthread_mutex_unlock (&c->lock);
+    if (mem == NULL) {
+      errno = ENOMEM;
+      r = -1;
+      break;
+    }
+    if (set_bits (mem, b0, b1, &j0, &j1)) {
+      if (cbt_page_changed (c, m, p, j0, j1) == -1) {
+        errno = EIO;
+        r = -1;
+        break;
+      }
+    }
+    else if (c->mode == CBT_MODE_PROCESS_SAFE &&
+             m->pg[p].wgen < m->pg[p].gen && cbt_ps_write (c, m, p) == -1) {
+      /* (set already, by a mark or merge whose write is in flight) */
       errno = EIO;
-      return -1;
+      r = -1;
+      break;
+    }
+    /* (Process-safe: M may be gone now, the lock was released.) */
+    if (c->mode == CBT_MODE_WRITE_AHEAD &&
+        m->pg[p].gen > c->durable_gen && m->pg[p].gen > t)
+      t = m->pg[p].gen;
+    if ((p - p0) % MARK_BATCH == MARK_BATCH - 1 && p < p1) {
+      /* A long range: let others in between pages. */
+      pthread_mutex_unlock (&c->lock);
+      pthread_mutex_lock (&c->lock);
+      if (c->io_error) {
+        errno = EIO;
+        r = -1;
+        break;
+      }
     }
   }
-  if (set_bits (c->cur, g0, g1) && c->page_gen) {
-    c->mark_gen++;
-    for (uint64_t p = g0 / 8 / PAGE; p <= g1 / 8 / PAGE; ++p)
-      c->page_gen[p] = c->mark_gen;
-  }
-  if (c->page_gen && ticket)
-    *ticket = ticket_of (c, g0, g1);
   pthread_mutex_unlock (&c->lock);
-  return 0;
+  if (r == 0 && ticket && c->mode == CBT_MODE_WRITE_AHEAD)
+    *ticket = t;
+  return r;
 }
 
 bool
@@ -136,97 +166,288 @@ cbt_is_durable (struct cbt *c, uint64_t offset, uint64_t count)
   if (range_granules (c, offset, count, &g0, &g1) == -1 || count == 0)
     return count == 0;
   pthread_mutex_lock (&c->lock);
-  r = bits_set (c->cur, g0, g1) &&
-    (c->mode == CBT_MODE_IN_USE ? c->in_use_on_disk
-     : ticket_of (c, g0, g1) == 0);
+  r = c->pub.in_use;
+  for (uint64_t p = g0 >> PAGE_GRAN_SHIFT;
+       r && p <= g1 >> PAGE_GRAN_SHIFT; ++p) {
+    const struct mrec *m = c->st->cur[c->st->ncur - 1];
+    const struct pgent *pg = &m->pg[p];
+    uint64_t base = p << PAGE_GRAN_SHIFT;
+    uint64_t b0 = (g0 > base ? g0 : base) - base;
+    uint64_t b1 = (g1 < base + GRAN_PER_PAGE - 1 ? g1
+                   : base + GRAN_PER_PAGE - 1) - base;
+
+    r = pg->mem && bits_set (pg->mem, b0, b1) &&
+      (c->mode != CBT_MODE_WRITE_AHEAD || pg->gen <= c->durable_gen) &&
+      (c->mode != CBT_MODE_PROCESS_SAFE || pg->wgen >= pg->gen);
+  }
   pthread_mutex_unlock (&c->lock);
   return r;
-}
-
-/* One group commit: write every page changed since the last durable
- * generation, sync.  Lock held on entry and exit, released meanwhile;
- * c->io_busy keeps structural changes and other commits out.
- */
-static void
-do_commit (struct cbt *c)
-{
-  uint64_t gen = c->mark_gen;
-  struct sbvals v = cbt_current_vals (c, true, 0);
-  bool need_super = !c->in_use_on_disk;
-  size_t nd = 0, *idx;
-  uint8_t *pages;
-  int e = 0;
-
-  for (size_t p = 0; p < c->nr_pages; ++p)
-    nd += c->page_gen[p] > c->durable_gen;
-  idx = malloc ((nd ? nd : 1) * sizeof *idx);
-  pages = malloc (nd ? nd * PAGE : 1);
-  if (idx == NULL || pages == NULL) {
-    free (idx); free (pages);
-    c->io_error = ENOMEM;
-    return;
-  }
-  nd = 0;
-  for (size_t p = 0; p < c->nr_pages; ++p)
-    if (c->page_gen[p] > c->durable_gen) {
-      uint64_t pos = (uint64_t) p * PAGE;
-      size_t len = c->bm_bytes - pos < PAGE ? c->bm_bytes - pos : PAGE;
-      memcpy (pages + nd * PAGE, c->cur + pos, len);
-      idx[nd++] = p;
-    }
-  c->io_busy = true;
-  pthread_mutex_unlock (&c->lock);
-
-  if (need_super && cbt_write_super (c, &v) == -1)
-    e = c->io_error;
-  for (size_t i = 0; e == 0 && i < nd; ++i) {
-    uint64_t pos = (uint64_t) idx[i] * PAGE;
-    size_t len = c->bm_bytes - pos < PAGE ? c->bm_bytes - pos : PAGE;
-    if (cbt_pwrite_full (c->fd, pages + i * PAGE, len, c->cur_off + pos) == -1)
-      e = errno ? errno : EIO;
-  }
-  if (e == 0 && fdatasync (c->fd) == -1)
-    e = errno ? errno : EIO;
-  free (idx);
-  free (pages);
-
-  pthread_mutex_lock (&c->lock);
-  c->io_busy = false;
-  c->stats.syncs++;
-  c->stats.pages_written += nd;
-  if (e)
-    c->io_error = e;
-  else if (gen > c->durable_gen)
-    c->durable_gen = gen;
-  pthread_cond_broadcast (&c->cond);
 }
 
 int
 cbt_commit (struct cbt *c, uint64_t ticket)
 {
-  int r = 0;
-
   if (ticket == 0 || c->mode != CBT_MODE_WRITE_AHEAD)
     return 0;
   pthread_mutex_lock (&c->lock);
   c->stats.commits++;
-  while (c->durable_gen < ticket) {
-    if (c->io_error) {
-      r = -1;
-      break;
-    }
-    if (c->io_busy)
-      pthread_cond_wait (&c->cond, &c->lock);
-    else
-      do_commit (c);
-  }
   pthread_mutex_unlock (&c->lock);
-  if (r == -1)
-    errno = EIO;
-  return r;
+  return cbt_commit_upto (c, ticket);
 }
 
 /* ---- Queries ------------------------------------------------------- */
+
+/* A walk over pages, emitting runs of set granules. */
+struct walk {
+  struct cbt *c;
+  cbt_extent_fn extent;
+  void *opaque;
+  uint64_t g_lo, g_hi;          /* granules [g_lo, g_hi) */
+  uint64_t run, run_len;        /* the open run (granules) */
+};
+
+static int
+emit (struct walk *w)
+{
+  uint64_t gran = UINT64_C (1) << w->c->gran_bits;
+  uint64_t off = w->run * gran, len = w->run_len * gran;
+
+  if (w->run_len == 0)
+    return 0;
+  w->run_len = 0;
+  if (off + len > w->c->disk_size)
+    len = w->c->disk_size - off;
+  return w->extent (off, len, w->opaque);
+}
+
+/* Add granules [G, G+N) to the runs. */
+static int
+add (struct walk *w, uint64_t g, uint64_t n)
+{
+  if (w->run_len > 0 && w->run + w->run_len == g) {
+    w->run_len += n;
+    return 0;
+  }
+  if (emit (w) == -1)
+    return -1;
+  w->run = g;
+  w->run_len = n;
+  return 0;
+}
+
+/* The set granules of page P (BUF) inside [g_lo, g_hi). */
+static int
+walk_page (struct walk *w, uint32_t p, const uint8_t *buf)
+{
+  uint64_t base = (uint64_t) p << PAGE_GRAN_SHIFT;
+  uint64_t lo = w->g_lo > base ? w->g_lo - base : 0;
+  uint64_t hi = w->g_hi - base < GRAN_PER_PAGE ? w->g_hi - base
+    : GRAN_PER_PAGE;                    /* bits [lo, hi) of the page */
+
+  for (uint64_t b = lo; b < hi; ) {
+    uint8_t byte = buf[b / 8];
+
+    if (b % 8 == 0 && hi - b >= 8 && (byte == 0 || byte == 0xff)) {
+      if (byte && add (w, base + b, 8) == -1)
+        return -1;
+      b += 8;
+      continue;
+    }
+    if ((byte & (1u << (b % 8))) && add (w, base + b, 1) == -1)
+      return -1;
+    b++;
+  }
+  return 0;
+}
+
+/* Find checkpoint NAME (or SERIAL, when NAME is NULL) in S. */
+static ssize_t
+find_in (const struct state *s, const char *name, uint64_t serial)
+{
+  for (size_t i = 0; i < s->n; ++i)
+    if (name ? strcmp (s->cps[i].name, name) == 0
+        : s->cps[i].serial == serial)
+      return (ssize_t) i;
+  return -1;
+}
+
+static void
+describe (char *buf, size_t len, const char *name, uint64_t serial)
+{
+  if (name)
+    snprintf (buf, len, "'%s'", name);
+  else
+    snprintf (buf, len, "with serial %" PRIu64, serial);
+}
+
+/* The next page >= P that any current record of S holds, or UINT32_MAX.
+ * Scans at most 4096 pages per hold of the lock.
+ */
+static uint32_t
+next_current (struct cbt *c, const struct state *s, uint32_t p, uint32_t last)
+{
+  while (p <= last) {
+    uint32_t end = last - p >= 4096 ? p + 4096 : last + 1;
+    uint32_t found = UINT32_MAX;
+
+    pthread_mutex_lock (&c->lock);
+    for (uint32_t q = p; q < end && found == UINT32_MAX; ++q)
+      for (int i = 0; i < s->ncur; ++i)
+        if (s->cur[i]->pg[q].mem) {
+          found = q;
+          break;
+        }
+    pthread_mutex_unlock (&c->lock);
+    if (found != UINT32_MAX)
+      return found;
+    if (end == last + 1)
+      break;
+    p = end;
+  }
+  return UINT32_MAX;
+}
+
+static int
+map_impl (struct cbt *c, const char *since, uint64_t since_serial,
+          const char *until, uint64_t until_serial, bool has_until,
+          uint64_t start, uint64_t end, cbt_extent_fn extent, void *opaque,
+          char *err, size_t errlen)
+{
+  struct walk w = { .c = c, .extent = extent, .opaque = opaque };
+  struct state *s;
+  ssize_t k, u;
+  size_t nrec = 0, *cursor = NULL;
+  const struct frec **recs = NULL;
+  uint8_t *buf = NULL, *tmp = NULL;
+  char what[CBT_NAME_MAX + 32], what2[CBT_NAME_MAX + 32];
+  uint32_t p_lo, p_hi;
+  int r = -1;
+
+  describe (what, sizeof what, since, since_serial);
+  describe (what2, sizeof what2, until, until_serial);
+  pthread_mutex_lock (&c->lock);
+  s = c->st;
+  cbt_state_ref (s);
+  pthread_mutex_unlock (&c->lock);
+
+  k = find_in (s, since, since_serial);
+  if (k < 0) {
+    cbt_seterr (err, errlen, "cbt: no checkpoint %s", what);
+    errno = ENOENT;
+    goto out;
+  }
+  if (s->cps[k].state != CBT_STATE_GOOD) {
+    cbt_seterr (err, errlen, "cbt: checkpoint %s is pending: its backup "
+                "has not ended", what);
+    errno = EINVAL;
+    goto out;
+  }
+  /* Frozen records k .. u-1; without UNTIL the current one(s) too. */
+  u = (ssize_t) s->n - 1;
+  if (has_until) {
+    u = find_in (s, until, until_serial);
+    if (u < 0) {
+      cbt_seterr (err, errlen, "cbt: no checkpoint %s", what2);
+      errno = ENOENT;
+      goto out;
+    }
+    if (u <= k) {
+      cbt_seterr (err, errlen, "cbt: checkpoint %s is not newer than %s",
+                  what2, what);
+      errno = EINVAL;
+      goto out;
+    }
+  }
+  if (end > c->disk_size)
+    end = c->disk_size;
+  if (start >= end) {
+    r = 0;
+    goto out;
+  }
+  w.g_lo = start >> c->gran_bits;
+  w.g_hi = ((end - 1) >> c->gran_bits) + 1;
+  p_lo = (uint32_t) (w.g_lo >> PAGE_GRAN_SHIFT);
+  p_hi = (uint32_t) ((w.g_hi - 1) >> PAGE_GRAN_SHIFT);
+
+  nrec = (size_t) (u - k);
+  recs = calloc (nrec ? nrec : 1, sizeof *recs);
+  cursor = calloc (nrec ? nrec : 1, sizeof *cursor);
+  buf = malloc (PAGE);
+  tmp = malloc (PAGE);
+  if (recs == NULL || cursor == NULL || buf == NULL || tmp == NULL) {
+    cbt_seterr (err, errlen, "cbt: out of memory");
+    errno = ENOMEM;
+    goto out;
+  }
+  for (size_t i = 0; i < nrec; ++i) {
+    const struct frec *f = s->cps[k + (ssize_t) i].rec;
+    size_t lo = 0, hi = f->n;
+
+    recs[i] = f;
+    while (lo < hi) {                   /* first entry >= p_lo */
+      size_t mid = lo + (hi - lo) / 2;
+      if (f->e[mid].page < p_lo)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    cursor[i] = lo;
+  }
+
+  for (uint32_t p = p_lo; p <= p_hi; ) {
+    uint32_t next = has_until ? UINT32_MAX : next_current (c, s, p, p_hi);
+    bool any = false;
+
+    for (size_t i = 0; i < nrec; ++i)
+      if (cursor[i] < recs[i]->n && recs[i]->e[cursor[i]].page < next)
+        next = recs[i]->e[cursor[i]].page;
+    if (next > p_hi)
+      break;
+    p = next;
+    memset (buf, 0, PAGE);
+    for (size_t i = 0; i < nrec; ++i) {
+      const struct fent *e;
+
+      if (cursor[i] >= recs[i]->n || recs[i]->e[cursor[i]].page != p)
+        continue;
+      e = &recs[i]->e[cursor[i]++];
+      if (cbt_read_page (c, e->blk, p, tmp, true, e->crc, err, errlen) == -1)
+        goto out;
+      for (size_t j = 0; j < PAGE; ++j)
+        buf[j] |= tmp[j];
+      any = true;
+    }
+    if (!has_until) {
+      pthread_mutex_lock (&c->lock);
+      for (int i = 0; i < s->ncur; ++i) {
+        const uint8_t *mem = s->cur[i]->pg[p].mem;
+        if (mem) {
+          for (size_t j = 0; j < PAGE; ++j)
+            buf[j] |= mem[j];
+          any = true;
+        }
+      }
+      pthread_mutex_unlock (&c->lock);
+    }
+    /* A page none holds ends the open run. */
+    if (w.run_len > 0 && w.run + w.run_len < (uint64_t) p << PAGE_GRAN_SHIFT &&
+        emit (&w) == -1)
+      goto out;
+    if (any && walk_page (&w, p, buf) == -1)
+      goto out;
+    p++;
+  }
+  if (emit (&w) == -1)
+    goto out;
+  r = 0;
+ out:
+  free (recs);
+  free (cursor);
+  free (buf);
+  free (tmp);
+  cbt_state_unref (c, s);
+  return r;
+}
 
 int
 cbt_map (struct cbt *c, const char *since, cbt_extent_fn extent,
@@ -241,104 +462,15 @@ cbt_map_range (struct cbt *c, const char *since, const char *until,
                uint64_t start, uint64_t end, cbt_extent_fn extent,
                void *opaque, char *err, size_t errlen)
 {
-  uint64_t gran = UINT64_C (1) << c->gran_bits;
-  uint64_t run = 0, run_len = 0;        /* granules */
-  uint64_t g_lo, g_hi, b_lo, b_hi;      /* granules, bitmap bytes */
-  uint8_t *buf = NULL, *tmp = NULL;
-  ssize_t k, u;
-  int r = -1;
+  return map_impl (c, since ? since : "", 0, until, 0, until != NULL,
+                   start, end, extent, opaque, err, errlen);
+}
 
-  pthread_mutex_lock (&c->lock);
-  k = since ? cbt_find_cp (c, since) : -1;
-  if (k < 0) {
-    cbt_seterr (err, errlen, "cbt: no checkpoint '%s'", since ? since : "");
-    errno = ENOENT;
-    goto out;
-  }
-  if (c->cps[k].state != CBT_STATE_GOOD) {
-    cbt_seterr (err, errlen, "cbt: checkpoint '%s' is pending: its backup "
-                "has not ended", since);
-    errno = EINVAL;
-    goto out;
-  }
-  /* Records k .. u-1 are on disk; without UNTIL the current one too. */
-  u = (ssize_t) c->n - 1;
-  if (until) {
-    u = cbt_find_cp (c, until);
-    if (u < 0) {
-      cbt_seterr (err, errlen, "cbt: no checkpoint '%s'", until);
-      errno = ENOENT;
-      goto out;
-    }
-    if (u <= k) {
-      cbt_seterr (err, errlen, "cbt: checkpoint '%s' is not newer than "
-                  "'%s'", until, since);
-      errno = EINVAL;
-      goto out;
-    }
-  }
-  if (end > c->disk_size)
-    end = c->disk_size;
-  if (start >= end) {
-    r = 0;
-    goto out;
-  }
-  g_lo = start >> c->gran_bits;
-  g_hi = ((end - 1) >> c->gran_bits) + 1;
-  b_lo = g_lo / 8;
-  b_hi = MIN ((g_hi + 7) / 8, c->bm_bytes);
-  buf = malloc (CHUNK);
-  tmp = malloc (CHUNK);
-  if (buf == NULL || tmp == NULL) {
-    cbt_seterr (err, errlen, "cbt: out of memory");
-    errno = ENOMEM;
-    goto out;
-  }
-  for (uint64_t pos = b_lo; pos < b_hi; pos += CHUNK) {
-    size_t len = MIN (b_hi - pos, (uint64_t) CHUNK);
-
-    if (until)
-      memset (buf, 0, len);
-    else
-      memcpy (buf, c->cur + pos, len);
-    if (cbt_or_frozen (c, (size_t) k, (size_t) u, pos, buf, len, tmp) == -1) {
-      cbt_seterr (err, errlen, "cbt: reading a checkpoint bitmap: %m");
-      goto out;
-    }
-    for (size_t j = 0; j < len; ++j) {
-      if (buf[j] == 0 && run_len == 0)
-        continue;
-      for (unsigned b = 0; b < 8; ++b) {
-        uint64_t g = (pos + j) * 8 + b;
-        bool set = g >= g_lo && g < g_hi && (buf[j] & (1u << b));
-
-        if (g >= c->nr_gran)
-          break;
-        if (set) {
-          if (run_len == 0)
-            run = g;
-          run_len++;
-        }
-        else if (run_len > 0) {
-          if (extent (run * gran, run_len * gran, opaque) == -1)
-            goto out;
-          run_len = 0;
-        }
-      }
-    }
-  }
-  if (run_len > 0) {
-    uint64_t off = run * gran, len = run_len * gran;
-
-    if (off + len > c->disk_size)
-      len = c->disk_size - off;
-    if (extent (off, len, opaque) == -1)
-      goto out;
-  }
-  r = 0;
- out:
-  free (buf);
-  free (tmp);
-  pthread_mutex_unlock (&c->lock);
-  return r;
+int
+cbt_map_serial (struct cbt *c, uint64_t since, uint64_t until,
+                uint64_t start, uint64_t end, cbt_extent_fn extent,
+                void *opaque, char *err, size_t errlen)
+{
+  return map_impl (c, NULL, since, NULL, until, until != 0,
+                   start, end, extent, opaque, err, errlen);
 }

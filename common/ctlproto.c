@@ -88,9 +88,9 @@ ctl_code_from_errno (int err)
   case EEXIST: return CTL_E_EXISTS;
   case EBUSY: case EAGAIN: return CTL_E_BUSY;
   case EINVAL: return CTL_E_STATE;
-  case EMLINK: return CTL_E_LIMIT;
+  case EMLINK: return CTL_E_LIMIT;       /* cbt: the checkpoint limit */
   case ENOMEM: return CTL_E_INTERNAL;
-  default: return CTL_E_IO;
+  default: return CTL_E_IO;              /* the file: EIO, ENOSPC... */
   }
 }
 

@@ -1,14 +1,17 @@
-/* sparsebackup: fuzz harness for the cbt file loader (common/cbt.c).
+/* sparsebackup: fuzz harness for the cbt file loader (common/cbt-load.c,
+ * common/cbt-v1.c).
  *
  * LLVMFuzzerTestOneInput copies the input into a memfd and opens it
  * read-only, taking the disk size and granularity from the file.  When
  * that succeeds it checks what the loader reports (a power-of-2
- * granularity, valid unique names, map extents in order inside the
- * disk), then opens a second copy read-write with the same disk (which
- * may merge a pending checkpoint back or invalidate an in-use file),
- * marks a few ranges, creates a checkpoint, closes, and reopens: that
- * must succeed and show the new checkpoint.  Nothing touches the host
- * filesystem.
+ * granularity, valid unique names, increasing serials, map extents in
+ * order inside the disk, the same by serial), then opens a second copy
+ * read-write with the same disk in one of the three modes (which may
+ * convert a version 1 file, merge a pending checkpoint back or
+ * invalidate an in-use file), marks a few ranges, creates a checkpoint,
+ * creates and confirms another, deletes the oldest, closes, and
+ * reopens: that must succeed and show the checkpoints it left.  Nothing
+ * touches the host filesystem.
  *
  * Besides what the sanitizers find, the harness aborts when the loader
  * breaks its contract: a read-only load accepted but the read-write one
@@ -38,6 +41,7 @@
 #include "cbt.h"
 
 #define NEW_NAME "fuzz-new-checkpoint"
+#define PENDING_NAME "fuzz-pending"
 
 int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size);
 
@@ -104,13 +108,14 @@ check_err (const char *what, const char *err)
     die ("%s failed without a (terminated) message", what);
 }
 
-/* Check the checkpoints and map every good one. */
+/* Check the checkpoints and map every good one (by name and serial). */
 static void
 inspect (struct cbt *c)
 {
   uint32_t g = cbt_granularity (c);
   size_t n = cbt_checkpoint_count (c);
   char err[CBT_ERRLEN];
+  uint64_t last = 0;
 
   if (g < CBT_MIN_GRANULARITY || g > CBT_MAX_GRANULARITY || (g & (g - 1)))
     die ("granularity %" PRIu32, g);
@@ -119,17 +124,28 @@ inspect (struct cbt *c)
   for (size_t i = 0; i < n; ++i) {
     struct cbt_checkpoint_info ci;
     struct walk w = { .disk_size = cbt_disk_size (c), .gran = g };
+    struct walk w2 = w;
 
     if (cbt_checkpoint_get (c, i, &ci) == -1)
       die ("checkpoint %zu of %zu missing", i, n);
     if (!cbt_name_valid (ci.name))
       die ("invalid name accepted");
+    if (ci.serial <= last)
+      die ("serial %" PRIu64 " after %" PRIu64, ci.serial, last);
+    last = ci.serial;
+    if (cbt_checkpoint_find_serial (c, ci.serial, NULL) != (ssize_t) i)
+      die ("serial %" PRIu64 " not found", ci.serial);
     if (ci.state != CBT_STATE_GOOD)
       continue;
     err[0] = '\0';
     if (cbt_map (c, ci.name, check_extent, &w, err, sizeof err) == -1 &&
         w.n < 1000)
       check_err ("cbt_map", err);
+    if (cbt_map_serial (c, ci.serial, 0, 0, UINT64_MAX, check_extent, &w2,
+                        err, sizeof err) == -1 && w2.n < 1000)
+      check_err ("cbt_map_serial", err);
+    if (w.n != w2.n || w.next != w2.next)
+      die ("map by name and by serial differ");
     say ("since %s: %u extents", ci.name, w.n);
   }
 }
@@ -137,7 +153,7 @@ inspect (struct cbt *c)
 int
 LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 {
-  struct cbt_options o = { .read_only = true };
+  struct cbt_options o = { .read_only = true, .boot_id = "fuzz-boot" };
   struct cbt_load_info info;
   struct cbt *c;
   char err[CBT_ERRLEN] = "";
@@ -165,7 +181,8 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 
   /* The same file read-write: must load too. */
   o.read_only = false;
-  o.mode = size % 2 ? CBT_MODE_WRITE_AHEAD : CBT_MODE_IN_USE;
+  o.mode = (enum cbt_mode) (size % 3);
+  o.boot_id = "fuzz-boot";
   fd = memfd_with (data, size);
   fd2 = dup (fd);
   if (fd2 == -1)
@@ -181,11 +198,30 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   }
   n = cbt_checkpoint_count (c);
   if (cbt_checkpoint_create (c, NEW_NAME, false, err, sizeof err) == -1) {
-    if (errno != EEXIST && errno != ENOSPC)
+    if (errno != EEXIST && errno != EMLINK && errno != EBUSY)
       die ("create: %s", err);
   }
   else
     n++;
+  if (cbt_checkpoint_create (c, PENDING_NAME, true, err, sizeof err) == -1) {
+    if (errno != EEXIST && errno != EMLINK && errno != EBUSY)
+      die ("create pending: %s", err);
+  }
+  else {
+    n++;
+    if (cbt_mark (c, 0, 1, NULL) == -1)
+      die ("cbt_mark: %m");
+    if (cbt_checkpoint_confirm (c, PENDING_NAME, err, sizeof err) == -1)
+      die ("confirm: %s", err);
+  }
+  if (n > 1) {
+    struct cbt_checkpoint_info ci;
+
+    if (cbt_checkpoint_get (c, 0, &ci) == -1 ||
+        cbt_checkpoint_delete (c, ci.name, err, sizeof err) == -1)
+      die ("delete: %s", err);
+    n--;
+  }
   inspect (c);
   if (cbt_close (c, err, sizeof err) == -1)
     die ("close: %s", err);

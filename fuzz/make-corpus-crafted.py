@@ -277,6 +277,72 @@ def feature_table(entries):
     return out
 
 
+def deflate_handmade(data, kind):
+    """One final raw deflate block of the literals DATA that zlib refuses
+    and libdeflate decodes (RFC 1951 forbids them): kind "hlit287" (287
+    literal/length codes) or "fixed286" (the fixed code's symbol 286,
+    a match of 258 at distance 1, after the literals)."""
+    out, nbits = bytearray(), [0]
+
+    def put(v, n):
+        for i in range(n):
+            if nbits[0] % 8 == 0:
+                out.append(0)
+            out[-1] |= ((v >> i) & 1) << (nbits[0] % 8)
+            nbits[0] += 1
+
+    def canon(lens):
+        count = [0] * 16
+        for ln in lens:
+            count[ln] += 1
+        count[0] = 0
+        nxt, code = [0] * 16, 0
+        for ln in range(1, 16):
+            code = (code + count[ln - 1]) << 1
+            nxt[ln] = code
+        codes = [0] * len(lens)
+        for i, ln in enumerate(lens):
+            if ln:
+                codes[i] = nxt[ln]
+                nxt[ln] += 1
+        return codes
+
+    def sym(lens, codes, s):
+        for i in reversed(range(lens[s])):
+            put((codes[s] >> i) & 1, 1)
+
+    if kind == "fixed286":
+        lit = [8] * 144 + [9] * 112 + [7] * 24 + [8] * 8
+        codes = canon(lit)
+        put(1, 1)
+        put(1, 2)
+        for b in data:
+            sym(lit, codes, b)
+        sym(lit, codes, 286)
+        put(0, 5)
+        sym(lit, codes, 256)
+        return bytes(out)
+    order = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
+    pre = [4] * 13 + [5] * 6
+    pcodes = canon(pre)
+    lit = [8] * 255 + [9, 9] + [0] * 30
+    dist = [1, 1]
+    codes = canon(lit)
+    put(1, 1)
+    put(2, 2)
+    put(len(lit) - 257, 5)
+    put(len(dist) - 1, 5)
+    put(15, 4)
+    for i in range(19):
+        put(pre[order[i]], 3)
+    for ln in lit + dist:
+        sym(pre, pcodes, ln)
+    for b in data:
+        sym(lit, codes, b)
+    sym(lit, codes, 256)
+    return bytes(out)
+
+
 def mini(img):
     """One data cluster, one zero cluster, no refcounts (the reader does
     not use them; qemu-img check reports leaks)."""
@@ -340,6 +406,23 @@ def main():
     img.l2[1] = ("comp", pattern(7, 300) + bytes(724), "zstd")
     img.l2[2] = ("data", text(1024))
     seeds["c-zstd-1k.qcow2"] = img
+
+    # zlib clusters: one block each (libdeflate decodes them in a
+    # libdeflate build), many blocks (memLevel 1: zlib), and two that
+    # zlib refuses but libdeflate alone would decode (the harness checks
+    # that the two decoders agree on every cluster).
+    img = Image(cb=12, size=32 * 1024)
+    img.refcounts = False
+    t = text(4096, b"one deflate block per cluster ")
+    img.l2[0] = ("comp", t, "zlib")
+    c = zlib.compressobj(6, zlib.DEFLATED, -12, 1)
+    img.l2[1] = ("comp", c.compress(pattern(3, 2048) + t[:2048]) + c.flush(),
+                 "none")
+    img.l2[2] = ("comp", deflate_handmade(t, "hlit287"), "none")
+    img.l2[3] = ("comp", deflate_handmade(t[:4096 - 258], "fixed286"),
+                 "none")
+    img.l2[4] = ("comp", t[:100] + bytes(3996), "zlib")
+    seeds["c-zlib-decoders.qcow2"] = img
 
     # Extended L2 entries (16 KiB clusters, 512 byte subclusters), without
     # refcounts to stay small: every kind of subcluster state.

@@ -24,7 +24,9 @@
 #include "changes.h"
 #include "unit-test.h"
 
-static const char *state_names[] = { "UNKNOWN", "ALLOCATED", "DATA", "ZERO" };
+static const char *state_names[] = {
+  "UNKNOWN", "ALLOCATED", "DATA", "ZERO", "TRIMMED"
+};
 
 #define BIG_BUDGET (UINT64_C (1) << 30)     /* never forgets in tests */
 
@@ -103,6 +105,23 @@ do_zero (struct changes *ch, struct blockmap *bm, uint64_t offset,
   got = blockmap_learn_zero (bm, snap, t, offset, count, true);
   cend (ch, bm, t, offset, count, true);
   return got;
+}
+
+/* Forget everything: every block UNKNOWN again (blockmap_forget makes
+ * blocks TRIMMED).  A resize to the same size, bracketed like the
+ * filter does.
+ */
+static inline void
+all_unknown (struct changes *ch, struct blockmap *bm)
+{
+  uint64_t t = 0;
+
+  if (changes_begin (ch, 0, UINT64_MAX, &t) == -1 ||
+      blockmap_resize (bm, blockmap_size (bm)) == -1) {
+    fprintf (stderr, "test-blockmap: all_unknown: %s\n", strerror (errno));
+    exit (EXIT_FAILURE);
+  }
+  changes_end (ch, t);
 }
 
 /* Check that [OFFSET, OFFSET+LEN) is exactly one run of state ST (the run

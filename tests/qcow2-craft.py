@@ -21,6 +21,13 @@
 #                          table of its first bitmap, and that table's
 #                          first entry, as shell assignments
 #                          (ext=... dir=... table=... entry0=...)
+#   many-bitmaps COUNT GBITS TABLE_SIZE
+#                          replace the bitmap directory by COUNT entries
+#                          (b1, c1, c2, ...) copied from the first one,
+#                          with granularity_bits GBITS, all sharing one
+#                          new all-zero table of TABLE_SIZE entries
+#                          appended to the file (cluster aligned); the
+#                          new directory is appended after it
 #   truncate SIZE          truncate the file
 #   write OFFSET HEXBYTES  write raw bytes
 #
@@ -141,6 +148,33 @@ def main():
                     break
             else:
                 sys.exit("qcow2-craft: no bitmaps extension")
+        elif op == "many-bitmaps":
+            count, gbits, tsize = (num(a) for a in args[:3])
+            cs = 1 << header(f)["cbits"]
+            for off, t, ln in list(extensions(f)):
+                if t == 0x23852875:
+                    ext = off + 8
+                    break
+            else:
+                sys.exit("qcow2-craft: no bitmaps extension")
+            f.seek(ext + 16)
+            d = struct.unpack(">Q", f.read(8))[0]
+            f.seek(d)
+            fixed = f.read(24)
+            end = f.seek(0, 2)
+            table = (end + cs - 1) // cs * cs
+            dirpos = (table + tsize * 8 + cs - 1) // cs * cs
+            out = b""
+            for i in range(count):
+                name = b"b1" if i == 0 else b"c%d" % i
+                e = struct.pack(">QI", table, tsize) + fixed[12:17] + \
+                    bytes([gbits]) + struct.pack(">HI", len(name), 0) + name
+                out += e + b"\0" * (-len(e) % 8)
+            f.truncate(dirpos)
+            f.seek(dirpos)
+            f.write(out)
+            f.seek(ext)
+            f.write(struct.pack(">IIQQ", count, 0, len(out), dirpos))
         elif op == "truncate":
             f.truncate(num(args[0]))
         elif op == "write":

@@ -213,7 +213,9 @@ ref_learn_zero (struct ref *ref, uint64_t snap, uint64_t except,
     if (!ref_inward (ref, ref_parts[i][0], ref_parts[i][1], &r))
       continue;
     for (b = r.first; b < r.end; b++) {
-      if (ref->st[b] == BM_ZERO || (ref->st[b] == BM_DATA && !contents))
+      /* From extents, never over DATA or TRIMMED. */
+      if (ref->st[b] == BM_ZERO ||
+          (!contents && (ref->st[b] == BM_DATA || ref->st[b] == BM_TRIMMED)))
         continue;
       ref->st[b] = BM_ZERO;
       learnt += ref_block_bytes (ref, b);
@@ -281,15 +283,13 @@ ref_change (struct ref *ref, uint64_t ticket, uint64_t offset,
   if (newstate != BM_UNKNOWN)
     ref_set (ref, r, newstate);
   else {
-    /* Blocks fully covered become UNKNOWN; blocks partly covered keep
-     * the data of the rest of the block and only lose ZERO.
+    /* A zero request: every block touched loses ZERO, the others keep
+     * their state.
      */
-    struct ref_range in;
-    bool has_in = ref_inward (ref, offset, count, &in);
     uint64_t b;
 
     for (b = r.first; b < r.end; b++)
-      if ((has_in && b >= in.first && b < in.end) || ref->st[b] == BM_ZERO)
+      if (ref->st[b] == BM_ZERO)
         ref->st[b] = BM_UNKNOWN;
   }
 }
@@ -301,7 +301,7 @@ ref_end (struct ref *ref, unsigned idx, uint64_t offset, uint64_t count,
   struct ref_range r;
 
   if (!ok && ref_outward (ref, offset, count, &r))
-    ref_set (ref, r, BM_UNKNOWN);
+    ref_set (ref, r, BM_TRIMMED);
   ref->c[idx].end_gen = ++ref->gen;
   ref->ended_gens[ref->nended++] = ref->gen;
 }
@@ -312,7 +312,7 @@ ref_compare (struct blockmap *bm, struct changes *ch, const struct ref *ref,
              const char *what)
 {
   struct blockmap_stats stats;
-  uint64_t offset, bytes[4] = { 0 }, runs = 1, b;
+  uint64_t offset, bytes[BM_NSTATES] = { 0 }, runs = 1, b;
   int k;
 
   /* Walk the map run by run. */
@@ -391,7 +391,7 @@ ref_compare (struct blockmap *bm, struct changes *ch, const struct ref *ref,
   }
   blockmap_get_stats (bm, &stats);
   CHECK_EQ (stats.runs, runs);
-  for (k = 0; k < 4; k++)
+  for (k = 0; k < BM_NSTATES; k++)
     CHECK_EQ (stats.bytes[k], bytes[k]);
   CHECK_EQ (stats.forgotten, 0);
   CHECK_EQ (changes_snapshot (ch), ref->gen);
@@ -454,9 +454,10 @@ test_random_round (uint64_t size, uint32_t bs, unsigned history,
 
     if (sel < 22) {
       static const enum bm_state ns[] = {
-        BM_DATA, BM_DATA, BM_DATA, BM_UNKNOWN, BM_ZERO, BM_ALLOCATED
+        BM_DATA, BM_DATA, BM_DATA, BM_UNKNOWN, BM_ZERO, BM_ALLOCATED,
+        BM_TRIMMED, BM_TRIMMED,
       };
-      enum bm_state st = ns[rnd () % 6];
+      enum bm_state st = ns[rnd () % 8];
       struct ref_inflight *w;
       uint64_t t;
 
@@ -554,7 +555,7 @@ test_random_round (uint64_t size, uint32_t bs, unsigned history,
 
       blockmap_forget (bm, offset, count);
       if (ref_outward (&ref, offset, count, &r))
-        ref_set (&ref, r, BM_UNKNOWN);
+        ref_set (&ref, r, BM_TRIMMED);
       strcpy (what, "forget");
     }
 
@@ -639,7 +640,7 @@ test_many_runs (void)
     switch (rnd () % 4) {
     case 0:
       blockmap_forget (bm, first * bs, n * bs);
-      ref_set (&ref, r, BM_UNKNOWN);
+      ref_set (&ref, r, BM_TRIMMED);
       break;
     case 1:
       blockmap_learn_allocated (bm, first * bs, n * bs);
@@ -663,6 +664,7 @@ test_many_runs (void)
 
   /* Collapse everything: one run, memory given back. */
   blockmap_forget (bm, 0, size);
+  EXPECT_STATE (bm, 0, size, BM_TRIMMED);
   blockmap_get_stats (bm, &stats);
   CHECK_EQ (stats.runs, 1);
   CHECK (stats.memory < 256 * 1024);

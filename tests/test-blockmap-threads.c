@@ -77,12 +77,12 @@ thread_main (void *vp)
       ok = rnd_r (&td->seed) % 4 != 0;
       cend (td->ch, td->bm, t, off, n * bs, ok);
       for (b = first; b < first + n; b++)
-        td->st[b] = ok ? BM_DATA : BM_UNKNOWN;
+        td->st[b] = ok ? BM_DATA : BM_TRIMMED;
       break;
     case 1:
     case 2:                     /* a zero request that succeeded */
       for (b = first; b < first + n; b++)
-        exp += bs;              /* blockmap_change made them UNKNOWN */
+        exp += bs;              /* none ZERO after blockmap_change */
       t = cbegin (td->ch, td->bm, off, n * bs, BM_UNKNOWN);
       snap = changes_snapshot (td->ch);
       got = blockmap_learn_zero (td->bm, snap, t, off, n * bs, true);
@@ -93,9 +93,12 @@ thread_main (void *vp)
         td->learnt++;
       }
       else if (got == 0) {
-        /* Possible if other threads flooded the tracker's history. */
+        /* Possible if other threads flooded the tracker's history:
+         * the blocks only lost ZERO.
+         */
         for (b = first; b < first + n; b++)
-          td->st[b] = BM_UNKNOWN;
+          if (td->st[b] == BM_ZERO)
+            td->st[b] = BM_UNKNOWN;
         td->refused++;
       }
       else
@@ -126,7 +129,7 @@ thread_main (void *vp)
     default:
       blockmap_forget (td->bm, off, n * bs);
       for (b = first; b < first + n; b++)
-        td->st[b] = BM_UNKNOWN;
+        td->st[b] = BM_TRIMMED;
     }
 
     /* Check the range we touched against the local model. */
@@ -148,7 +151,7 @@ test_threads (void)
   struct blockmap *bm;
   struct thread_data td[NTHREADS];
   struct blockmap_stats stats;
-  uint64_t bytes[4] = { 0 }, runs = 1, prev = 256, b;
+  uint64_t bytes[BM_NSTATES] = { 0 }, runs = 1, prev = 256, b;
   unsigned i, k;
   unsigned long learnt = 0, refused = 0;
   double t0;
@@ -202,7 +205,7 @@ test_threads (void)
   bytes[BM_UNKNOWN] += thread_bs - 7;
   blockmap_get_stats (bm, &stats);
   CHECK_EQ (stats.runs, runs);
-  for (k = 0; k < 4; k++)
+  for (k = 0; k < BM_NSTATES; k++)
     CHECK_EQ (stats.bytes[k], bytes[k]);
   EXPECT_STATE (bm, NTHREADS * THREAD_BLOCKS * (uint64_t) thread_bs,
                 thread_bs - 7, BM_UNKNOWN);

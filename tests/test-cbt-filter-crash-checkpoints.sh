@@ -492,7 +492,7 @@ create_case ()
 }
 
 seed=1
-for mode in in-use write-ahead; do
+for mode in in-use write-ahead process-safe; do
     create_case $mode 8192
     crash_case $mode begin 0 32M 65536 $seed
     crash_case $mode begin 1 32M 65536 $((seed + 1))

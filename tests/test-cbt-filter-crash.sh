@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # nbdkit killed (SIGKILL) during a storm of writes.
-#  in-use:      the file is found in use at the next start: every
-#               checkpoint is lost, backup-begin --since is refused with
-#               the "full backup" message, and a full backup works.
-#  write-ahead: every write that the log filter (below the filter) saw
-#               on its way to the plugin is in the set after the restart.
-# Fails if a crash is not detected (in-use) or if a write reached the
-# plugin before its record was durable (write-ahead).
+#  in-use:       the file is found in use at the next start: every
+#                checkpoint is lost, backup-begin --since is refused with
+#                the "full backup" message, and a full backup works.
+#  write-ahead:  every write that the log filter (below the filter) saw
+#                on its way to the plugin is in the set after the restart.
+#  process-safe: the same after a restart by the same boot (the marks
+#                were written, unsynced, before each change: the page
+#                cache keeps them); restarted as if the machine had
+#                booted again (-D sparsebackup.pretend_reboot=1) every
+#                checkpoint is dropped with the "another boot" message.
+# Fails if a crash is not detected (in-use, another boot) or if a write
+# reached the plugin before it was recorded (write-ahead, process-safe).
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/cbt-lib.sh"
 requires_nbdsh
@@ -43,7 +48,10 @@ storm ()   # storm SEED: writes until nbdkit dies, killed after 1.5 s
     _wait_pid "$pid"
 }
 
-for mode in in-use write-ahead; do
+for run in in-use write-ahead process-safe process-safe-reboot; do
+    mode=${run%-reboot}
+    reboot=()
+    [ "$run" = "$mode" ] || reboot=(-D sparsebackup.pretend_reboot=1)
     truncate -s 0 "$tmp/disk.raw"; truncate -s 32M "$tmp/disk.raw"
     rm -f "$tmp/disk.cbt" "$tmp/ops.log"
     ctlsock=$tmp/ctl.sock
@@ -58,10 +66,10 @@ for mode in in-use write-ahead; do
     tail -n +"$((mark + 1))" "$tmp/ops.log" > "$tmp/after"
     : > "$tmp/reached"
     log_ranges "$tmp/after" "$tmp/reached"
-    echo "$mode: $(wc -l < "$tmp/reached") writes reached the plugin before the kill"
-    [ -s "$tmp/reached" ] || fail "$mode: no write reached the plugin"
+    echo "$run: $(wc -l < "$tmp/reached") writes reached the plugin before the kill"
+    [ -s "$tmp/reached" ] || fail "$run: no write reached the plugin"
 
-    start_nbdkit --filter=sparsebackup file "$tmp/disk.raw" \
+    start_nbdkit "${reboot[@]}" --filter=sparsebackup file "$tmp/disk.raw" \
         sparsebackup-cbt="$tmp/disk.cbt" sparsebackup-cbt-mode=$mode \
         sparsebackup-control="$ctlsock"
     nbdinfo --size "$uri" >/dev/null
@@ -80,7 +88,15 @@ for mode in in-use write-ahead; do
         ctl backup-end c2 --ok >/dev/null
         qemu-img compare -q -f qcow2 -F raw "$tmp/full.qcow2" "$tmp/disk.raw" ||
             fail "the full backup after the crash differs"
+    elif [ "$run" = process-safe-reboot ]; then
+        assert_contains "$server_log" "disk.cbt: cbt: left in use in process-safe mode by another boot .*: the machine stopped while it was open, changes may be missing: all 1 checkpoints are invalid, the next backup must be full"
+        st=0
+        ctl backup-begin c2 --since c1 >"$tmp/out" 2>"$tmp/err" || st=$?
+        assert_eq "$st" 1
+        assert_contains "$tmp/err" "^ERR no-such-checkpoint no checkpoint 'c1': every checkpoint was lost when the cbt file .* was opened \\(cbt: left in use in process-safe mode by another boot"
     else
+        ctl checkpoint-list > "$tmp/list"
+        assert_contains "$tmp/list" "^c1 good "
         ctl map --since c1 | grep -v '^OK' > "$tmp/map"
         covers 65536 "$tmp/reached" "$tmp/map"
         view_data "$sock" @since:c1 "$tmp/view"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The order of the cbt file's writes and syncs, as strace sees them,
-# in both durability modes, over changes, checkpoints created, confirmed,
+# in the three durability modes, over changes, checkpoints created, confirmed,
 # failed and deleted (first and middle), and a clean exit.  A kill -9
 # (test-cbt-filter-crash*.sh) keeps the page cache, so it cannot show a
 # missing sync; a power failure would.  The rules (doc/cbt-format.md,
@@ -15,7 +15,13 @@
 #     change only after its commit);
 #  D. write-ahead: every change that reached the disk came after at least
 #     one sync of the cbt file.
-# Fails if a sync is missing or comes too late.
+#  E. process-safe: no thread that changes the disk ever syncs the cbt
+#     file (no sync on the write path: the marks are plain writes, which
+#     the page cache keeps after a kill -9), and the marks are written.
+#     (A and B do not hold there on purpose: a power loss drops every
+#     checkpoint of a process-safe file anyway, by its boot id.)
+# Fails if a sync is missing or comes too late, or is on the write path
+# in process-safe mode.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/cbt-lib.sh"
 requires_nbdsh
@@ -55,7 +61,9 @@ unsynced = False            # a data write to the cbt file not synced yet
 super_pending = {}          # tid -> a superblock write not synced yet
 pages = {}                  # tid -> bitmap pages written, not synced
 synced_once = False
-n = {"super": 0, "commit": 0, "disk": 0}
+n = {"super": 0, "commit": 0, "disk": 0, "marks": 0}
+writers, syncers = set(), set()
+safe = mode == "process-safe"
 def fail(msg, l):
     sys.exit("rule %s\n  at: %s" % (msg, l.strip()))
 for l in open(trace):
@@ -63,7 +71,12 @@ for l in open(trace):
     if not m:
         continue
     tid, call, path, rest = m.groups()
-    if path == cbt:
+    if path == cbt and safe:
+        if call in ("fdatasync", "fsync"):
+            syncers.add(tid)
+        elif call == "pwrite64":
+            n["marks"] += 1
+    elif path == cbt:
         if tid in super_pending and call not in ("fdatasync", "fsync"):
             fail("B: a superblock write not synced before the next call", l)
         if call in ("fdatasync", "fsync"):
@@ -85,15 +98,25 @@ for l in open(trace):
                 pages[tid] = True
     elif path == disk and call in ("pwrite64", "fallocate"):
         n["disk"] += 1
+        writers.add(tid)
         if mode == "write-ahead":
             if pages.get(tid):
                 fail("C: the disk changed before the thread's bitmap pages were synced", l)
             if not synced_once:
                 fail("D: the disk changed before any sync of the cbt file", l)
-print("%(super)d superblock writes, %(commit)d syncs after data, %(disk)d disk changes" % n)
+if safe:
+    if writers & syncers:
+        sys.exit("rule E: threads %s changed the disk and synced the cbt file"
+                 % sorted(writers & syncers))
+    if n["marks"] == 0 or n["disk"] == 0:
+        sys.exit("rule E: no mark written (%(marks)d) or no disk change (%(disk)d)" % n)
+    print("%(marks)d writes of the cbt file, %(disk)d disk changes, "
+          "no sync by a writer" % n)
+else:
+    print("%(super)d superblock writes, %(commit)d syncs after data, %(disk)d disk changes" % n)
 PY
 
-for mode in in-use write-ahead; do
+for mode in in-use write-ahead process-safe; do
     truncate -s 0 "$tmp/disk.raw"; truncate -s 16M "$tmp/disk.raw"
     rm -f "$tmp/disk.cbt"
     strace -f -qq -y -e trace=pwrite64,fallocate,fdatasync,fsync \

@@ -18,7 +18,7 @@
 #     frozen disk stays exact.
 #  5. A write that overtakes a frozen read of the plugin (debug delay):
 #     the read returns the old data.
-#  6. kill -9 during a frozen backup (write-ahead): the pending checkpoint
+#  6. kill -9 during a frozen backup (write-ahead, process-safe): the pending checkpoint
 #     is dropped, the scratch file emptied, and an incremental since the
 #     last good checkpoint restores the disk exactly.
 #  7. A trim and a zero request over a hole during a frozen backup read
@@ -345,12 +345,14 @@ PY
 ctl backup-end r1 --failed > /dev/null
 stop_nbdkit
 
-# ---- 6. kill -9 during a frozen backup (write-ahead mode) ----------------
+# ---- 6. kill -9 during a frozen backup (write-ahead, process-safe) ------
 # The pending checkpoint is dropped at the restart, the scratch file is
 # emptied, the last good checkpoint survives, and an incremental since it
 # (taken after the restart) restores the disk exactly: nothing written
 # during the interrupted backup was lost from the record.
-server sparsebackup-cbt="$tmp/wa.cbt" sparsebackup-cbt-mode=write-ahead
+for mode in write-ahead process-safe; do
+rm -f "$tmp/wa.cbt"
+server sparsebackup-cbt="$tmp/wa.cbt" sparsebackup-cbt-mode=$mode
 ctl backup-begin g1 > /dev/null
 "$copy" -q "$(frozen_uri @frozen)" "$tmp/g1.raw"
 ctl backup-end g1 --ok > /dev/null
@@ -364,7 +366,7 @@ sleep 0.5
 [ "$(stat -c %s "$scratch")" -gt 4096 ] || fail "nothing was saved before the kill"
 kill -9 "$pid"
 wait $storm $copier 2> /dev/null || true
-server sparsebackup-cbt="$tmp/wa.cbt" sparsebackup-cbt-mode=write-ahead
+server sparsebackup-cbt="$tmp/wa.cbt" sparsebackup-cbt-mode=$mode
 assert_eq 4096 "$(stat -c %s "$scratch")" "scratch size after the restart (its header)"
 ctl checkpoint-list > "$tmp/out"
 assert_contains "$tmp/out" "^g1 good "
@@ -376,6 +378,7 @@ ctl backup-end g3 --ok > /dev/null
 cmp "$tmp/g1.raw" "$tmp/t7.raw" ||
     fail "the incremental since g1 after the crash misses changes"
 stop_nbdkit
+done
 
 # ---- 7. A trim over a hole costs no read ------------------------------
 # Copy before write asks the plugin's extents for large runs: old data

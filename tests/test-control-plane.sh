@@ -52,7 +52,7 @@ start_nbdkit --filter=sparsebackup memory 16M \
     sparsebackup-cbt="$tmp/disk.cbt" sparsebackup-control="$ctlsock" \
     sparsebackup-scratch="$tmp/scratch"
 ctl status > "$tmp/out"
-assert_contains "$tmp/out" "^OK version=2 mode=in-use disk-size=16777216 .*checkpoints=0 pending=- latest=- state=ok frozen=-"
+assert_contains "$tmp/out" "^OK version=2 mode=process-safe disk-size=16777216 .*checkpoints=0 pending=- latest=- state=ok frozen=-"
 ctl backup-begin c1 > "$tmp/out"
 assert_eq "OK checkpoint=c1 state=pending since=-" "$(cat "$tmp/out")"
 ctl backup-end c1 --ok >/dev/null

@@ -5,9 +5,9 @@ source "${srcdir:-.}/functions.sh"
 requires nbdinfo
 
 help=$(nbdkit --filter=sparsebackup null --help 2>&1)
-echo "$help" | grep -q '^filter: sparsebackup (nbdkit sparsebackup filter)$' ||
+grep -q '^filter: sparsebackup (nbdkit sparsebackup filter)$' <<< "$help" ||
     { echo "$help"; fail "name/longname missing from --help"; }
-echo "$help" | grep -q '^sparsebackup-[a-z-]*=' ||
+grep -q '^sparsebackup-[a-z-]*=' <<< "$help" ||
     { echo "$help"; fail "config_help does not document sparsebackup-* keys"; }
 
 version=$(nbdkit --filter=sparsebackup null --version)

@@ -320,6 +320,8 @@ qemu-img bitmap --add dup.qcow2 b2
 eval "$(craft dup.qcow2 bitmaps)"
 craft dup.qcow2 write $((dir + 32 + 24)) 6231
 since_error dup.qcow2 b1 "two bitmaps are named 'b1'"
+exports dup.qcow2 > list
+grep -q "'@since:b1'" list && fail "dup: b1 listed"
 eval "$(craft one.qcow2 bitmaps)"
 
 # Many bitmaps: one.qcow2 with a new directory of 300 entries b1, c2,

@@ -14,20 +14,20 @@ plugin_so="$abs_top_builddir/plugins/qcow2/.libs/nbdkit-qcow2-plugin.so"
 for spelling in "--filter=sparsebackup" "--filter sparsebackup"; do
     # shellcheck disable=SC2086
     out=$(nbdkit $spelling null 1M --dump-plugin)
-    echo "$out" | grep -q "^path=.*/nbdkit-null-plugin.so$" ||
+    grep -q "^path=.*/nbdkit-null-plugin.so$" <<< "$out" ||
         fail "$spelling: null plugin not loaded"
     out=$(nbdkit $spelling null --help 2>&1)
-    echo "$out" | grep -q "^($filter_so)$" ||
+    grep -q "^($filter_so)$" <<< "$out" ||
         { echo "$out"; fail "$spelling: did not load $filter_so"; }
 done
 
 # An option argument that happens to say "qcow2" is not the plugin name.
 out=$(nbdkit -U - -e qcow2 memory 1M --run 'nbdinfo --json "$uri"')
-echo "$out" | grep -q '"export-name": "qcow2"' ||
+grep -q '"export-name": "qcow2"' <<< "$out" ||
     fail "-e qcow2 was rewritten"
 
 # The plugin name qcow2 is resolved to the built plugin (a bare name would
 # make nbdkit look in its own plugin directory).
 out=$(nbdkit qcow2 --dump-plugin)
-echo "$out" | grep -qx "path=$plugin_so" ||
+grep -qx "path=$plugin_so" <<< "$out" ||
     { echo "$out"; fail "qcow2 not resolved to $plugin_so"; }

@@ -82,7 +82,7 @@ assert_eq 0 "${v[read-cache-bytes]}" "read-cache-bytes"
 assert_contains "$server_log" "write-data-bytes.*20490"
 
 # One human summary line, binary units, in the file and in the log.
-summary="summary: sparsebackup: client read 32.0 KiB, 0 B from the plugin, 32.0 KiB answered from the map, 0 B from the scan cache; wrote 20.0 KiB of data to the plugin, 24.0 KiB of zero blocks as zero requests; 72.0 KiB zeroed by the plugin, 144.0 KiB of zeroing skipped"
+summary="summary: sparsebackup: saved 32.0 KiB of 32.0 KiB read and 24.0 KiB of 44.0 KiB written: client reads answered 32.0 KiB from the map, 0 B from the scan cache, 0 B read from the plugin; 20.0 KiB of data written to the plugin, 24.0 KiB of zero blocks as zero requests; 72.0 KiB zeroed by the plugin, 144.0 KiB of zeroing skipped"
 assert_eq "$summary" "$(grep '^summary: ' "$stats")" "summary line"
 assert_contains "$server_log" "${summary#summary: }"
 

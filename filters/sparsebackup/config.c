@@ -45,7 +45,7 @@ int64_t cfg_min_zero_extent = -1;
 
 char *cfg_cbt_path = NULL;
 uint32_t cfg_cbt_gran = 0;
-enum cbt_mode cfg_cbt_mode = CBT_MODE_IN_USE;
+enum cbt_mode cfg_cbt_mode = CBT_MODE_PROCESS_SAFE;
 bool cfg_cbt_reset = false;
 char *cfg_cbt_id = NULL;
 char *cfg_control_path = NULL;
@@ -292,6 +292,7 @@ sparsebackup_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
   static const struct sb_choice cbt_mode[] = {
     { "in-use", CBT_MODE_IN_USE, false },
     { "write-ahead", CBT_MODE_WRITE_AHEAD, false },
+    { "process-safe", CBT_MODE_PROCESS_SAFE, false },
     { NULL, 0, false },
   };
   static const struct sb_choice scratch_error[] = {
@@ -502,8 +503,8 @@ const char sparsebackup_config_help[] =
   "                               tracking, delta views @since:CHECKPOINT).\n"
   "sparsebackup-cbt-granularity=<SIZE>\n"
   "                               Bytes per tracked granule (64K).\n"
-  "sparsebackup-cbt-mode=in-use|write-ahead\n"
-  "                               Durability of the record (in-use).\n"
+  "sparsebackup-cbt-mode=in-use|process-safe|write-ahead\n"
+  "                               Durability of the record (process-safe).\n"
   "sparsebackup-cbt-reset=true    Discard what FILE holds.\n"
   "sparsebackup-cbt-id=<STRING>   Identity of the disk stored in FILE.\n"
   "sparsebackup-control=<SOCKET>  Serve the control protocol on SOCKET.\n"

@@ -403,16 +403,6 @@ do_list (struct conn *k, struct cbt *c)
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoints=%zu", i));
 }
 
-static const char *
-mode_name (enum cbt_mode mode)
-{
-  switch (mode) {
-  case CBT_MODE_IN_USE: return "in-use";
-  case CBT_MODE_WRITE_AHEAD: return "write-ahead";
-  }
-  return "?";
-}
-
 /* The frozen backup's fields of the status line ("" without a scratch
  * file); a broken backup's reason as a data line first.
  */
@@ -460,7 +450,7 @@ do_status (struct conn *k, struct cbt *c)
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
               "version=%d mode=%s disk-size=%" PRIu64 " granularity=%"
               PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s%s",
-              CTL_VERSION, mode_name (cbt_mode (c)), cbt_disk_size (c),
+              CTL_VERSION, tracking_mode_name (cbt_mode (c)), cbt_disk_size (c),
               cbt_granularity (c), n, pending, latest.name,
               tracking_io_error () ? "io-error" : "ok", frozen, group));
 }

@@ -62,24 +62,35 @@ human_size (char *buf, size_t len, uint64_t n)
 
 #define LOAD(field) __atomic_load_n (&stats.field, __ATOMIC_RELAXED)
 
+/* "saved X of Y read and X of Y written: ...": what the filter kept
+ * from crossing to the plugin.  Read: the client's reads answered from
+ * the map (zeros) or the scan cache, of all it read.  Written: the zero
+ * blocks of client writes, sent as zero requests or skipped rather
+ * than written as data, of all it wrote.
+ */
 static void
 print_summary (FILE *fp)
 {
-  char rd[32], pl[32], mp[32], ca[32], wd[32], wz[32], zr[32], sk[32];
+  char rd[32], rs[32], pl[32], mp[32], ca[32], wt[32], wz[32], wd[32];
+  char zr[32], sk[32];
+  const uint64_t written = LOAD (write_data_bytes) + LOAD (write_zero_bytes);
 
   human_size (rd, sizeof rd, LOAD (read_bytes));
+  human_size (rs, sizeof rs, LOAD (read_map_bytes) + LOAD (read_cache_bytes));
   human_size (pl, sizeof pl, LOAD (plugin_read_bytes));
   human_size (mp, sizeof mp, LOAD (read_map_bytes));
   human_size (ca, sizeof ca, LOAD (read_cache_bytes));
-  human_size (wd, sizeof wd, LOAD (write_data_bytes));
+  human_size (wt, sizeof wt, written);
   human_size (wz, sizeof wz, LOAD (write_zero_bytes));
+  human_size (wd, sizeof wd, LOAD (write_data_bytes));
   human_size (zr, sizeof zr, LOAD (zero_bytes));
   human_size (sk, sizeof sk, LOAD (zero_skipped_bytes));
-  fprintf (fp, "sparsebackup: client read %s, %s from the plugin, "
-           "%s answered from the map, %s from the scan cache; "
-           "wrote %s of data to the plugin, %s of zero blocks as zero "
-           "requests; %s zeroed by the plugin, %s of zeroing skipped\n",
-           rd, pl, mp, ca, wd, wz, zr, sk);
+  fprintf (fp, "sparsebackup: saved %s of %s read and %s of %s written: "
+           "client reads answered %s from the map, %s from the scan cache, "
+           "%s read from the plugin; %s of data written to the plugin, "
+           "%s of zero blocks as zero requests; %s zeroed by the plugin, "
+           "%s of zeroing skipped\n",
+           rs, rd, wz, wt, mp, ca, pl, wd, wz, zr, sk);
 }
 
 /* The cbt counters, printed only with sparsebackup-cbt (all 0 when no

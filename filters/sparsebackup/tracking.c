@@ -52,53 +52,6 @@ static bool io_error;                   /* a mark or commit failed */
 static pthread_mutex_t inflight_lock = PTHREAD_MUTEX_INITIALIZER;
 static range_vector inflight = VECTOR_INIT;
 
-/* The identities of the checkpoints: a name gets a new identity when it
- * is first seen (loaded from the file, or created), and loses it when
- * the checkpoint is deleted, so a name deleted and created again is
- * another checkpoint.  Every deletion goes through this file.
- * IDS_LOCK is held around a deletion and its removal here, and around
- * a lookup and what is done with it (tracking_map_range), so that a
- * checkpoint cannot be replaced in between.  Lock order: ids_lock,
- * then inflight_lock, then the cbt's.
- */
-struct identity {
-  char name[CBT_NAME_MAX + 1];
-  uint64_t id;
-};
-DEFINE_VECTOR (identity_vector, struct identity);
-static pthread_mutex_t ids_lock = PTHREAD_MUTEX_INITIALIZER;
-static identity_vector ids = VECTOR_INIT;
-static uint64_t next_id = 1;
-
-/* The identity of NAME (ids_lock held): a new one if not known yet;
- * 0 out of memory.
- */
-static uint64_t
-identity_of (const char *name)
-{
-  struct identity e;
-
-  for (size_t i = 0; i < ids.len; ++i)
-    if (strcmp (ids.ptr[i].name, name) == 0)
-      return ids.ptr[i].id;
-  snprintf (e.name, sizeof e.name, "%s", name);
-  e.id = next_id++;
-  if (identity_vector_append (&ids, e) == -1)
-    return 0;
-  return e.id;
-}
-
-/* NAME was deleted (ids_lock held). */
-static void
-identity_forget (const char *name)
-{
-  for (size_t i = 0; i < ids.len; ++i)
-    if (strcmp (ids.ptr[i].name, name) == 0) {
-      identity_vector_remove (&ids, i);
-      return;
-    }
-}
-
 bool
 tracking_enabled (void)
 {
@@ -129,14 +82,64 @@ tracking_set_io_error (void)
   __atomic_store_n (&io_error, true, __ATOMIC_RELAXED);
 }
 
-static const char *
-mode_name (enum cbt_mode mode)
+const char *
+tracking_mode_name (enum cbt_mode mode)
 {
   switch (mode) {
   case CBT_MODE_IN_USE: return "in-use";
   case CBT_MODE_WRITE_AHEAD: return "write-ahead";
+  case CBT_MODE_PROCESS_SAFE: return "process-safe";
   }
   return "?";
+}
+
+/* -D sparsebackup.pretend_reboot=1: for tests, open the cbt file as if
+ * the machine had booted again since it was last open (another boot
+ * id): what process-safe mode does after a power loss.
+ */
+NBDKIT_DLL_PUBLIC int sparsebackup_debug_pretend_reboot = 0;
+
+/* The kernel's boot id (process-safe mode): -1 with MSG. */
+static int
+boot_id (char *buf, size_t len, char *msg, size_t msglen)
+{
+  char err[CBT_ERRLEN];
+
+  if (cbt_read_boot_id (buf, len, err, sizeof err) == -1) {
+    snprintf (msg, msglen, "sparsebackup-cbt-mode=process-safe: %s", err);
+    return -1;
+  }
+  if (sparsebackup_debug_pretend_reboot) {
+    size_t n = strlen (buf);
+
+    /* Another boot: the same length, another id. */
+    buf[n - 1] = buf[n - 1] == 'x' ? 'y' : 'x';
+    nbdkit_debug ("sparsebackup: pretending another boot: boot id %s", buf);
+  }
+  return 0;
+}
+
+/* The options of the cbt file; BOOT (CBT_BOOT_ID_MAX + 1 bytes) holds
+ * the boot id in process-safe mode.  -1 with MSG.
+ */
+static int
+options (struct cbt_options *opts, uint64_t size, bool read_only, char *boot,
+         char *msg, size_t msglen)
+{
+  memset (opts, 0, sizeof *opts);
+  opts->disk_size = size;
+  opts->granularity = cfg_cbt_gran;
+  opts->identity = cfg_cbt_id ? cfg_cbt_id : "";
+  opts->mode = cfg_cbt_mode;
+  opts->create = !read_only;
+  opts->reset = !read_only && cfg_cbt_reset;
+  opts->read_only = read_only;
+  if (cfg_cbt_mode == CBT_MODE_PROCESS_SAFE) {
+    if (boot_id (boot, CBT_BOOT_ID_MAX + 1, msg, msglen) == -1)
+      return -1;
+    opts->boot_id = boot;
+  }
+  return 0;
 }
 
 /* ---- Opening ---------------------------------------------------------- */
@@ -149,11 +152,8 @@ mode_name (enum cbt_mode mode)
 static int
 check_contents (const struct stat *st)
 {
-  struct cbt_options opts = {
-    .granularity = cfg_cbt_gran, .identity = cfg_cbt_id ? cfg_cbt_id : "",
-    .mode = cfg_cbt_mode, .read_only = true,
-  };
-  char head[8192], err[CBT_ERRLEN];
+  struct cbt_options opts;
+  char head[8192], err[CBT_ERRLEN], boot[CBT_BOOT_ID_MAX + 1];
   struct cbt *c;
   int fd;
   ssize_t n;
@@ -169,6 +169,10 @@ check_contents (const struct stat *st)
     zeros &= head[i] == 0;
   if (n > 0 && zeros)
     return 0;
+  if (options (&opts, 0, true, boot, err, sizeof err) == -1) {
+    nbdkit_error ("%s", err);
+    return -1;
+  }
   if (cbt_open (cfg_cbt_path, &opts, &c, NULL, err, sizeof err) == -1) {
     nbdkit_error ("sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
     return -1;
@@ -233,13 +237,9 @@ tracking_check (void)
 int
 tracking_open (uint64_t size, char *msg, size_t msglen)
 {
-  struct cbt_options opts = {
-    .disk_size = size, .granularity = cfg_cbt_gran,
-    .identity = cfg_cbt_id ? cfg_cbt_id : "", .mode = cfg_cbt_mode,
-    .create = true, .reset = cfg_cbt_reset,
-  };
+  struct cbt_options opts;
   struct cbt_load_info info;
-  char err[CBT_ERRLEN];
+  char err[CBT_ERRLEN], boot[CBT_BOOT_ID_MAX + 1];
   struct cbt *c;
 
   if (cfg_cbt_path == NULL)
@@ -250,6 +250,8 @@ tracking_open (uint64_t size, char *msg, size_t msglen)
               "file %s needs a disk", cfg_cbt_path);
     return -1;
   }
+  if (options (&opts, size, false, boot, msg, msglen) == -1)
+    return -1;
   if (cbt_open (cfg_cbt_path, &opts, &c, &info, err, sizeof err) == -1) {
     snprintf (msg, msglen, "sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
     return -1;
@@ -265,7 +267,7 @@ tracking_open (uint64_t size, char *msg, size_t msglen)
   nbdkit_debug ("sparsebackup: cbt file %s open: size %" PRIu64
                 ", granularity %" PRIu32 ", mode %s, %zu checkpoints%s",
                 cfg_cbt_path, size, cbt_granularity (c),
-                mode_name (cfg_cbt_mode), cbt_checkpoint_count (c),
+                tracking_mode_name (cfg_cbt_mode), cbt_checkpoint_count (c),
                 info.created ? " (new)" : "");
   __atomic_store_n (&the_cbt, c, __ATOMIC_RELEASE);
   return 0;
@@ -281,7 +283,6 @@ tracking_close (void)
     nbdkit_error ("sparsebackup-cbt: %s: %s", cfg_cbt_path, err);
   the_cbt = NULL;
   range_vector_reset (&inflight);
-  identity_vector_reset (&ids);
 }
 
 /* ---- Marking ---------------------------------------------------------- */
@@ -364,48 +365,63 @@ tracking_end (uint64_t offset, uint64_t count)
 
 /* ---- Checkpoints ------------------------------------------------------ */
 
-/* Mark every listed change again (inflight_lock held): the highest
- * ticket in *MAX.
+/* Marking the changes in flight again once the new checkpoint takes
+ * effect (cbt_checkpoint_create_cb's TAKEN, inflight_lock held from
+ * before the call): then new changes may be marked again.
  */
-static int
-mark_inflight_again (struct cbt *c, uint64_t *max, char *err, size_t errlen)
+struct remark {
+  struct cbt *c;
+  uint64_t max;                 /* the highest ticket to commit */
+  int err;                      /* errno of a mark that failed */
+  bool unlocked;
+};
+
+static void
+remark_inflight (void *opaque)
 {
-  for (size_t i = 0; i < inflight.len; ++i) {
+  struct remark *rm = opaque;
+
+  for (size_t i = 0; i < inflight.len && rm->err == 0; ++i) {
     uint64_t off = inflight.ptr[i].offset, cnt = inflight.ptr[i].count;
     uint64_t ticket = 0;
 
-    if (clip (c, &off, &cnt) && cbt_mark (c, off, cnt, &ticket) == -1) {
-      snprintf (err, errlen, "cannot mark the changes in flight: %s",
-                strerror (errno));
-      return -1;
-    }
-    *max = MAX (*max, ticket);
+    if (clip (rm->c, &off, &cnt) && cbt_mark (rm->c, off, cnt, &ticket) == -1)
+      rm->err = errno;
+    rm->max = MAX (rm->max, ticket);
   }
-  return 0;
+  pthread_mutex_unlock (&inflight_lock);
+  rm->unlocked = true;
 }
 
 int
 tracking_checkpoint_begin (const char *name, char *err, size_t errlen)
 {
-  struct cbt *c = tracking_cbt ();
-  uint64_t max = 0;
+  struct remark rm = { .c = tracking_cbt () };
   int r;
 
-  assert (c != NULL);
-  {
-    SCOPED_MUTEX (&ids_lock);
-    SCOPED_MUTEX (&inflight_lock);
+  assert (rm.c != NULL);
+  /* cbt.h: every change in flight when the checkpoint takes effect is
+   * marked again, so that one landing after it is recorded after it
+   * too.  New changes wait (inflight_lock) only until then, not over
+   * the slow part of the creation.
+   */
+  pthread_mutex_lock (&inflight_lock);
+  r = cbt_checkpoint_create_cb (rm.c, name, true, remark_inflight, &rm, err,
+                                errlen);
+  if (!rm.unlocked)
+    pthread_mutex_unlock (&inflight_lock);
+  if (r == 0 && rm.err != 0) {
+    char why[CBT_ERRLEN];
 
-    r = cbt_checkpoint_create (c, name, true, err, errlen);
-    if (r == 0)
-      identity_forget (name);   /* a new checkpoint: a new identity */
-    /* cbt.h: mark again every change in flight, so that one landing
-     * after the checkpoint is recorded after it too.
-     */
-    if (r == 0)
-      r = mark_inflight_again (c, &max, err, errlen);
+    /* The new checkpoint would miss them: it goes (merged back). */
+    if (cbt_checkpoint_fail (rm.c, name, why, sizeof why) == -1)
+      nbdkit_error ("sparsebackup: checkpoint '%s': %s", name, why);
+    snprintf (err, errlen, "cannot mark the changes in flight: %s",
+              strerror (rm.err));
+    errno = rm.err;
+    r = -1;
   }
-  if (r == 0 && cbt_commit (c, max) == -1) {
+  if (r == 0 && cbt_commit (rm.c, rm.max) == -1) {
     snprintf (err, errlen, "cannot commit the changes in flight: %s",
               strerror (errno));
     r = -1;
@@ -415,58 +431,31 @@ tracking_checkpoint_begin (const char *name, char *err, size_t errlen)
   return r;
 }
 
-/* tracking_find with ids_lock held. */
-static ssize_t
-find_locked (const char *name, struct cbt_checkpoint_info *info,
-             struct checkpoint_ref *ref)
+ssize_t
+tracking_find (const char *name, struct cbt_checkpoint_info *info,
+               struct checkpoint_ref *ref)
 {
   struct cbt *c = tracking_cbt ();
+  ssize_t k;
 
   if (c == NULL) {
     errno = ENOENT;
     return -1;
   }
-  for (size_t i = 0; cbt_checkpoint_get (c, i, info) == 0; ++i)
-    if (strcmp (info->name, name) == 0) {
-      if (ref) {
-        ref->id = identity_of (name);
-        if (ref->id == 0) {
-          errno = ENOMEM;
-          return -1;
-        }
-        snprintf (ref->name, sizeof ref->name, "%s", info->name);
-      }
-      return i;
-    }
-  errno = ENOENT;
-  return -1;
-}
-
-ssize_t
-tracking_find (const char *name, struct cbt_checkpoint_info *info,
-               struct checkpoint_ref *ref)
-{
-  SCOPED_MUTEX (&ids_lock);
-
-  return find_locked (name, info, ref);
-}
-
-/* REF is alive (ids_lock held). */
-static bool
-alive_locked (const struct checkpoint_ref *ref)
-{
-  struct cbt_checkpoint_info info;
-  struct checkpoint_ref now;
-
-  return find_locked (ref->name, &info, &now) >= 0 && now.id == ref->id;
+  k = cbt_checkpoint_find (c, name, info);
+  if (k >= 0 && ref) {
+    ref->id = info->serial;
+    snprintf (ref->name, sizeof ref->name, "%s", info->name);
+  }
+  return k;
 }
 
 bool
 tracking_ref_alive (const struct checkpoint_ref *ref)
 {
-  SCOPED_MUTEX (&ids_lock);
+  struct cbt *c = tracking_cbt ();
 
-  return alive_locked (ref);
+  return c && cbt_checkpoint_find_serial (c, ref->id, NULL) >= 0;
 }
 
 int
@@ -474,25 +463,15 @@ tracking_checkpoint_end (const char *name, bool ok, char *err,
                          size_t errlen)
 {
   struct cbt *c = tracking_cbt ();
-  SCOPED_MUTEX (&ids_lock);
-  int r;
 
-  r = ok ? cbt_checkpoint_confirm (c, name, err, errlen)
-         : cbt_checkpoint_fail (c, name, err, errlen);
-  if (r == 0 && !ok)
-    identity_forget (name);
-  return r;
+  return ok ? cbt_checkpoint_confirm (c, name, err, errlen)
+            : cbt_checkpoint_fail (c, name, err, errlen);
 }
 
 int
 tracking_checkpoint_delete (const char *name, char *err, size_t errlen)
 {
-  SCOPED_MUTEX (&ids_lock);
-
-  if (cbt_checkpoint_delete (tracking_cbt (), name, err, errlen) == -1)
-    return -1;
-  identity_forget (name);
-  return 0;
+  return cbt_checkpoint_delete (tracking_cbt (), name, err, errlen);
 }
 
 int
@@ -502,16 +481,13 @@ tracking_map_range (const struct checkpoint_ref *since,
                     cbt_extent_fn extent, void *opaque,
                     char *err, size_t errlen)
 {
-  SCOPED_MUTEX (&ids_lock);
+  int r;
 
-  if (!alive_locked (since) || (until && !alive_locked (until))) {
-    snprintf (err, errlen, "checkpoint '%s' was deleted",
-              !alive_locked (since) ? since->name : until->name);
-    errno = ENOENT;
-    return -1;
-  }
   err[0] = '\0';
-  return cbt_map_range (tracking_cbt (), since->name,
-                        until ? until->name : NULL, start, end, extent,
-                        opaque, err, errlen);
+  r = cbt_map_serial (tracking_cbt (), since->id, until ? until->id : 0,
+                      start, end, extent, opaque, err, errlen);
+  if (r == -1 && errno == ENOENT)
+    snprintf (err, errlen, "checkpoint '%s' was deleted",
+              tracking_ref_alive (since) ? until->name : since->name);
+  return r;
 }

@@ -48,6 +48,8 @@ extern struct cbt *tracking_cbt (void);
  * cleanly in in-use mode, ...), or NULL.
  */
 extern const char *tracking_lost_reason (void);
+/* "in-use", "write-ahead"... as sparsebackup-cbt-mode= spells it. */
+extern const char *tracking_mode_name (enum cbt_mode mode);
 /* A write to the cbt file failed: every change fails from then on. */
 extern bool tracking_io_error (void);
 extern void tracking_set_io_error (void);

@@ -1,15 +1,22 @@
 /* sparsebackup: qcow2 reader: persistent bitmaps (the @since view).
  *
  * Written from the "Bitmaps extension" and "Bitmaps" sections of
- * QEMU's docs/interop/qcow2.txt.  Nothing here runs while an image is
- * opened: the header parser only records the extension, and it is
- * checked when a bitmap is opened or listed, so a broken bitmap never
- * affects reading or mapping the disk.
+ * QEMU's docs/interop/qcow2.txt, with the limits QEMU applies when it
+ * loads a bitmap (block/qcow2-bitmap.c: a bitmap it refuses is refused
+ * here too).  Nothing here runs while an image is opened: the header
+ * parser only records the extension, and it is checked when a bitmap is
+ * opened or listed, so a broken bitmap never affects reading or mapping
+ * the disk.
  *
- * Memory: the bitmap directory is read whole (at most
- * BM_MAX_DIR_BYTES, and never more than the file holds); the bitmap
- * tables are checked in chunks of CHUNK_ENTRIES and read one entry at a
- * time; the bitmap data is read through a window of BM_WINDOW bytes.
+ * Work and memory are bounded.  A directory is read whole (at most
+ * BM_MAX_DIR_BYTES, and never more than the file holds).  A listing
+ * reads each directory of the chain once (those below the top at most
+ * QCOW2_LIST_MAX_LOWER_DIR_BYTES together) and no bitmap table; opening
+ * a bitmap reads the directories of its run of layers and checks its
+ * tables (at most 8 MiB each under QEMU's limits) in chunks of
+ * CHUNK_BYTES, once per image (the tables that passed are remembered).
+ * The bitmap data is read through a window of BM_WINDOW bytes.  Every
+ * read of a directory or table first asks the caller's cancel callback.
  *
  * See qcow2-internal.h for a map of the files.
  */
@@ -18,6 +25,8 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,10 +37,11 @@
 #define BM_MAX_BITMAPS 65535            /* QEMU's limit */
 #define BM_MAX_DIR_BYTES (1024 * BM_MAX_BITMAPS)
 #define BM_ENTRY_LEN 24                 /* fixed part of an entry */
-#define BM_MAX_NAME 1023
-#define BM_MIN_GBITS 9
-#define BM_MAX_GBITS 31
-#define BM_MAX_TABLE_ENTRIES UINT32_C(0x8000000) /* QEMU's limit */
+#define BM_MAX_NAME 1023                /* QEMU's BME_MAX_NAME_SIZE */
+#define BM_MIN_GBITS 9                  /* BME_MIN_GRANULARITY_BITS */
+#define BM_MAX_GBITS 31                 /* BME_MAX_GRANULARITY_BITS */
+#define BM_MAX_TABLE_ENTRIES UINT32_C(0x8000000) /* BME_MAX_TABLE_SIZE */
+#define BM_MAX_PHYS QCOW2_BITMAP_MAX_PHYS        /* BME_MAX_PHYS_SIZE */
 
 #define BM_FLAG_IN_USE        UINT32_C(1)
 #define BM_FLAG_AUTO          UINT32_C(2)
@@ -43,12 +53,13 @@
 #define BT_ALL_ONES      UINT64_C(1)
 #define BT_RESERVED      (~(BT_OFFSET_MASK | BT_ALL_ONES))
 
-#define CHUNK_ENTRIES UINT64_C(512)              /* table entries checked at once */
+#define CHUNK_BYTES UINT64_C(65536)     /* table bytes checked at once */
 
 /* The bitmap directory of one layer. */
 struct bm_dir {
   uint8_t *buf;
   uint64_t size;
+  uint64_t offset;
   uint32_t nb;
 };
 
@@ -65,13 +76,56 @@ struct bm_dirent {
   const char *name;
 };
 
-/* Read and check the bitmaps extension and the directory of layer L.
- * No bitmaps (D->nb = 0) for raw layers, version 2 images, no
- * extension, or an extension that the autoclear bit 0 does not mark
- * consistent (it was written by software not knowing bitmaps).
+/* One listing or opening of a bitmap: what it has read. */
+struct bmx {
+  struct qcow2_image *img;
+  uint64_t bytes;               /* of directories and tables */
+};
+
+static void
+bm_debug (struct qcow2_image *img, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+static void
+bm_debug (struct qcow2_image *img, const char *fmt, ...)
+{
+  char msg[1400];
+  va_list ap;
+
+  if (img->debug == NULL)
+    return;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  img->debug (img->debug_opaque, msg);
+}
+
+/* Read bitmap metadata (a directory or a table) of layer L, unless the
+ * caller asks to stop.
  */
 static int
-dir_load (struct layer *l, struct bm_dir *d, struct err *e)
+meta_read (struct bmx *x, struct layer *l, void *buf, uint64_t count,
+           uint64_t offset, struct err *e)
+{
+  if (x->img->cancel && x->img->cancel (x->img->cancel_opaque)) {
+    q2_seterr_errno (e, ECANCELED, l->name, "reading the bitmaps was "
+                     "cancelled (shutting down, or the client went away)");
+    return -1;
+  }
+  if (q2_io_read (&l->io, l->name, buf, count, offset, e) == -1)
+    return -1;
+  x->bytes += count;
+  return 0;
+}
+
+/* Check the bitmaps extension of layer L and find its directory (size,
+ * offset, number of entries) without reading it.  No bitmaps (D->nb =
+ * 0) for raw layers, version 2 images, no extension, or an extension
+ * that the autoclear bit 0 does not mark consistent (it was written by
+ * software not knowing bitmaps).
+ */
+static int
+dir_find (struct layer *l, struct bm_dir *d, struct err *e)
 {
   uint32_t reserved;
   uint64_t doff;
@@ -124,12 +178,24 @@ dir_load (struct layer *l, struct bm_dir *d, struct err *e)
                "(size 0x%" PRIx64 ")", doff, d->size, l->io.size);
     return -1;
   }
+  d->offset = doff;
+  return 0;
+}
+
+/* Read the directory D found by dir_find (nothing if it has no
+ * entries).
+ */
+static int
+dir_read (struct bmx *x, struct layer *l, struct bm_dir *d, struct err *e)
+{
+  if (d->nb == 0)
+    return 0;
   d->buf = malloc (d->size);
   if (d->buf == NULL) {
     q2_seterr_oom (e, l->name);
     return -1;
   }
-  if (q2_io_read (&l->io, l->name, d->buf, d->size, doff, e) == -1) {
+  if (meta_read (x, l, d->buf, d->size, d->offset, e) == -1) {
     free (d->buf);
     d->buf = NULL;
     return -1;
@@ -137,7 +203,14 @@ dir_load (struct layer *l, struct bm_dir *d, struct err *e)
   return 0;
 }
 
-/* Entry I of the directory, at *POS; *POS moves to the next one. */
+static int
+dir_load (struct bmx *x, struct layer *l, struct bm_dir *d, struct err *e)
+{
+  if (dir_find (l, d, e) == -1)
+    return -1;
+  return dir_read (x, l, d, e);
+}
+
 static int
 dir_entry (struct layer *l, const struct bm_dir *d, uint32_t i,
            uint64_t *pos, struct bm_dirent *ent, struct err *e)
@@ -269,16 +342,32 @@ check_table_entry (struct layer *l, const char *name, uint64_t i,
   return 0;
 }
 
-/* Check the directory entry of bitmap NAME in layer L, then its table,
- * and fill B.
+/* The smallest granularity (bits) from GBITS up whose bitmap of layer
+ * L fits QEMU's limits, or 0 if none does.
+ */
+static unsigned
+min_gbits (const struct layer *l, unsigned gbits)
+{
+  for (; gbits <= BM_MAX_GBITS; ++gbits) {
+    uint64_t bytes = div_round_up (div_round_up (l->size,
+                                                 UINT64_C(1) << gbits), 8);
+    uint64_t entries = div_round_up (bytes, l->cluster_size);
+    if (entries <= BM_MAX_TABLE_ENTRIES &&
+        entries * l->cluster_size <= BM_MAX_PHYS)
+      return gbits;
+  }
+  return 0;
+}
+
+/* Check the directory entry of bitmap NAME in layer L (no I/O: its
+ * table is checked by check_table) and fill B.
  */
 static int
-check_bitmap (struct layer *l, const char *name,
+check_dirent (struct layer *l, const char *name,
               const struct bm_dirent *ent, struct bm_layer *b,
               struct err *e)
 {
-  uint64_t gran, needed, i;
-  uint8_t chunk[CHUNK_ENTRIES * 8];
+  uint64_t gran, needed, phys;
 
   if (ent->flags & ~BM_FLAGS_KNOWN) {
     q2_seterr (e, l->name, "bitmap '%s': reserved flags are set (flags 0x%"
@@ -313,6 +402,11 @@ check_bitmap (struct layer *l, const char *name,
                BM_MAX_GBITS);
     return -1;
   }
+  if (ent->table_size == 0) {
+    q2_seterr (e, l->name, "bitmap '%s': bitmap_table_size is 0 (QEMU "
+               "refuses a bitmap without a table)", name);
+    return -1;
+  }
   gran = UINT64_C(1) << ent->gbits;
   needed = div_round_up (div_round_up (div_round_up (l->size, gran), 8),
                          l->cluster_size);
@@ -325,14 +419,32 @@ check_bitmap (struct layer *l, const char *name,
   }
   if (needed > BM_MAX_TABLE_ENTRIES) {
     q2_seterr (e, l->name, "bitmap '%s': bitmap_table_size %" PRIu32
-               " is larger than the limit of %" PRIu32 " entries", name,
+               " is larger than the limit of %" PRIu32 " entries (QEMU's "
+               "limit: it refuses this bitmap)", name,
                ent->table_size, BM_MAX_TABLE_ENTRIES);
     return -1;
   }
-  if (needed > 0 &&
-      (ent->table_off == 0 || !is_aligned (ent->table_off, l->cluster_size) ||
-       ent->table_off >= l->io.size ||
-       needed * 8 > l->io.size - ent->table_off)) {
+  /* QEMU refuses a bitmap whose table covers more than 512 MiB of data
+   * clusters (2^32 bits), whatever the disk size ("doesn't satisfy the
+   * constraints"): a bitmap this large must not be used either.
+   */
+  phys = needed * l->cluster_size;
+  if (phys > BM_MAX_PHYS) {
+    unsigned g = min_gbits (l, ent->gbits);
+    q2_seterr (e, l->name, "bitmap '%s': bitmap_table_size %" PRIu32
+               " times the cluster size 0x%" PRIx64 " is %" PRIu64 " bytes "
+               "of bitmap, more than the limit of %" PRIu64 " bytes (2^32 "
+               "bits, QEMU's limit: it refuses this bitmap); %s%" PRIu64,
+               name, ent->table_size, l->cluster_size, phys,
+               (uint64_t) BM_MAX_PHYS,
+               g ? "the smallest granularity that fits is " :
+               "no granularity fits a disk of ",
+               g ? UINT64_C(1) << g : l->size);
+    return -1;
+  }
+  if (ent->table_off == 0 || !is_aligned (ent->table_off, l->cluster_size) ||
+      ent->table_off >= l->io.size ||
+      needed * 8 > l->io.size - ent->table_off) {
     q2_seterr (e, l->name, "bitmap '%s': bitmap_table_offset 0x%" PRIx64
                " (%" PRIu64 " entries) is %s (cluster size 0x%" PRIx64
                ", file size 0x%" PRIx64 ")", name, ent->table_off, needed,
@@ -342,15 +454,6 @@ check_bitmap (struct layer *l, const char *name,
                "beyond the end of the file", l->cluster_size, l->io.size);
     return -1;
   }
-  for (i = 0; i < needed; i += CHUNK_ENTRIES) {
-    uint64_t n = MIN (needed - i, CHUNK_ENTRIES), j;
-    if (q2_io_read (&l->io, l->name, chunk, n * 8, ent->table_off + i * 8,
-                    e) == -1)
-      return -1;
-    for (j = 0; j < n; ++j)
-      if (check_table_entry (l, name, i + j, be64 (chunk + 8 * j), e) == -1)
-        return -1;
-  }
   b->l = l;
   b->name = name;
   b->gbits = ent->gbits;
@@ -359,50 +462,66 @@ check_bitmap (struct layer *l, const char *name,
   return 0;
 }
 
-/* The directories of the layers, loaded once for a whole listing (each
- * at most BM_MAX_DIR_BYTES, and no larger than its file).
+/* Check every entry of the table of B (bitmap NAME), unless this table
+ * of this layer passed before.
  */
-struct dir_cache {
-  bool loaded[QCOW2_MAX_DEPTH];
-  struct bm_dir d[QCOW2_MAX_DEPTH];
-};
-
-static void
-dir_cache_free (struct dir_cache *dc)
+static int
+check_table (struct bmx *x, const struct bm_layer *b, struct err *e)
 {
+  struct qcow2_image *img = x->img;
+  struct layer *l = b->l;
+  uint64_t n = b->table_size, per = CHUNK_BYTES / 8, i;
+  uint8_t *chunk;
+  bool ok = false;
   unsigned k;
 
-  for (k = 0; k < QCOW2_MAX_DEPTH; ++k)
-    if (dc->loaded[k])
-      free (dc->d[k].buf);
-}
+  pthread_mutex_lock (&img->bm_lock);
+  for (k = 0; k < l->bm_ok_n; ++k)
+    if (l->bm_ok_off[k] == b->table_off && l->bm_ok_size[k] == n)
+      ok = true;
+  pthread_mutex_unlock (&img->bm_lock);
+  if (ok)
+    return 0;
 
-/* The directory of layer L at depth K: from DC if not NULL (loaded
- * there on first use), else in *LOCAL (to be freed by the caller).
- */
-static const struct bm_dir *
-dir_get (struct layer *l, unsigned k, struct dir_cache *dc,
-         struct bm_dir *local, struct err *e)
-{
-  if (dc && dc->loaded[k])
-    return &dc->d[k];
-  if (dir_load (l, local, e) == -1)
-    return NULL;
-  if (dc == NULL)
-    return local;
-  dc->d[k] = *local;
-  dc->loaded[k] = true;
-  local->buf = NULL;
-  return &dc->d[k];
+  chunk = malloc (MIN (n, per) * 8);
+  if (chunk == NULL) {
+    q2_seterr_oom (e, l->name);
+    return -1;
+  }
+  for (i = 0; i < n; i += per) {
+    uint64_t m = MIN (n - i, per), j;
+    if (meta_read (x, l, chunk, m * 8, b->table_off + i * 8, e) == -1)
+      goto fail;
+    for (j = 0; j < m; ++j)
+      if (check_table_entry (l, b->name, i + j, be64 (chunk + 8 * j),
+                             e) == -1)
+        goto fail;
+  }
+  free (chunk);
+
+  pthread_mutex_lock (&img->bm_lock);
+  l->bm_ok_off[l->bm_ok_next] = b->table_off;
+  l->bm_ok_size[l->bm_ok_next] = n;
+  l->bm_ok_next = (l->bm_ok_next + 1) % BM_OK_TABLES;
+  if (l->bm_ok_n < BM_OK_TABLES)
+    l->bm_ok_n++;
+  pthread_mutex_unlock (&img->bm_lock);
+  return 0;
+
+ fail:
+  free (chunk);
+  return -1;
 }
 
 /* Bitmap NAME of the chain: found in the top layer and in the layers
- * below it down to the first one without it.  DC: see dir_get.
+ * below it down to the first one without it, every entry and table
+ * checked.
  */
 static int
-bitmap_build (struct qcow2_image *img, const char *name,
-              struct qcow2_bitmap *bm, struct dir_cache *dc, struct err *e)
+bitmap_build (struct bmx *x, const char *name, struct qcow2_bitmap *bm,
+              struct err *e)
 {
+  struct qcow2_image *img = x->img;
   struct layer *l;
 
   memset (bm, 0, sizeof *bm);
@@ -416,16 +535,17 @@ bitmap_build (struct qcow2_image *img, const char *name,
   name = bm->name;
   for (l = img->top; l && bm->n < QCOW2_MAX_DEPTH; l = l->backing) {
     struct find_ctx c = { .name = name, .name_len = strlen (name) };
-    struct bm_dir local = { .buf = NULL };
-    const struct bm_dir *d;
-    int r = -1;
+    struct bm_dir d;
+    int r;
 
-    d = dir_get (l, bm->n, dc, &local, e);
-    if (d)
-      r = dir_walk (l, d, find_fn, &c, e);
+    r = dir_load (x, l, &d, e);
+    if (r == 0)
+      r = dir_walk (l, &d, find_fn, &c, e);
     if (r == 0 && c.found)
-      r = check_bitmap (l, name, &c.ent, &bm->layers[bm->n], e);
-    free (local.buf);
+      r = check_dirent (l, name, &c.ent, &bm->layers[bm->n], e);
+    free (d.buf);
+    if (r == 0 && c.found)
+      r = check_table (x, &bm->layers[bm->n], e);
     if (r == -1)
       return -1;
     if (!c.found) {
@@ -447,6 +567,7 @@ qcow2_bitmap_open (struct qcow2_image *img, const char *name,
                    struct qcow2_bitmap **ret, char *errbuf, size_t errlen)
 {
   struct err e = { errbuf, errlen, 0 };
+  struct bmx x = { .img = img };
   struct qcow2_bitmap *bm;
 
   bm = malloc (sizeof *bm);
@@ -455,11 +576,16 @@ qcow2_bitmap_open (struct qcow2_image *img, const char *name,
     errno = ENOMEM;
     return -1;
   }
-  if (bitmap_build (img, name, bm, NULL, &e) == -1) {
+  if (bitmap_build (&x, name, bm, &e) == -1) {
     free (bm);
+    bm_debug (img, "bitmap '%s': refused, read %" PRIu64 " bytes of "
+              "bitmap directories and tables", name, x.bytes);
     errno = e.errnum ? e.errnum : EIO;
     return -1;
   }
+  bm_debug (img, "bitmap '%s': %u layer%s, read %" PRIu64 " bytes of "
+            "bitmap directories and tables", name, bm->n,
+            bm->n == 1 ? "" : "s", x.bytes);
   *ret = bm;
   return 0;
 }
@@ -482,43 +608,154 @@ qcow2_bitmap_layers (const struct qcow2_bitmap *bm)
   return bm->n;
 }
 
+/*----------------------------------------------------------------------
+ * Listing: the first QCOW2_MAX_LISTED_BITMAPS bitmaps of the top
+ * image, looked up in each lower directory in one walk of it (a binary
+ * search of the listed names per entry), no table read.
+ */
+
+struct listed {
+  struct qcow2_bitmap bm;       /* its name and the layers checked */
+  uint16_t name_len;
+  bool active;                  /* still looked for in lower layers */
+  bool found, dup;              /* in the layer being walked */
+  struct bm_dirent ent;         /* found there */
+  bool bad;                     /* not usable, because of WHY */
+  char why[QCOW2_ERRLEN];
+};
+
+/* The listed names, sorted. */
+struct sorted_name {
+  const char *name;
+  uint16_t len;
+  uint32_t i;                   /* in list_ctx.v */
+};
+
 struct list_ctx {
-  struct qcow2_image *img;
-  qcow2_bitmap_fn fn;
-  void *opaque;
-  struct dir_cache dc;
-  uint32_t n;
-  bool stopped;
+  struct listed *v;
+  uint32_t n;                   /* listed */
+  struct sorted_name *sorted;
 };
 
 static int
-list_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
+name_cmp (const char *a, size_t alen, const char *b, size_t blen)
+{
+  if (alen != blen)
+    return alen < blen ? -1 : 1;
+  return memcmp (a, b, alen);
+}
+
+static int
+sort_cmp (const void *pa, const void *pb)
+{
+  const struct sorted_name *a = pa, *b = pb;
+
+  return name_cmp (a->name, a->len, b->name, b->len);
+}
+
+/* The listed bitmap named like ENT, or -1. */
+static int64_t
+lookup (const struct list_ctx *c, const struct bm_dirent *ent)
+{
+  uint32_t lo = 0, hi = c->n;
+
+  while (lo < hi) {
+    uint32_t mid = lo + (hi - lo) / 2;
+    const struct sorted_name *m = &c->sorted[mid];
+    int r = name_cmp (ent->name, ent->name_size, m->name, m->len);
+    if (r == 0)
+      return m->i;
+    if (r < 0)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return -1;
+}
+
+/* Mark listed bitmap B unusable, because of MSG. */
+static void
+set_why (struct listed *b, const char *msg)
+{
+  b->active = false;
+  if (!b->bad)
+    snprintf (b->why, sizeof b->why, "%s", msg[0] ? msg : "unusable");
+  b->bad = true;
+}
+
+static void
+list_free (struct list_ctx *c)
+{
+  free (c->v);
+  free (c->sorted);
+}
+
+/* Collect the first listed entries of the top directory. */
+static int
+collect_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
+            struct err *e)
+{
+  struct list_ctx *c = opaque;
+  struct listed *b;
+
+  if (c->n >= QCOW2_MAX_LISTED_BITMAPS)
+    return 0;
+  b = &c->v[c->n++];
+  memcpy (b->bm.name, ent->name, ent->name_size);
+  b->bm.name[ent->name_size] = '\0';
+  b->name_len = ent->name_size;
+  b->ent = *ent;
+  b->active = true;
+  return 0;
+}
+
+/* Walking a directory: mark the listed bitmaps it names. */
+static int
+mark_fn (struct layer *l, const struct bm_dirent *ent, void *opaque,
          struct err *e)
 {
   struct list_ctx *c = opaque;
-  char name[BM_MAX_NAME + 1];
-  char why[QCOW2_ERRLEN];
-  struct err be = { why, sizeof why, 0 };
-  struct qcow2_bitmap bm;
-  int r;
+  int64_t i = lookup (c, ent);
 
-  memcpy (name, ent->name, ent->name_size);
-  name[ent->name_size] = '\0';
-  /* Each one looks through the directories: not too many. */
-  if (c->n++ >= QCOW2_MAX_LISTED_BITMAPS) {
-    q2_seterr (&be, l->name, "only the first %d bitmaps are listed",
-               QCOW2_MAX_LISTED_BITMAPS);
-    r = c->fn (c->opaque, name, NULL, why);
-  }
-  else if (bitmap_build (c->img, name, &bm, &c->dc, &be) == -1)
-    r = c->fn (c->opaque, name, NULL, why);
-  else
-    r = c->fn (c->opaque, name, &bm, NULL);
-  if (r == -1) {
-    c->stopped = true;
-    return -1;
+  if (i >= 0 && c->v[i].active) {
+    if (c->v[i].found)
+      c->v[i].dup = true;
+    c->v[i].found = true;
+    c->v[i].ent = *ent;
   }
   return 0;
+}
+
+/* After walking the directory of L (the layer at depth bm.n of each
+ * active bitmap): check the entries found, end the runs of the others.
+ */
+static void
+settle (struct list_ctx *c, struct layer *l)
+{
+  char msg[QCOW2_ERRLEN];
+  struct err be = { msg, sizeof msg, 0 };
+  uint32_t i;
+
+  for (i = 0; i < c->n; ++i) {
+    struct listed *b = &c->v[i];
+    if (!b->active)
+      continue;
+    if (!b->found)
+      b->active = false;        /* the run ends above L */
+    else if (b->dup) {
+      q2_seterr (&be, l->name, "two bitmaps are named '%s'", b->bm.name);
+      set_why (b, msg);
+    }
+    else if (check_dirent (l, b->bm.name, &b->ent,
+                           &b->bm.layers[b->bm.n], &be) == -1)
+      set_why (b, msg);
+    else {
+      b->bm.layers[b->bm.n].name = b->bm.name;
+      if (++b->bm.n >= QCOW2_MAX_DEPTH)
+        b->active = false;
+    }
+    b->found = b->dup = false;
+  }
 }
 
 int
@@ -526,22 +763,151 @@ qcow2_list_bitmaps (struct qcow2_image *img, qcow2_bitmap_fn fn,
                     void *opaque, char *errbuf, size_t errlen)
 {
   struct err e = { errbuf, errlen, 0 };
-  struct list_ctx c = { .img = img, .fn = fn, .opaque = opaque };
-  struct bm_dir local = { .buf = NULL };
-  const struct bm_dir *d;
+  struct bmx x = { .img = img };
+  struct list_ctx c = { .v = NULL };
+  struct bm_dir d;
+  struct layer *l;
+  uint64_t lower = 0, pos = 0;
+  uint32_t i, usable = 0;
+  unsigned depth;
   int r = -1;
 
-  d = dir_get (img->top, 0, &c.dc, &local, &e);
-  if (d)
-    r = dir_walk (img->top, d, list_fn, &c, &e);
-  dir_cache_free (&c.dc);
-  if (r == -1) {
-    if (c.stopped && errbuf && errlen)
-      errbuf[0] = '\0';
-    errno = e.errnum ? e.errnum : EIO;
-    return -1;
+  if (errbuf && errlen)
+    errbuf[0] = '\0';
+  if (dir_load (&x, img->top, &d, &e) == -1)
+    goto out;
+  if (d.nb == 0) {
+    r = 0;
+    goto out;
   }
-  return 0;
+  c.v = calloc (MIN (d.nb, (uint32_t) QCOW2_MAX_LISTED_BITMAPS), sizeof *c.v);
+  c.sorted = calloc (MIN (d.nb, (uint32_t) QCOW2_MAX_LISTED_BITMAPS), sizeof *c.sorted);
+  if (c.v == NULL || c.sorted == NULL) {
+    q2_seterr_oom (&e, img->top->name);
+    goto out;
+  }
+  if (dir_walk (img->top, &d, collect_fn, &c, &e) == -1)
+    goto out;
+  for (i = 0; i < c.n; ++i) {
+    c.sorted[i].name = c.v[i].bm.name;
+    c.sorted[i].len = c.v[i].name_len;
+    c.sorted[i].i = i;
+  }
+  qsort (c.sorted, c.n, sizeof *c.sorted, sort_cmp);
+
+  /* The top directory: names must be unique there too, among the
+   * listed bitmaps (neighbours once sorted) and after them.
+   */
+  for (i = 0; i < c.n; ++i)
+    c.v[i].found = true;
+  for (i = 1; i < c.n; ++i)
+    if (name_cmp (c.sorted[i - 1].name, c.sorted[i - 1].len,
+                  c.sorted[i].name, c.sorted[i].len) == 0)
+      c.v[c.sorted[i - 1].i].dup = c.v[c.sorted[i].i].dup = true;
+  {
+    uint32_t k;
+    uint64_t p = 0;
+    for (k = 0; k < d.nb; ++k) {
+      struct bm_dirent ent;
+      int64_t j;
+      if (dir_entry (img->top, &d, k, &p, &ent, &e) == -1)
+        goto out;               /* cannot happen: walked above */
+      if (k < c.n)
+        continue;
+      j = lookup (&c, &ent);
+      if (j >= 0)
+        c.v[j].dup = true;
+    }
+  }
+  settle (&c, img->top);
+
+  /* The layers below, each directory walked once. */
+  for (l = img->top->backing, depth = 1; l && depth < QCOW2_MAX_DEPTH;
+       l = l->backing, ++depth) {
+    char msg[QCOW2_ERRLEN];
+    struct err le = { msg, sizeof msg, 0 };
+    struct bm_dir ld;
+    bool any = false;
+    int lr;
+
+    for (i = 0; i < c.n; ++i)
+      any |= c.v[i].active;
+    if (!any)
+      break;
+    lr = dir_find (l, &ld, &le);
+    if (lr == 0 && ld.nb > 0 && lower + ld.size > QCOW2_LIST_MAX_LOWER_DIR_BYTES) {
+      q2_seterr (&le, l->name, "not checked: its layers go down to this "
+                 "one, whose bitmap directory (%" PRIu64 " bytes) is beyond "
+                 "the %" PRIu64 " bytes of lower directories that a listing "
+                 "reads; open the view to check it", ld.size,
+                 QCOW2_LIST_MAX_LOWER_DIR_BYTES);
+      lr = -1;
+    }
+    if (lr == 0) {
+      lower += ld.size;
+      lr = dir_read (&x, l, &ld, &le);
+    }
+    if (lr == 0 && ld.nb > 0)
+      lr = dir_walk (l, &ld, mark_fn, &c, &le);
+    free (ld.buf);
+    if (lr == -1) {
+      if (le.errnum == ECANCELED) {
+        q2_seterr_errno (&e, ECANCELED, NULL, "%s", msg);
+        goto out;
+      }
+      for (i = 0; i < c.n; ++i)
+        if (c.v[i].active)
+          set_why (&c.v[i], msg);
+      break;
+    }
+    settle (&c, l);
+  }
+
+  /* Tell. */
+  for (i = 0; i < c.n; ++i) {
+    struct listed *b = &c.v[i];
+    if (!b->bad)
+      usable++;
+    if (fn (opaque, b->bm.name, b->bad ? NULL : &b->bm,
+            b->bad ? b->why : NULL) == -1)
+      goto stopped;
+  }
+  for (i = 0; i < d.nb; ++i) {
+    char name[BM_MAX_NAME + 1];
+    char why[QCOW2_ERRLEN];
+    struct err be = { why, sizeof why, 0 };
+    struct bm_dirent ent;
+
+    if (dir_entry (img->top, &d, i, &pos, &ent, &e) == -1)
+      goto out;                 /* cannot happen: walked above */
+    if (i < c.n)
+      continue;
+    memcpy (name, ent.name, ent.name_size);
+    name[ent.name_size] = '\0';
+    q2_seterr (&be, img->top->name, "only the first %d bitmaps are listed",
+               QCOW2_MAX_LISTED_BITMAPS);
+    if (fn (opaque, name, NULL, why) == -1)
+      goto stopped;
+  }
+  bm_debug (img, "bitmaps: %" PRIu32 " in the top image, %" PRIu32
+            " listed, %" PRIu32 " usable; read %" PRIu64 " bytes of bitmap "
+            "directories", d.nb, c.n, usable, x.bytes);
+  r = 0;
+  goto out;
+
+ stopped:
+  if (errbuf && errlen)
+    errbuf[0] = '\0';
+  list_free (&c);
+  free (d.buf);
+  return -1;                    /* with the callback's errno */
+
+ out:
+  list_free (&c);
+  free (d.buf);
+  if (r == -1)
+    errno = e.errnum ? e.errnum : EIO;
+  return r;
 }
 
 /*----------------------------------------------------------------------

@@ -113,7 +113,11 @@ struct scratch {
   ZSTD_DCtx *zctx;              /* lazy */
   z_stream zs;
   bool zs_ok;                   /* zs initialized */
+  struct libdeflate_decompressor *ld; /* lazy (with libdeflate only) */
 };
+
+/* Checked bitmap tables remembered per layer. */
+#define BM_OK_TABLES 16
 
 struct layer {
   char *name;                   /* for messages and relative names */
@@ -144,6 +148,8 @@ struct layer {
   pthread_mutex_t pool_lock;
   struct scratch *pool;         /* free scratch spaces */
   uint32_t pool_n, pool_max;
+  uint64_t inflated_fast, inflated_zlib; /* zlib clusters, by decoder */
+  uint64_t inflated_zstd;
 
   /* The bitmaps extension as found in the header, not yet checked:
    * qcow2-bitmap.c parses it only when a bitmap is asked for.
@@ -152,6 +158,13 @@ struct layer {
   uint32_t bm_ext_count;        /* times the extension appears */
   uint32_t bm_ext_len;          /* its length (the first one) */
   uint8_t bm_ext[BITMAPS_EXT_LEN]; /* its first bytes (zero-padded) */
+  /* Bitmap tables of this layer that passed their check (offset and
+   * entries), remembered so that they are not read again; protected by
+   * the image's bm_lock.
+   */
+  uint64_t bm_ok_off[BM_OK_TABLES];
+  uint32_t bm_ok_size[BM_OK_TABLES];
+  unsigned bm_ok_n, bm_ok_next;
 
   struct layer *backing;
 };
@@ -161,6 +174,10 @@ struct qcow2_image {
   unsigned depth;
   qcow2_debug_fn debug;
   void *debug_opaque;
+  qcow2_cancel_fn cancel;
+  void *cancel_opaque;
+  bool bm_lock_ok;
+  pthread_mutex_t bm_lock;      /* the layers' bm_ok_* */
 };
 
 /* A bitmap of the chain (qcow2-bitmap.c): the checked directory entries
@@ -280,6 +297,22 @@ extern struct scratch *q2_scratch_get (struct layer *l, struct err *e);
 extern void q2_scratch_put (struct layer *l, struct scratch *s);
 extern int q2_decompress (struct layer *l, struct scratch *s,
                           const struct run *r, uint8_t *out, struct err *e);
+/* Inflate the raw deflate stream IN[0..INLEN) into exactly OUTLEN bytes
+ * at OUT, accepting what QEMU accepts (zlib's verdict): 0, or -1 with
+ * a static reason in *WHY.  *FAST: libdeflate decoded it.
+ * q2_inflate_zlib: the same with zlib only.
+ */
+extern int q2_inflate (struct scratch *s, const uint8_t *in, size_t inlen,
+                       uint8_t *out, size_t outlen, const char **why,
+                       bool *fast);
+extern int q2_inflate_zlib (struct scratch *s, const uint8_t *in,
+                            size_t inlen, uint8_t *out, size_t outlen,
+                            const char **why);
+/* Tests and fuzzing: when set, every cluster libdeflate decodes is
+ * decoded by zlib too; a difference fails the read and is counted.
+ */
+extern bool q2_zlib_crosscheck;
+extern uint64_t q2_zlib_crosscheck_failures;
 
 /* qcow2-header.c */
 extern int q2_open_qcow2 (const struct qcow2_options *o, struct layer *l,

@@ -330,6 +330,16 @@ qcow2_open (const struct qcow2_io *io, const char *name,
     img->depth++;
   img->debug = opts->debug;
   img->debug_opaque = opts->debug_opaque;
+  img->cancel = opts->cancel;
+  img->cancel_opaque = opts->cancel_opaque;
+  if (pthread_mutex_init (&img->bm_lock, NULL) != 0) {
+    q2_seterr (&e, name, "pthread_mutex_init failed");
+    layer_free (img->top);
+    free (img);
+    errno = EIO;
+    return -1;
+  }
+  img->bm_lock_ok = true;
   *ret = img;
   return 0;
 }
@@ -376,9 +386,16 @@ qcow2_close (struct qcow2_image *img)
                 " misses", l->depth, l->name, l->cache.nslots,
                 l->slice_bytes, l->cache.hits, l->cache.misses);
       img->debug (img->debug_opaque, msg);
+      snprintf (msg, sizeof msg, "layer %u: %s: compressed clusters "
+                "inflated: %" PRIu64 " by libdeflate, %" PRIu64 " by zlib; "
+                "%" PRIu64 " zstd", l->depth, l->name, l->inflated_fast,
+                l->inflated_zlib, l->inflated_zstd);
+      img->debug (img->debug_opaque, msg);
     }
   }
   layer_free (img->top);
+  if (img->bm_lock_ok)
+    pthread_mutex_destroy (&img->bm_lock);
   free (img);
 }
 

@@ -26,6 +26,10 @@
 
 /* -D qcow2.verbose=1: debug messages from the format code. */
 NBDKIT_DLL_PUBLIC int qcow2_debug_verbose = 0;
+/* -D qcow2.bitmap_delay_ms=MS (tests only): wait MS milliseconds before
+ * each read of a bitmap directory or table, to make a listing slow.
+ */
+NBDKIT_DLL_PUBLIC int qcow2_debug_bitmap_delay_ms = 0;
 
 static char *filename;
 static char *data_file;
@@ -128,6 +132,19 @@ qcow2_plugin_dump_plugin (void)
   printf ("qcow2_version=%s\n", PACKAGE_VERSION);
   printf ("qcow2_zlib=yes\n");
   printf ("qcow2_zlib_version=%s\n", zlibVersion ());
+  {
+    /* "zlib", or "libdeflate VERSION" (with zlib for what it cannot
+     * decode exactly like zlib).
+     */
+    const char *d = qcow2_zlib_decoder ();
+    const char *sp = strchr (d, ' ');
+    if (sp) {
+      printf ("qcow2_zlib_decoder=%.*s\n", (int) (sp - d), d);
+      printf ("qcow2_libdeflate_version=%s\n", sp + 1);
+    }
+    else
+      printf ("qcow2_zlib_decoder=%s\n", d);
+  }
   printf ("qcow2_zstd=yes\n");
   printf ("qcow2_zstd_version=%s\n", ZSTD_versionString ());
   printf ("qcow2_extended_l2=yes\n");
@@ -141,6 +158,20 @@ static void
 debug_cb (void *opaque, const char *msg)
 {
   nbdkit_debug ("%s", msg);
+}
+
+/* Long bitmap work (qcow2_list_bitmaps, qcow2_bitmap_open) asks this
+ * before each read: stop when nbdkit is shutting down (nbdkit 1.32 has
+ * no nbdkit_is_shutdown; nbdkit_nanosleep returns early then, and when
+ * the client has gone away) so that a SIGTERM is not kept waiting.
+ */
+static bool
+cancel_cb (void *opaque)
+{
+  unsigned ms = qcow2_debug_bitmap_delay_ms > 0 ?
+    (unsigned) qcow2_debug_bitmap_delay_ms : 0;
+
+  return nbdkit_nanosleep (ms / 1000, (ms % 1000) * 1000000) == -1;
 }
 
 static int
@@ -157,6 +188,7 @@ qcow2_plugin_get_ready (void)
   opts.open_file = qcow2_posix_open;
   if (qcow2_debug_verbose)
     opts.debug = debug_cb;
+  opts.cancel = cancel_cb;
   if (qcow2_open_file (filename, &opts, &image, err, sizeof err) == -1) {
     nbdkit_error ("%s", err);
     return -1;
@@ -239,6 +271,11 @@ qcow2_plugin_list_exports (int readonly, int is_tls,
                           err, sizeof err) == -1) {
     if (!err[0])
       return -1;                /* nbdkit_add_export failed */
+    if (errno == ECANCELED) {
+      nbdkit_error ("%s", err);
+      errno = ESHUTDOWN;
+      return -1;
+    }
     nbdkit_debug ("no @since views: %s", err);
   }
   return 0;

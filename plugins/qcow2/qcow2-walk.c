@@ -304,6 +304,23 @@ q2_walk (struct layer *l, uint64_t offset, uint64_t count,
       for (k = 0; k < n; ++k) {
         uint64_t e0 = entries[k * l->entry_words];
         uint64_t e1 = l->extended_l2 ? entries[k * 2 + 1] : 0;
+
+        /* Unallocated standard entries (all bits clear: nothing to
+         * check) come in long runs in sparse images: one run for all
+         * of them.
+         */
+        if (e0 == 0 && !l->extended_l2) {
+          uint32_t j = k + 1;
+
+          while (j < n && entries[j] == 0)
+            ++j;
+          r = walk_emit (&w, RUN_UNALLOC, (cidx + k) << l->cluster_bits,
+                         (uint64_t) (j - k) << l->cluster_bits, 0, 0);
+          if (r != 0)
+            return r;
+          k = j - 1;
+          continue;
+        }
         r = walk_cluster (&w, (cidx + k) << l->cluster_bits, e0, e1);
         if (r != 0)
           return r;

@@ -91,6 +91,12 @@ typedef int (*qcow2_open_fn) (void *opaque, const char *path,
 /* Debug output (one line, no trailing newline). */
 typedef void (*qcow2_debug_fn) (void *opaque, const char *msg);
 
+/* Polled by long bitmap work (listing bitmaps, opening one): return
+ * true to stop it (the call then fails with errno ECANCELED), e.g.
+ * when the server is shutting down.
+ */
+typedef bool (*qcow2_cancel_fn) (void *opaque);
+
 struct qcow2_options {
   bool backing;                 /* follow backing files (default true);
                                  * false: unallocated clusters read zero */
@@ -105,6 +111,8 @@ struct qcow2_options {
   void *open_opaque;
   qcow2_debug_fn debug;         /* NULL = no debug output */
   void *debug_opaque;
+  qcow2_cancel_fn cancel;       /* NULL = never stop */
+  void *cancel_opaque;
 };
 
 /* Set *OPTS to the defaults (backing on, depth 16, 1 MiB cache, no
@@ -215,9 +223,20 @@ extern int qcow2_map_top (struct qcow2_image *img, uint64_t offset,
  */
 struct qcow2_bitmap;
 
-/* Open bitmap NAME of IMG (see above).  Return 0 and set *RET, or -1
- * with a message in ERR (errno EIO, ENOENT if there is no such bitmap
- * in the top image, ENOMEM).
+/* Limits: a bitmap QEMU refuses is refused (QEMU's block/qcow2-bitmap.c:
+ * granularity 512 bytes to 2 GiB, names of at most 1023 bytes, a table
+ * of at most 2^27 entries, and its table size times the cluster size at
+ * most QCOW2_BITMAP_MAX_PHYS bytes, that is at most 2^32 bits).
+ */
+#define QCOW2_BITMAP_MAX_PHYS (UINT64_C(1) << 29)
+
+/* Open bitmap NAME of IMG (see above): its directory entries and its
+ * bitmap tables are checked (the tables are read whole, at most 8 MiB
+ * each under the limits above; a table that passed is remembered, so
+ * another bitmap sharing it, or the same one opened again, does not
+ * read it again).  Return 0 and set *RET, or -1 with a message in ERR
+ * (errno EIO, ENOENT if there is no such bitmap in the top image,
+ * ENOMEM, ECANCELED).
  */
 extern int qcow2_bitmap_open (struct qcow2_image *img, const char *name,
                               struct qcow2_bitmap **ret,
@@ -229,9 +248,19 @@ extern uint64_t qcow2_bitmap_granularity (const struct qcow2_bitmap *bm);
 extern unsigned qcow2_bitmap_layers (const struct qcow2_bitmap *bm);
 
 /* Called for each bitmap of the top image, in directory order: BM is
- * the opened bitmap (valid during the call only), or NULL with WHY
- * saying why it cannot be used.  Return 0 to continue, -1 to stop
- * (qcow2_list_bitmaps then returns -1 without writing ERR).
+ * the bitmap as far as a listing checks it (valid during the call
+ * only), or NULL with WHY saying why it cannot be used.  Return 0 to
+ * continue, -1 to stop (qcow2_list_bitmaps then returns -1 without
+ * writing ERR).
+ *
+ * A listing does bounded work: it checks the directory entries of each
+ * bitmap in every layer of its run, but reads no bitmap table (a bitmap
+ * whose table is broken is listed, and refused by qcow2_bitmap_open;
+ * qcow2_map_since checks each table entry it reads anyway).  It reads
+ * each directory of the chain at most once, and the directories below
+ * the top together at most QCOW2_LIST_MAX_LOWER_DIR_BYTES: bitmaps
+ * whose run reaches further are listed as unusable (they can still be
+ * opened).
  */
 typedef int (*qcow2_bitmap_fn) (void *opaque, const char *name,
                                 const struct qcow2_bitmap *bm,
@@ -241,6 +270,7 @@ typedef int (*qcow2_bitmap_fn) (void *opaque, const char *name,
  * usable one costs a look through the directories of the chain).
  */
 #define QCOW2_MAX_LISTED_BITMAPS 256
+#define QCOW2_LIST_MAX_LOWER_DIR_BYTES (UINT64_C(64) * 1024 * 1024)
 
 /* List the bitmaps of the top image (none in a version 2 image or if
  * the bitmaps extension is absent or marked inconsistent).  Return 0,
@@ -259,6 +289,12 @@ extern int qcow2_map_since (struct qcow2_image *img,
                             uint64_t offset, uint64_t count,
                             qcow2_extent_fn fn, void *opaque,
                             char *err, size_t errlen);
+
+/* What inflates zlib compressed clusters in this build: "zlib", or
+ * "libdeflate VERSION" (with zlib for the streams libdeflate would
+ * decode differently; see qcow2-decompress.c).
+ */
+extern const char *qcow2_zlib_decoder (void);
 
 #ifdef __cplusplus
 }
