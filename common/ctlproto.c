@@ -29,6 +29,9 @@ static const char *const cmd_names[] = {
   [CTL_CHECKPOINT_DELETE] = "checkpoint-delete",
   [CTL_MAP] = "map",
   [CTL_STATUS] = "status",
+  [CTL_GROUP_PREPARE] = "group-prepare",
+  [CTL_GROUP_COMMIT] = "group-commit",
+  [CTL_GROUP_ABORT] = "group-abort",
 };
 #define NR_CMDS (sizeof cmd_names / sizeof cmd_names[0])
 
@@ -51,6 +54,7 @@ static const char *const code_names[] = {
 #define A_NAME 1                /* one positional name */
 #define A_SINCE 2               /* --since NAME */
 #define A_OKFAIL 4              /* --ok | --failed, required */
+#define A_HOLD 8                /* --hold-timeout MS, required */
 static const unsigned cmd_args[] = {
   [CTL_BACKUP_BEGIN] = A_NAME | A_SINCE,
   [CTL_BACKUP_END] = A_NAME | A_OKFAIL,
@@ -58,6 +62,9 @@ static const unsigned cmd_args[] = {
   [CTL_CHECKPOINT_DELETE] = A_NAME,
   [CTL_MAP] = A_SINCE,
   [CTL_STATUS] = 0,
+  [CTL_GROUP_PREPARE] = A_NAME | A_SINCE | A_HOLD,
+  [CTL_GROUP_COMMIT] = A_NAME,
+  [CTL_GROUP_ABORT] = A_NAME,
 };
 
 const char *
@@ -217,18 +224,22 @@ ctl_format_request (const struct ctl_request *req, char *buf, size_t len)
 {
   const char *cmd = ctl_cmd_name (req->cmd);
   unsigned a = (size_t) req->cmd < NR_CMDS ? cmd_args[req->cmd] : 0;
+  char hold[32] = "";
 
   if (cmd[0] == '?') {
     errno = EINVAL;
     return -1;
   }
-  return finish (buf, len, snprintf (buf, len, "%s%s%s%s%s%s", cmd,
+  if (a & A_HOLD)
+    snprintf (hold, sizeof hold, " --hold-timeout %" PRIu32, req->hold_ms);
+  return finish (buf, len, snprintf (buf, len, "%s%s%s%s%s%s%s", cmd,
                                      (a & A_NAME) ? " " : "",
                                      (a & A_NAME) ? req->name : "",
                                      req->since[0] ? " --since " : "",
                                      req->since,
                                      (a & A_OKFAIL) ?
-                                     (req->ok ? " --ok" : " --failed") : ""));
+                                     (req->ok ? " --ok" : " --failed") : "",
+                                     hold));
 }
 
 /* ---- Parsing ------------------------------------------------------- */
@@ -295,6 +306,26 @@ split_words (const char *line, char *copy, char **words, size_t *nw,
   return 0;
 }
 
+/* The milliseconds of --hold-timeout: 1 to CTL_HOLD_MAX_MS, decimal
+ * digits only.
+ */
+static int
+take_hold (uint32_t *ms, const char *cmd, const char *word,
+           enum ctl_code *code, char *msg, size_t msglen)
+{
+  uint64_t v = 0;
+  size_t i;
+
+  for (i = 0; word[i] >= '0' && word[i] <= '9' && v <= CTL_HOLD_MAX_MS; ++i)
+    v = v * 10 + (uint64_t) (word[i] - '0');
+  if (i == 0 || word[i] != '\0' || v < 1 || v > CTL_HOLD_MAX_MS)
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "%s: --hold-timeout '%.32s' is not a number of "
+                   "milliseconds from 1 to %d", cmd, word, CTL_HOLD_MAX_MS);
+  *ms = (uint32_t) v;
+  return 0;
+}
+
 /* One argument W (words[*I]) of command CMD taking A. */
 static int
 parse_argument (struct ctl_request *req, unsigned a, char **words,
@@ -302,6 +333,17 @@ parse_argument (struct ctl_request *req, unsigned a, char **words,
                 enum ctl_code *code, char *msg, size_t msglen)
 {
   const char *cmd = words[0], *w = words[*i];
+
+  if (strcmp (w, "--hold-timeout") == 0 && (a & A_HOLD)) {
+    if (req->hold_ms)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "%s: --hold-timeout given twice", cmd);
+    if (*i + 1 == nw)
+      return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                     "%s: --hold-timeout needs a number of milliseconds",
+                     cmd);
+    return take_hold (&req->hold_ms, cmd, words[++*i], code, msg, msglen);
+  }
 
   if (strcmp (w, "--since") == 0 && (a & A_SINCE)) {
     if (req->since[0])
@@ -351,7 +393,8 @@ ctl_parse_request (const char *line, struct ctl_request *req,
     return refuse (code, CTL_E_UNKNOWN_COMMAND, msg, msglen,
                    "unknown command '%.64s' (commands: backup-begin, "
                    "backup-end, checkpoint-list, checkpoint-delete, map, "
-                   "status)", words[0]);
+                   "status, group-prepare, group-commit, group-abort)",
+                   words[0]);
   req->cmd = (enum ctl_cmd) c;
   a = cmd_args[c];
   for (size_t i = 1; i < nw; ++i)
@@ -364,10 +407,14 @@ ctl_parse_request (const char *line, struct ctl_request *req,
   if ((a & A_OKFAIL) && !have_okfail)
     return refuse (code, CTL_E_SYNTAX, msg, msglen,
                    "%s: missing --ok or --failed", words[0]);
-  if (req->cmd == CTL_BACKUP_BEGIN && strcmp (req->name, req->since) == 0)
+  if ((a & A_HOLD) && req->hold_ms == 0)
     return refuse (code, CTL_E_SYNTAX, msg, msglen,
-                   "backup-begin: the new checkpoint cannot be its own "
-                   "--since");
+                   "%s: missing --hold-timeout MS (how long the server may "
+                   "hold writes, 1 to %d)", words[0], CTL_HOLD_MAX_MS);
+  if ((a & A_NAME) && (a & A_SINCE) && strcmp (req->name, req->since) == 0)
+    return refuse (code, CTL_E_SYNTAX, msg, msglen,
+                   "%s: the new checkpoint cannot be its own --since",
+                   words[0]);
   return 0;
 }
 

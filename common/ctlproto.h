@@ -34,7 +34,15 @@ enum ctl_cmd {
   CTL_CHECKPOINT_DELETE,        /* checkpoint-delete X */
   CTL_MAP,                      /* map [--since X] */
   CTL_STATUS,                   /* status */
+  /* Group backups (several servers at one point in time): */
+  CTL_GROUP_PREPARE,            /* group-prepare NEW [--since OLD]
+                                   --hold-timeout MS */
+  CTL_GROUP_COMMIT,             /* group-commit NEW */
+  CTL_GROUP_ABORT,              /* group-abort NEW */
 };
+
+/* The longest hold of a group-prepare (milliseconds). */
+#define CTL_HOLD_MAX_MS 60000
 
 /* Error codes: the <code> word of an ERR line. */
 enum ctl_code {
@@ -57,6 +65,8 @@ struct ctl_request {
   char name[CBT_NAME_MAX + 1];  /* NEW or X, "" if none */
   char since[CBT_NAME_MAX + 1]; /* --since, "" if none */
   bool ok;                      /* backup-end: --ok (else --failed) */
+  uint32_t hold_ms;             /* group-prepare: --hold-timeout, 1 to
+                                   CTL_HOLD_MAX_MS; 0 for the others */
 };
 
 struct ctl_reply_line {

@@ -77,6 +77,7 @@ one_line (const char *line)
     if (ctl_parse_request (buf, &again, &code, msg, sizeof msg) == -1)
       die ("'%s' formats as '%s', which is refused: %s", line, buf, msg);
     if (again.cmd != req.cmd || again.ok != req.ok ||
+        again.hold_ms != req.hold_ms ||
         strcmp (again.name, req.name) != 0 ||
         strcmp (again.since, req.since) != 0)
       die ("'%s' does not survive formatting as '%s'", line, buf);

@@ -125,7 +125,7 @@ for req in [b"bogus", b"backup-begin", b"backup-begin -x", b"backup-end c1",
 PY
 cat > "$tmp/want" <<'EOF2'
 HELLO sparsebackup-ctl 2
-ERR unknown-command unknown command 'bogus' (commands: backup-begin, backup-end, checkpoint-list, checkpoint-delete, map, status)
+ERR unknown-command unknown command 'bogus' (commands: backup-begin, backup-end, checkpoint-list, checkpoint-delete, map, status, group-prepare, group-commit, group-abort)
 ERR syntax backup-begin: missing checkpoint name
 ERR invalid-name checkpoint '-x' is not a valid checkpoint name (1-63 printable characters, no space, not starting with '-')
 ERR syntax backup-end: missing --ok or --failed

@@ -84,6 +84,14 @@ requests (void)
   good ("map", CTL_MAP, "map\n");
   good ("map  --since b1", CTL_MAP, "map --since b1\n");
   good ("status ", CTL_STATUS, "status\n");
+  good ("group-prepare g1 --hold-timeout 5000", CTL_GROUP_PREPARE,
+        "group-prepare g1 --hold-timeout 5000\n");
+  good ("group-prepare --hold-timeout 007 g2\t--since g1", CTL_GROUP_PREPARE,
+        "group-prepare g2 --since g1 --hold-timeout 7\n");
+  good ("group-prepare g2 --since g1 --hold-timeout 60000",
+        CTL_GROUP_PREPARE, "group-prepare g2 --since g1 --hold-timeout 60000\n");
+  good ("group-commit g2", CTL_GROUP_COMMIT, "group-commit g2\n");
+  good ("group-abort  g2", CTL_GROUP_ABORT, "group-abort g2\n");
 
   bad ("", CTL_E_SYNTAX, "empty");
   bad ("   ", CTL_E_SYNTAX, "empty");
@@ -113,6 +121,29 @@ requests (void)
   bad ("map x", CTL_E_SYNTAX, "unexpected argument 'x'");
   bad ("status --verbose", CTL_E_SYNTAX, "unknown option '--verbose'");
   bad ("map a b c d e f g h i", CTL_E_SYNTAX, "too many words");
+  bad ("group-prepare g1", CTL_E_SYNTAX, "missing --hold-timeout");
+  bad ("group-prepare --hold-timeout 10", CTL_E_SYNTAX,
+       "missing checkpoint name");
+  bad ("group-prepare g1 --hold-timeout", CTL_E_SYNTAX, "--hold-timeout needs");
+  bad ("group-prepare g1 --hold-timeout 0", CTL_E_SYNTAX, "'0'");
+  bad ("group-prepare g1 --hold-timeout 60001", CTL_E_SYNTAX, "'60001'");
+  bad ("group-prepare g1 --hold-timeout 99999999999999999999", CTL_E_SYNTAX,
+       "from 1 to 60000");
+  bad ("group-prepare g1 --hold-timeout -5", CTL_E_SYNTAX, "'-5'");
+  bad ("group-prepare g1 --hold-timeout 5s", CTL_E_SYNTAX, "'5s'");
+  bad ("group-prepare g1 --hold-timeout 5 --hold-timeout 6", CTL_E_SYNTAX,
+       "twice");
+  bad ("group-prepare g1 --since g1 --hold-timeout 5", CTL_E_SYNTAX,
+       "its own");
+  bad ("group-prepare g1 --hold-timeout 5 --ok", CTL_E_SYNTAX,
+       "unknown option '--ok'");
+  bad ("group-commit", CTL_E_SYNTAX, "missing checkpoint name");
+  bad ("group-commit g1 --hold-timeout 5", CTL_E_SYNTAX,
+       "unknown option '--hold-timeout'");
+  bad ("group-commit g1 --since g0", CTL_E_SYNTAX, "unknown option '--since'");
+  bad ("group-abort g1 g2", CTL_E_SYNTAX, "unexpected argument 'g2'");
+  bad ("backup-begin g1 --hold-timeout 5", CTL_E_SYNTAX,
+       "unknown option '--hold-timeout'");
   memset (longline, 'a', sizeof longline - 1);
   longline[sizeof longline - 1] = '\0';
   bad (longline, CTL_E_TOO_LONG, "limit");

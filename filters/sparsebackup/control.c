@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -179,6 +180,11 @@ remove_socket (void)
 struct conn {
   int fd;
   bool broken;
+  /* A group backup prepared on this connection (backup.h), and the
+   * name of the last one whose hold timed out ("" if none).
+   */
+  struct group_hold g;
+  char expired[CBT_NAME_MAX + 1];
   char buf[CTL_LINE_MAX + 1];
 };
 
@@ -314,6 +320,78 @@ do_delete (struct conn *k, const struct ctl_request *req)
                               "checkpoint=%s state=deleted", req->name));
 }
 
+/* group-prepare NEW [--since OLD] --hold-timeout MS */
+static void
+do_group_prepare (struct conn *k, const struct ctl_request *req)
+{
+  struct backup_error e;
+
+  k->expired[0] = '\0';
+  if (backup_group_prepare (req->name, req->since[0] ? req->since : NULL,
+                            req->hold_ms, &k->g, &e) == -1) {
+    send_err (k, e.code, e.msg);
+    return;
+  }
+  send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
+                              "checkpoint=%s state=prepared since=%s "
+                              "hold-timeout-ms=%" PRIu32 " drain-us=%" PRIu64,
+                              req->name, req->since[0] ? req->since : "-",
+                              req->hold_ms, k->g.drain_us));
+}
+
+/* group-commit NEW, group-abort NEW. */
+static void
+do_group_end (struct conn *k, const struct ctl_request *req)
+{
+  bool commit = req->cmd == CTL_GROUP_COMMIT;
+  struct backup_error e;
+  uint64_t held_us;
+  char msg[512];
+
+  if (!k->g.held) {
+    if (k->expired[0] && strcmp (k->expired, req->name) == 0) {
+      if (commit) {
+        snprintf (msg, sizeof msg, "group backup '%s' was aborted: its hold "
+                  "timed out before group-commit came (writes resumed, no "
+                  "checkpoint was created): begin it again", req->name);
+        send_err (k, CTL_E_STATE, msg);
+      }
+      else
+        send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoint=%s "
+                                    "state=aborted held-us=-", req->name));
+      return;
+    }
+    snprintf (msg, sizeof msg, "no group backup '%s' is prepared on this "
+              "connection (group-prepare %s first, on the same connection)",
+              req->name, req->name);
+    send_err (k, CTL_E_STATE, msg);
+    return;
+  }
+  if (strcmp (k->g.name, req->name) != 0) {
+    snprintf (msg, sizeof msg, "group backup '%s' is prepared on this "
+              "connection, not '%s': '%s' aborted", k->g.name, req->name,
+              k->g.name);
+    backup_group_abort (&k->g, msg, NULL);
+    send_err (k, CTL_E_STATE, msg);
+    return;
+  }
+  if (!commit) {
+    backup_group_abort (&k->g, NULL, &held_us);
+    send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoint=%s "
+                                "state=aborted held-us=%" PRIu64, req->name,
+                                held_us));
+    return;
+  }
+  if (backup_group_commit (&k->g, &held_us, &e) == -1) {
+    send_err (k, e.code, e.msg);
+    return;
+  }
+  send_buf (k, ctl_format_ok (k->buf, sizeof k->buf, "checkpoint=%s "
+                              "state=pending since=%s held-us=%" PRIu64,
+                              req->name, k->g.since[0] ? k->g.since : "-",
+                              held_us));
+}
+
 static void
 do_list (struct conn *k, struct cbt *c)
 {
@@ -356,7 +434,8 @@ do_status (struct conn *k, struct cbt *c)
   struct cbt_checkpoint_info cp, latest;
   const char *pending = "-";
   size_t n = cbt_checkpoint_count (c);
-  char frozen[2 * CBT_NAME_MAX + 128];
+  char frozen[2 * CBT_NAME_MAX + 128], group[CBT_NAME_MAX + 8];
+  char name[CBT_NAME_MAX + 1];
 
   if (n > 0 && cbt_checkpoint_get (c, n - 1, &cp) == 0 &&
       cp.state == CBT_STATE_PENDING)
@@ -364,12 +443,16 @@ do_status (struct conn *k, struct cbt *c)
   if (cbt_checkpoint_latest_good (c, &latest) == -1)
     snprintf (latest.name, sizeof latest.name, "-");
   frozen_status (k, frozen, sizeof frozen);
+  /* group=NAME only while a group backup is prepared. */
+  group[0] = '\0';
+  if (backup_group_current (name, sizeof name))
+    snprintf (group, sizeof group, " group=%s", name);
   send_buf (k, ctl_format_ok (k->buf, sizeof k->buf,
               "version=%d mode=%s disk-size=%" PRIu64 " granularity=%"
-              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s",
+              PRIu32 " checkpoints=%zu pending=%s latest=%s state=%s%s%s",
               CTL_VERSION, tracking_mode_name (cbt_mode (c)), cbt_disk_size (c),
               cbt_granularity (c), n, pending, latest.name,
-              tracking_io_error () ? "io-error" : "ok", frozen));
+              tracking_io_error () ? "io-error" : "ok", frozen, group));
 }
 
 static void
@@ -377,7 +460,7 @@ request (struct conn *k, const char *line)
 {
   struct ctl_request req;
   enum ctl_code code;
-  char msg[CBT_ERRLEN];
+  char msg[512];
   struct cbt *c = tracking_cbt ();
 
   if (ctl_parse_request (line, &req, &code, msg, sizeof msg) == -1) {
@@ -390,6 +473,19 @@ request (struct conn *k, const char *line)
   if (c == NULL) {
     send_err (k, CTL_E_STATE, disk_startup_error () ?
               disk_startup_error () : "the cbt file is not open");
+    return;
+  }
+  /* While a group backup is prepared on this connection, only its
+   * commit or abort may follow: anything else aborts it.
+   */
+  if (k->g.held && req.cmd != CTL_GROUP_COMMIT &&
+      req.cmd != CTL_GROUP_ABORT) {
+    snprintf (msg, sizeof msg, "group backup '%s' is prepared on this "
+              "connection: only group-commit %s or group-abort %s may "
+              "follow; '%s' aborted", k->g.name, k->g.name, k->g.name,
+              k->g.name);
+    backup_group_abort (&k->g, msg, NULL);
+    send_err (k, CTL_E_STATE, msg);
     return;
   }
   switch (req.cmd) {
@@ -410,6 +506,13 @@ request (struct conn *k, const char *line)
     return;
   case CTL_STATUS:
     do_status (k, c);
+    return;
+  case CTL_GROUP_PREPARE:
+    do_group_prepare (k, &req);
+    return;
+  case CTL_GROUP_COMMIT:
+  case CTL_GROUP_ABORT:
+    do_group_end (k, &req);
     return;
   }
   abort ();
@@ -433,6 +536,18 @@ wait_fd (int fd, int timeout_ms)
   return r > 0 && p[1].revents == 0;
 }
 
+/* Milliseconds left of G's hold (0 once it has passed). */
+static int
+hold_left_ms (const struct group_hold *g)
+{
+  struct timespec now;
+  uint64_t us;
+
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  us = backup_elapsed_us (&now, &g->deadline);
+  return (int) ((us + 999) / 1000);
+}
+
 static void
 serve (int fd)
 {
@@ -443,15 +558,37 @@ serve (int fd)
 
   if (k == NULL || rd == NULL || line == NULL)
     return;
+  memset (k, 0, sizeof *k);
   k->fd = fd;
-  k->broken = false;
   setsockopt (fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   ctl_reader_init (rd, fd);
   send_buf (k, ctl_format_hello (k->buf, sizeof k->buf));
   while (!k->broken) {
-    /* The whole line within the timeout, however it trickles in. */
-    int r = ctl_read_line (rd, line, client_timeout () * 1000, stop_pipe[0]);
+    /* The whole line within the timeout, however it trickles in; while
+     * a group backup is prepared, by the end of its hold.
+     */
+    int timeout = client_timeout () * 1000;
+    int r;
 
+    if (k->g.held)
+      timeout = hold_left_ms (&k->g);
+    r = ctl_read_line (rd, line, timeout, stop_pipe[0]);
+    if (k->g.held && r != 1) {
+      char why[256];
+
+      if (r == -4 && errno == ETIMEDOUT) {
+        snprintf (why, sizeof why, "its hold timed out after %" PRIu32
+                  " ms without group-commit or group-abort",
+                  k->g.hold_ms);
+        snprintf (k->expired, sizeof k->expired, "%s", k->g.name);
+        backup_group_abort (&k->g, why, NULL);
+        continue;             /* a late commit is answered "state" */
+      }
+      snprintf (why, sizeof why, "%s", r == 0 ? "the control connection "
+                "closed" : r == -4 ? "nbdkit is stopping" : r == -1 ?
+                "the control connection failed" : "a bad request line");
+      backup_group_abort (&k->g, why, NULL);
+    }
     if (r == 1)
       request (k, line);
     else if (r == -2)
@@ -471,6 +608,8 @@ serve (int fd)
       break;
     }
   }
+  if (k->g.held)                /* the reply could not be sent */
+    backup_group_abort (&k->g, "the control connection failed", NULL);
 }
 
 static void *

@@ -2,10 +2,11 @@
  *
  * The steps of a change (change_begin, change_end), in order:
  *
- *   begin  1. drain and copy before write: with a scratch file, take
- *             the read side of DRAIN (backup-begin holds the write
- *             side), then save the old data a frozen backup still
- *             needs (frozen_save, through the default export);
+ *   begin  1. drain and copy before write: with sparsebackup-cbt, take
+ *             the read side of DRAIN (backup-begin with a scratch file
+ *             and a prepared group backup hold the write side), then,
+ *             with a scratch file, save the old data a frozen backup
+ *             still needs (frozen_save, through the default export);
  *          2. cbt mark and commit (tracking_mark): recorded, durably in
  *             write-ahead mode, before the change can reach the disk,
  *             and listed in flight;
@@ -23,8 +24,11 @@
  *
  *   backup_lock (backup.c)         one backup-begin/-end/checkpoint-
  *                                  delete at a time
- *   disk.drain (here)              write side: backup-begin; read side:
- *                                  every change, with a scratch file
+ *   disk.drain (here)              write side: backup-begin with a
+ *                                  scratch file, a prepared group
+ *                                  backup (its control client's thread
+ *                                  takes and releases it); read side:
+ *                                  every change, with sparsebackup-cbt
  *   fz.rw (frozen.c)               write side: activate, release; read
  *                                  side: saves and frozen reads
  *     fz.lock, the cowmap's lock   (leaves)
@@ -328,14 +332,19 @@ disk_prepare (nbdkit_next *next, uint64_t size)
  * describes and what a backup must copy.
  */
 
-/* Step 1 of change_begin: the drain, and copy before write. */
+/* Step 1 of change_begin: the drain (with sparsebackup-cbt: a backup
+ * or a group backup may hold the changes), and copy before write (with
+ * a scratch file).
+ */
 static int
 save_for_backup (struct sb_change *c, int *err)
 {
-  if (!frozen_enabled ())
+  if (!tracking_enabled ())
     return 0;
   pthread_rwlock_rdlock (&drain);
   c->drained = true;
+  if (!frozen_enabled ())
+    return 0;
   assert (bg != NULL);
   if (bg_serialise) {
     SCOPED_MUTEX (&bg_lock);
@@ -402,11 +411,18 @@ change_end (struct sb_change *c, bool ok)
   c->ticket = 0;
 }
 
-void
-disk_drain (void)
+int
+disk_drain (const struct timespec *deadline)
 {
-  assert (frozen_enabled ());
-  pthread_rwlock_wrlock (&drain);
+  int r;
+
+  assert (tracking_enabled ());
+  r = pthread_rwlock_clockwrlock (&drain, CLOCK_MONOTONIC, deadline);
+  if (r != 0) {
+    errno = r;
+    return -1;
+  }
+  return 0;
 }
 
 void

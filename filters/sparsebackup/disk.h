@@ -18,6 +18,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <nbdkit-filter.h>
 
@@ -74,10 +75,14 @@ extern int change_begin (struct sb_change *c, bool own, uint64_t offset,
                          uint64_t count, enum bm_state newstate, int *err);
 extern void change_end (struct sb_change *c, bool ok);
 
-/* The drain (with a scratch file): between disk_drain and disk_undrain
- * no change is in flight and none begins (backup-begin).
+/* The drain (with sparsebackup-cbt): between disk_drain and
+ * disk_undrain no change is in flight and none begins (backup-begin
+ * with a scratch file, a prepared group backup).  disk_drain waits
+ * until DEADLINE (CLOCK_MONOTONIC) at most: -1 with errno ETIMEDOUT if
+ * the changes in flight have not ended by then (new ones waited
+ * meanwhile).  The thread that drained must undrain.
  */
-extern void disk_drain (void);
+extern int disk_drain (const struct timespec *deadline);
 extern void disk_undrain (void);
 
 #endif /* SPARSEBACKUP_DISK_H */

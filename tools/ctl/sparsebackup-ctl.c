@@ -3,6 +3,8 @@
  *
  * Usage: sparsebackup-ctl [--json] [--timeout=SECONDS] SOCKET COMMAND
  *        [ARGS...]
+ *        sparsebackup-ctl [--json] [--timeout=SECONDS] group-begin NEW
+ *        [--since OLD] [--hold-timeout=MS] SOCKET...  (ctl-group.c)
  *
  * The command is checked and normalised locally (common/ctlproto.c)
  * before connecting.  Data lines are printed without their "* " to
@@ -28,11 +30,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "ctlproto.h"
+#include "ctl-group.h"
+#include "ctl-util.h"
 #include "vector.h"
 
 static const char *prog = "sparsebackup-ctl";
@@ -43,6 +45,8 @@ usage (FILE *fp, int status)
 {
   fprintf (fp,
            "usage: %s [--json] [--timeout=SECONDS] SOCKET COMMAND [ARGS...]\n"
+           "       %s [--json] [--timeout=SECONDS] group-begin NEW\n"
+           "           [--since OLD] [--hold-timeout=MS] SOCKET...\n"
            "commands:\n"
            "  backup-begin NEW [--since OLD]\n"
            "  backup-end NEW --ok|--failed\n"
@@ -50,14 +54,18 @@ usage (FILE *fp, int status)
            "  checkpoint-delete NAME\n"
            "  map [--since NAME]\n"
            "  status\n"
+           "group-begin: begin backup NEW on every SOCKET's server at one\n"
+           "  point in time (writes held for at most MS milliseconds,\n"
+           "  default %d); end it on each with backup-end\n"
            "options:\n"
            "  --json           print one JSON document (map, status,\n"
-           "                   checkpoint-list)\n"
+           "                   checkpoint-list, group-begin)\n"
            "  --timeout=SECONDS  wait at most this long for the server\n"
            "                   (default 60)\n"
            "  --help, --version\n"
-           "exit status: 0 OK, 1 ERR from the server, 2 other errors\n",
-           prog);
+           "exit status: 0 OK, 1 ERR from the server, 2 other errors\n"
+           "  (group-begin: 3 when a server may be left with NEW pending)\n",
+           prog, prog, GROUP_DEFAULT_HOLD_MS);
   exit (status);
 }
 
@@ -73,21 +81,6 @@ die (const char *fmt, ...)
   va_end (ap);
   fputc ('\n', stderr);
   exit (2);
-}
-
-static int
-write_all (int fd, const char *buf, size_t len)
-{
-  while (len > 0) {
-    ssize_t n = write (fd, buf, len);
-    if (n == -1 && errno == EINTR)
-      continue;
-    if (n == -1)
-      return -1;
-    buf += n;
-    len -= (size_t) n;
-  }
-  return 0;
 }
 
 /* What a peer sent that is not our protocol, for the message. */
@@ -129,18 +122,6 @@ read_line (struct ctl_reader *r, char *line, const char *what)
 
 /* The reply, kept for --json. */
 DEFINE_VECTOR (string_vector, char *);
-
-static void
-json_string (const char *s)
-{
-  putchar ('"');
-  for (; *s; ++s) {
-    if (*s == '"' || *s == '\\')
-      putchar ('\\');
-    putchar (*s);
-  }
-  putchar ('"');
-}
 
 /* The value of KEY in the OK line's TEXT ("k=v k=v"), or NULL. */
 static char *
@@ -210,11 +191,11 @@ json_checkpoints (const string_vector *data)
                 &epoch, iso) != 4)
       die ("checkpoint-list: unexpected data line '%.80s'", data->ptr[i]);
     printf ("%s{ \"name\": ", i ? ",\n" : "");
-    json_string (name);
+    ctl_json_string (stdout, name);
     printf (", \"state\": ");
-    json_string (state);
+    ctl_json_string (stdout, state);
     printf (", \"created\": ");
-    json_string (iso);
+    ctl_json_string (stdout, iso);
     printf (", \"created-epoch\": %" PRIu64 "}", epoch);
   }
   printf ("\n]\n");
@@ -264,7 +245,7 @@ json_status (const string_vector *data, const char *ok)
   for (size_t i = 0; i < data->len; ++i)
     if (strncmp (data->ptr[i], "broken ", 7) == 0) {
       printf (", \"broken-reason\": ");
-      json_string (data->ptr[i] + 7);
+      ctl_json_string (stdout, data->ptr[i] + 7);
     }
   printf (" }\n");
 }
@@ -274,15 +255,11 @@ json_status (const string_vector *data, const char *ok)
 static int
 connect_socket (const char *path)
 {
-  struct sockaddr_un addr = { .sun_family = AF_UNIX };
-  int fd;
+  char err[256];
+  int fd = ctl_connect (path, err, sizeof err);
 
-  if (strlen (path) >= sizeof addr.sun_path)
-    die ("socket path too long: %s", path);
-  strcpy (addr.sun_path, path);
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd == -1 || connect (fd, (struct sockaddr *) &addr, sizeof addr) == -1)
-    die ("%s: %s", path, strerror (errno));
+  if (fd == -1)
+    die ("%s: %s", path, err);
   return fd;
 }
 
@@ -347,9 +324,11 @@ main (int argc, char *argv[])
     else
       die ("unknown option '%s' (see --help)", argv[i]);
   }
+  signal (SIGPIPE, SIG_IGN);
+  if (i < argc && strcmp (argv[i], "group-begin") == 0)
+    exit (group_begin (argc - i, argv + i, json, timeout_ms));
   if (argc - i < 2)
     usage (stderr, 2);
-  signal (SIGPIPE, SIG_IGN);
 
   /* The command, from the remaining arguments, checked here first. */
   build_request (argc, argv, i + 1, request, sizeof request, &json);
@@ -367,7 +346,7 @@ main (int argc, char *argv[])
   read_line (&reader, line, "the hello line");
   if (ctl_parse_hello (line, &version, msg, sizeof msg) == -1)
     die ("%s: %s", argv[i], msg);
-  if (write_all (fd, request, strlen (request)) == -1)
+  if (ctl_write_all (fd, request, strlen (request)) == -1)
     die ("sending the command: %s", strerror (errno));
 
   for (;;) {
