@@ -277,6 +277,12 @@ extern int cbt_io_failed (struct cbt *c, int e);
 /* If an earlier write failed: a message, EIO, -1.  Lock not held. */
 extern int cbt_check_io (struct cbt *c, char *err, size_t errlen);
 
+/* The sizes implied by DISK_SIZE and a granule of 2^BITS bytes (the
+ * bitmap, its pages, a directory), checked against the limits.
+ */
+extern int cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
+                             char *err, size_t errlen);
+
 /* Blocks.  cbt_alloc: K contiguous free blocks held once (*BLK the
  * first); -1/EFBIG when the file would be too large, ENOMEM.
  * cbt_hold/cbt_release: one more/less reference on [BLK, BLK+K).
@@ -397,8 +403,6 @@ extern int cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
 extern int cbt_check_header_v1 (struct cbt *c, const uint8_t *sb,
                                 const struct cbt_options *o, bool v1,
                                 char *err, size_t errlen);
-extern int cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
-                             char *err, size_t errlen);
 extern int cbt_legacy_add (struct cbt_legacy *l, uint32_t blk, uint32_t nb);
 extern void cbt_legacy_release (struct cbt *c, struct cbt_legacy *l);
 

@@ -1,6 +1,7 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
  * doc/cbt-format.md): the file's I/O.  Reading and writing whole, the
- * blocks of the file and their references, the io token, superblocks,
+ * geometry (the sizes a disk size and granularity imply), the blocks of
+ * the file and their references, the io token, superblocks,
  * directories, indexes and tables, and publishing a new state.
  *
  * On disk: two superblock slots (0 and 4096), then blocks of 4096
@@ -27,6 +28,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -36,6 +38,7 @@
 #include <unistd.h>
 
 #include "cbt-internal.h"
+#include "rounding.h"
 
 const char cbt_magic[8] = { 'S', 'B', 'K', 'C', 'B', 'T', '\r', '\n' };
 
@@ -137,7 +140,36 @@ cbt_check_io (struct cbt *c, char *err, size_t errlen)
   return 0;
 }
 
-/* ---- Blocks -------------------------------------------------------- */
+/* ---- Geometry and blocks ------------------------------------------- */
+
+/* Sizes implied by the disk size and granularity. */
+int
+cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
+                  char *err, size_t errlen)
+{
+  static const uint8_t z[4096];
+  uint64_t nr_pages;
+
+  c->disk_size = disk_size;
+  c->gran_bits = bits;
+  c->nr_gran = div_round_up (disk_size, UINT64_C (1) << bits);
+  c->bm_bytes = div_round_up (c->nr_gran, 8);
+  if (c->bm_bytes > CBT_MAX_BITMAP)
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size %" PRIu64 " with granularity %" PRIu64
+                        " needs a bitmap of %" PRIu64 " bytes, more than the limit %"
+                        PRIu64, disk_size, UINT64_C (1) << bits, c->bm_bytes,
+                        CBT_MAX_BITMAP);
+  nr_pages = div_round_up (c->bm_bytes, PAGE);
+  c->nr_pages = (uint32_t) nr_pages;
+  c->dir_bytes = (uint32_t) (nr_pages * DIR_SIZE);
+  c->dir_blocks = blocks_for (c->dir_bytes);
+  c->empty_crc = 0;
+  for (uint32_t pos = 0; pos < c->dir_bytes; pos += sizeof z)
+    c->empty_crc = crc (c->empty_crc, z, c->dir_bytes - pos < sizeof z
+                        ? c->dir_bytes - pos : sizeof z);
+  return 0;
+}
 
 int
 cbt_blocks_init (struct cbt *c, uint64_t file_size)
