@@ -1,7 +1,7 @@
 /* sparsebackup: the private header of the cbt implementation, shared
- * by cbt-io.c (reading and writing the file: blocks, superblocks,
- * directories, indexes, tables, publishing a state), cbt-rec.c (records
- * and states in memory), cbt.c (marking, commit, queries),
+ * by cbt-io.c (reading and writing the file: geometry, blocks,
+ * superblocks, directories, indexes, tables), cbt-rec.c (records and
+ * states in memory, publishing a state), cbt.c (marking, commit, queries),
  * cbt-checkpoints.c (checkpoint changes), cbt-load.c (opening,
  * validating, closing) and cbt-v1.c (reading version 1 files).  Not for
  * users of cbt.h.
@@ -323,12 +323,6 @@ extern int cbt_write_table (struct cbt *c, struct state *s);
 /* The superblock values of state S (current record cur[ncur-1]). */
 extern struct sbv cbt_state_sbv (const struct cbt *c, const struct state *s,
                                  uint32_t cur_crc);
-/* Sync, write the superblock V, sync, and put NS in force (its
- * reference is taken over).  On failure NS is released.  Token not
- * held.  (Process-safe mode, in use: no syncs.)
- */
-extern int cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
-                        char *err, size_t errlen);
 
 /* ---- In cbt-rec.c --------------------------------------------------- */
 
@@ -341,6 +335,12 @@ extern struct state *cbt_state_copy (const struct state *s);
 extern struct state *cbt_state_new (void);
 extern void cbt_state_ref (struct state *s);
 extern void cbt_state_unref (struct cbt *c, struct state *s);
+/* Sync, write the superblock V, sync, and put NS in force (its
+ * reference is taken over).  On failure NS is released.  Token not
+ * held.  (Process-safe mode, in use: no syncs.)
+ */
+extern int cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
+                        char *err, size_t errlen);
 /* The page P of M, allocated zeroed if absent (NULL: ENOMEM).  Lock
  * held.
  */

@@ -2,18 +2,19 @@
  * doc/cbt-format.md): the file's I/O.  Reading and writing whole, the
  * geometry (the sizes a disk size and granularity imply), the blocks of
  * the file and their references, the io token, superblocks,
- * directories, indexes and tables, and publishing a new state.
+ * directories, indexes and tables.
  *
  * On disk: two superblock slots (0 and 4096), then blocks of 4096
  * bytes.  A new state (table, indexes, directories, pages) is written
  * into blocks the state in force does not hold, synced, and then
  * published by writing the other superblock slot with sequence + 1 and
- * syncing.  Blocks the old state held and the new one does not are
- * free only then.  The only writes to blocks a published superblock
- * names are to the current record (its pages and its directory entries,
- * while the file is marked in use: they only ever set bits, or an entry
- * from 0 to a block), and to the next directory's entries (marks made
- * while a new checkpoint is being written).
+ * syncing (cbt_publish, in cbt-rec.c).  Blocks the old state held and
+ * the new one does not are free only then.  The only writes to blocks a
+ * published superblock names are to the current record (its pages and
+ * its directory entries, while the file is marked in use: they only
+ * ever set bits, or an entry from 0 to a block), and to the next
+ * directory's entries (marks made while a new checkpoint is being
+ * written).
  *
  * The other parts: cbt-rec.c (records in memory), cbt.c (marking,
  * commit, queries), cbt-checkpoints.c, cbt-load.c (opening, validating,
@@ -581,59 +582,4 @@ cbt_state_sbv (const struct cbt *c, const struct state *s, uint32_t cur_crc)
   };
   (void) c;
   return v;
-}
-
-/* ---- Publishing ---------------------------------------------------- */
-
-int
-cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
-             char *err, size_t errlen)
-{
-  struct state *old;
-  bool sync = true;
-
-  /* Process-safe mode, the file in use: a power loss drops every
-   * checkpoint anyway (another boot), and the loader then reads only
-   * the superblock: no sync, so that a checkpoint change never makes
-   * the file system flush what the marks wrote.  (The token keeps the
-   * file's in-use state as it is.)
-   */
-  if (c->mode == CBT_MODE_PROCESS_SAFE) {
-    pthread_mutex_lock (&c->lock);
-    cbt_token_take_locked (c);
-    sync = !c->pub.in_use;
-    pthread_mutex_unlock (&c->lock);
-  }
-  if (sync && fdatasync (c->fd) == -1) {
-    int e = errno;
-    if (c->mode == CBT_MODE_PROCESS_SAFE)
-      cbt_token_give (c);
-    cbt_state_unref (c, ns);
-    cbt_io_failed (c, e);
-    return cbt_failure (err, errlen, EIO,
-                        "cbt: syncing the file: %s", strerror (e));
-  }
-  pthread_mutex_lock (&c->lock);
-  if (c->mode != CBT_MODE_PROCESS_SAFE)
-    cbt_token_take_locked (c);
-  v->in_use = c->pub.in_use;
-  pthread_mutex_unlock (&c->lock);
-  if (cbt_write_super (c, v, sync) == -1) {
-    int e;
-    pthread_mutex_lock (&c->lock);
-    e = c->io_error;
-    cbt_token_give_locked (c);
-    pthread_mutex_unlock (&c->lock);
-    cbt_state_unref (c, ns);
-    return cbt_failure (err, errlen, EIO,
-                        "cbt: writing the superblock: %s", strerror (e));
-  }
-  pthread_mutex_lock (&c->lock);
-  old = c->st;
-  c->st = ns;
-  cbt_token_give_locked (c);
-  pthread_mutex_unlock (&c->lock);
-  cbt_state_unref (c, old);
-  cbt_trim_file (c);
-  return 0;
 }
