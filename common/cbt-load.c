@@ -29,7 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 #include "ispowerof2.h"
 #include "rounding.h"
 

@@ -1,5 +1,5 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
- * doc/cbt-format.md): records and states in memory (cbt-internal.h
+ * doc/cbt-format.md): records and states in memory (cbt-private.h
  * says what they are), reference counting, putting a new state in force
  * once it is written (cbt_publish: sync, superblock, sync), the pages of
  * a current record (setting them, writing the dirty ones, write-ahead
@@ -23,7 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 
 #define BATCH 256               /* pages copied under the lock at a time */
 

@@ -4,7 +4,21 @@
  * states in memory, publishing a state), cbt.c (marking, commit, queries),
  * cbt-checkpoints.c (checkpoint changes), cbt-load.c (opening,
  * validating, closing) and cbt-v1.c (reading version 1 files).  Not for
- * users of cbt.h.
+ * users of cbt.h, which those files implement.
+ *
+ * The parts call each other in one direction only (an arrow: "calls"):
+ *
+ *   cbt-load.c        -> cbt-v1.c, cbt-checkpoints.c (cbt_name_valid),
+ *                        cbt-rec.c, cbt-io.c
+ *   cbt-v1.c          -> cbt-checkpoints.c (cbt_name_valid), cbt-rec.c,
+ *                        cbt-io.c
+ *   cbt-checkpoints.c -> cbt-rec.c, cbt-io.c
+ *   cbt.c             -> cbt-rec.c, cbt-io.c
+ *   cbt-rec.c         -> cbt-io.c
+ *   cbt-io.c: a leaf (it also holds the helpers every part uses:
+ *             cbt_failure, cbt_seterr, cbt_pread_full, cbt_pwrite_full);
+ *             the byte codecs, crc and block arithmetic are the static
+ *             inline functions below.
  *
  * In memory (doc/cbt-format.md has the file):
  *
@@ -39,8 +53,8 @@
  * is written over unsynced commits.
  */
 
-#ifndef SPARSEBACKUP_CBT_INTERNAL_H
-#define SPARSEBACKUP_CBT_INTERNAL_H
+#ifndef SPARSEBACKUP_CBT_PRIVATE_H
+#define SPARSEBACKUP_CBT_PRIVATE_H
 
 #include <pthread.h>
 #include <stdbool.h>
@@ -259,12 +273,12 @@ dir_check (uint32_t page, uint32_t blk)
 
 /* ---- In cbt-io.c ---------------------------------------------------- */
 
-/* Format a message into ERR (if not NULL), keeping errno. */
 /* Format a message into ERR (if not NULL), set errno to E, return -1:
  * "return cbt_failure (err, errlen, EINVAL, "cbt: ...", ...);".
  */
 extern int cbt_failure (char *err, size_t errlen, int e, const char *fmt, ...)
   __attribute__ ((__format__ (__printf__, 4, 5)));
+/* Format a message into ERR (if not NULL), keeping errno. */
 extern void cbt_seterr (char *err, size_t errlen, const char *fmt, ...)
   __attribute__ ((__format__ (__printf__, 3, 4)));
 extern int cbt_pread_full (int fd, void *buf, size_t len, uint64_t off);
@@ -406,4 +420,4 @@ extern int cbt_check_header_v1 (struct cbt *c, const uint8_t *sb,
 extern int cbt_legacy_add (struct cbt_legacy *l, uint32_t blk, uint32_t nb);
 extern void cbt_legacy_release (struct cbt *c, struct cbt_legacy *l);
 
-#endif /* SPARSEBACKUP_CBT_INTERNAL_H */
+#endif /* SPARSEBACKUP_CBT_PRIVATE_H */
