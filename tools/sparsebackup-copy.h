@@ -224,7 +224,10 @@ extern void size_file_target (void);
 extern char *target_identity (uint64_t *inode);
 extern bool write_file (const char *buf, uint64_t len, uint64_t offset);
 extern bool zero_file (char *buf, uint64_t len, uint64_t offset);
-extern void start_nbd_write (struct slot *s);
+/* Send slot S (its data, or zeroes for K_ZERO) to the NBD target; CB
+ * is called when it completes.
+ */
+extern void start_nbd_write (struct slot *s, nbd_completion_callback cb);
 /* Make everything written so far durable (fsync), for the journal. */
 extern bool sync_file_target (void);
 /* Flush or sync the target (unless failed) and close both ends. */
@@ -234,7 +237,7 @@ extern bool is_nbd_uri (const char *s);
 /* "[ CMD ARGS ... ]" as one malloc'd string. */
 extern char *command_string (char **cmd);
 extern struct nbd_handle *connect_nbd (const char *what, const char *name,
-                                       char **cmd, bool want_extents,
+                                       char **cmd, bool with_extents,
                                        struct source_id *id,
                                        const char *after);
 
@@ -400,7 +403,5 @@ extern bool queue_take (uint64_t max, struct extent *out);
  */
 extern void copy (void);
 extern void engine_init (uint64_t start);
-/* An NBD write or zero of slot S completed (ERR: its errno, or 0). */
-extern void nbd_write_finished (struct slot *s, int err);
 
 #endif /* SPARSEBACKUP_COPY_H */
