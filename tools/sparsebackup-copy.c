@@ -27,7 +27,7 @@
  * is not overwritten without --force.
  *
  * This file: the options, the state, messages, argument parsing and
- * main.  The parts: see sparsebackup-copy.h.
+ * main.  The parts: see copy.h.
  */
 
 #define _GNU_SOURCE             /* asprintf */
@@ -54,7 +54,7 @@
 
 #include "minmax.h"
 #include "ispowerof2.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 /* ---- Options ---------------------------------------------------------- */
 
