@@ -1,17 +1,18 @@
 /* sparsebackup-copy: the private header of the program's parts:
- * sparsebackup-copy.c (options, messages, main: the copy, --manifest-only
- * and --verify), copy-engine.c (the extents queue, the copy loop, the
- * pieces in order: progress and hashing), copy-target.c (the source, and
- * the file, device or NBD target: connecting, size and format checks,
- * I/O), copy-probe.c (image format signatures), copy-files.c (safe
- * persistent text files: atomic replace, escaping, checksummed lines),
- * copy-journal.c (the journal of an unfinished copy), copy-manifest.c
- * (manifests: the format and the chunk hasher), copy-verify.c (hashing a
- * file or device), copy-progress.c (progress output).
+ * sparsebackup-copy.c (argument parsing, messages, main: the copy,
+ * --manifest-only and --verify), copy-engine.c (the extents queue, the
+ * copy loop, the pieces in order: progress and hashing), copy-target.c
+ * (the source, and the file, device or NBD target: connecting, size and
+ * format checks, I/O), copy-probe.c (image format signatures),
+ * copy-files.c (safe persistent text files: atomic replace, escaping,
+ * checksummed lines), copy-journal.c (the journal of an unfinished
+ * copy), copy-manifest.c (manifests: the format and the chunk hasher),
+ * copy-verify.c (hashing a file or device), copy-progress.c (progress
+ * output), copy-state.c (the options and the state).
  *
  * Holds the limits, the options, the state of the copy (one thread, so
- * plain globals, defined in sparsebackup-copy.c) and the functions one
- * part calls in another.
+ * plain globals, defined in copy-state.c) and the functions one part
+ * calls in another.
  */
 
 #ifndef SPARSEBACKUP_COPY_H
