@@ -1,5 +1,5 @@
 /* sparsebackup-copy: the private header of the program's parts:
- * sparsebackup-copy.c (argument parsing, messages, main: the copy,
+ * sparsebackup-copy.c (argument parsing and main: the copy,
  * --manifest-only and --verify), copy-engine.c (the extents queue, the
  * copy loop, the pieces in order: progress and hashing), copy-target.c
  * (the source, and the file, device or NBD target: connecting, size and
@@ -8,7 +8,8 @@
  * checksummed lines), copy-journal.c (the journal of an unfinished
  * copy), copy-manifest.c (manifests: the format and the chunk hasher),
  * copy-verify.c (hashing a file or device), copy-progress.c (progress
- * output), copy-state.c (the options and the state).
+ * output and the clock), copy-messages.c (messages, and the exits on
+ * errors), copy-state.c (the options and the state).
  *
  * Holds the limits, the options, the state of the copy (one thread, so
  * plain globals, defined in copy-state.c) and the functions one part
@@ -181,7 +182,7 @@ extern volatile int stop_signal;   /* SIGINT or SIGTERM received */
 #define fail(...) do { if (!failed) error_msg (__VA_ARGS__); failed = true; } \
   while (0)
 
-/* ---- In sparsebackup-copy.c ------------------------------------------ */
+/* ---- In copy-messages.c ---------------------------------------------- */
 
 extern void error_msg (const char *fs, ...)
   __attribute__ ((format (printf, 1, 2)));
@@ -194,7 +195,6 @@ extern char *xstrdup (const char *s);
  * time it reaches POINT (tests of interrupted copies).
  */
 extern void debug_kill_point (const char *point);
-extern bool parse_size (const char *s, uint64_t *out);
 
 /* ---- In copy-progress.c ---------------------------------------------- */
 
