@@ -565,7 +565,7 @@ start_nbd_write (struct slot *s, nbd_completion_callback cb)
 }
 
 void
-finish (void)
+close_ends (void)
 {
   if (dst_kind == DST_NBD) {
     if (!failed && dst_can_flush && nbd_flush (dst_nbd, 0) == -1)

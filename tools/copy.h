@@ -232,7 +232,7 @@ extern void start_nbd_write (struct slot *s, nbd_completion_callback cb);
 /* Make everything written so far durable (fsync), for the journal. */
 extern bool sync_file_target (void);
 /* Flush or sync the target (unless failed) and close both ends. */
-extern void finish (void);
+extern void close_ends (void);
 extern void close_source (void);
 extern bool is_nbd_uri (const char *s);
 /* "[ CMD ARGS ... ]" as one malloc'd string. */

@@ -683,7 +683,7 @@ run_copy (void)
   if (!failed && !stop_signal && copied + zeroed + skipped + resumed != size)
     fail ("internal error: %" PRIu64 " of %" PRIu64 " bytes done",
           copied + zeroed + skipped + resumed, size);
-  finish ();
+  close_ends ();
   if (complete && !failed) {
     progress_update (true);
     progress_end ();
