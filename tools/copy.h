@@ -1,15 +1,35 @@
 /* sparsebackup-copy: the private header of the program's parts:
- * sparsebackup-copy.c (argument parsing and main: the copy,
- * --manifest-only and --verify), copy-engine.c (the extents queue, the
- * copy loop, the pieces in order: progress and hashing), copy-target.c
- * (the source, and the file, device or NBD target: connecting, size and
- * format checks, I/O), copy-probe.c (image format signatures),
- * copy-files.c (safe persistent text files: atomic replace, escaping,
- * checksummed lines), copy-journal.c (the journal of an unfinished
- * copy), copy-manifest.c (manifests: the format and the chunk hasher),
- * copy-verify.c (hashing a file or device), copy-progress.c (progress
- * output and the clock), copy-messages.c (messages, and the exits on
- * errors), copy-state.c (the options and the state).
+ *
+ *   sparsebackup-copy.c  argument parsing and main: the copy,
+ *                        --manifest-only and --verify
+ *   copy-engine.c        the extents queue, the copy loop, the pieces in
+ *                        order: progress and hashing
+ *   copy-target.c        the source, and the file, device or NBD target:
+ *                        connecting, size and format checks, I/O
+ *   copy-probe.c         image format signatures
+ *   copy-journal.c       the journal of an unfinished copy
+ *   copy-manifest.c      manifests: the format and the chunk hasher
+ *   copy-verify.c        hashing a file or device
+ *   copy-files.c         safe persistent text files: atomic replace,
+ *                        escaping, checksummed lines
+ *   copy-messages.c      messages, and the exits on errors
+ *   copy-progress.c      progress output and the clock
+ *   copy-state.c         the options and the state (no code)
+ *
+ * They call each other in one direction only (an arrow: "calls"):
+ *
+ *   sparsebackup-copy.c -> all the others
+ *   copy-engine.c       -> copy-target.c, copy-journal.c, copy-manifest.c,
+ *                          copy-progress.c, copy-messages.c
+ *   copy-verify.c       -> copy-manifest.c, copy-progress.c, copy-messages.c
+ *   copy-journal.c, copy-manifest.c -> copy-files.c, copy-messages.c
+ *   copy-target.c       -> copy-probe.c, copy-messages.c
+ *   copy-files.c        -> copy-messages.c
+ *   copy-messages.c     -> copy-progress.c (a message ends the bar first)
+ *   copy-progress.c, copy-probe.c: leaves
+ *
+ * A completion that one part must act on is handed to the part that
+ * starts the command (start_nbd_write takes the engine's callback).
  *
  * Holds the limits, the options, the state of the copy (one thread, so
  * plain globals, defined in copy-state.c) and the functions one part
