@@ -38,7 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 
 #define MERGE_BATCH 16          /* pages set in the current record at a time */
 

@@ -21,7 +21,7 @@
 #define DIR_SIZE 8              /* directory entry */
 #define FORMAT_VERSION 2
 #define FORMAT_VERSION_1 1
-/* The magic (8 bytes) is cbt_magic in cbt-internal.h. */
+/* The magic (8 bytes) is cbt_magic in cbt-private.h. */
 
 #define INCOMPAT_IN_USE 1
 #define INCOMPAT_KNOWN INCOMPAT_IN_USE

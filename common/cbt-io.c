@@ -1,18 +1,20 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
  * doc/cbt-format.md): the file's I/O.  Reading and writing whole, the
- * blocks of the file and their references, the io token, superblocks,
- * directories, indexes and tables, and publishing a new state.
+ * geometry (the sizes a disk size and granularity imply), the blocks of
+ * the file and their references, the io token, superblocks,
+ * directories, indexes and tables.
  *
  * On disk: two superblock slots (0 and 4096), then blocks of 4096
  * bytes.  A new state (table, indexes, directories, pages) is written
  * into blocks the state in force does not hold, synced, and then
  * published by writing the other superblock slot with sequence + 1 and
- * syncing.  Blocks the old state held and the new one does not are
- * free only then.  The only writes to blocks a published superblock
- * names are to the current record (its pages and its directory entries,
- * while the file is marked in use: they only ever set bits, or an entry
- * from 0 to a block), and to the next directory's entries (marks made
- * while a new checkpoint is being written).
+ * syncing (cbt_publish, in cbt-rec.c).  Blocks the old state held and
+ * the new one does not are free only then.  The only writes to blocks a
+ * published superblock names are to the current record (its pages and
+ * its directory entries, while the file is marked in use: they only
+ * ever set bits, or an entry from 0 to a block), and to the next
+ * directory's entries (marks made while a new checkpoint is being
+ * written).
  *
  * The other parts: cbt-rec.c (records in memory), cbt.c (marking,
  * commit, queries), cbt-checkpoints.c, cbt-load.c (opening, validating,
@@ -27,6 +29,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -35,7 +38,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
+#include "rounding.h"
 
 const char cbt_magic[8] = { 'S', 'B', 'K', 'C', 'B', 'T', '\r', '\n' };
 
@@ -137,7 +141,36 @@ cbt_check_io (struct cbt *c, char *err, size_t errlen)
   return 0;
 }
 
-/* ---- Blocks -------------------------------------------------------- */
+/* ---- Geometry and blocks ------------------------------------------- */
+
+/* Sizes implied by the disk size and granularity. */
+int
+cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
+                  char *err, size_t errlen)
+{
+  static const uint8_t z[4096];
+  uint64_t nr_pages;
+
+  c->disk_size = disk_size;
+  c->gran_bits = bits;
+  c->nr_gran = div_round_up (disk_size, UINT64_C (1) << bits);
+  c->bm_bytes = div_round_up (c->nr_gran, 8);
+  if (c->bm_bytes > CBT_MAX_BITMAP)
+    return cbt_failure (err, errlen, EINVAL,
+                        "cbt: disk size %" PRIu64 " with granularity %" PRIu64
+                        " needs a bitmap of %" PRIu64 " bytes, more than the limit %"
+                        PRIu64, disk_size, UINT64_C (1) << bits, c->bm_bytes,
+                        CBT_MAX_BITMAP);
+  nr_pages = div_round_up (c->bm_bytes, PAGE);
+  c->nr_pages = (uint32_t) nr_pages;
+  c->dir_bytes = (uint32_t) (nr_pages * DIR_SIZE);
+  c->dir_blocks = blocks_for (c->dir_bytes);
+  c->empty_crc = 0;
+  for (uint32_t pos = 0; pos < c->dir_bytes; pos += sizeof z)
+    c->empty_crc = crc (c->empty_crc, z, c->dir_bytes - pos < sizeof z
+                        ? c->dir_bytes - pos : sizeof z);
+  return 0;
+}
 
 int
 cbt_blocks_init (struct cbt *c, uint64_t file_size)
@@ -549,59 +582,4 @@ cbt_state_sbv (const struct cbt *c, const struct state *s, uint32_t cur_crc)
   };
   (void) c;
   return v;
-}
-
-/* ---- Publishing ---------------------------------------------------- */
-
-int
-cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
-             char *err, size_t errlen)
-{
-  struct state *old;
-  bool sync = true;
-
-  /* Process-safe mode, the file in use: a power loss drops every
-   * checkpoint anyway (another boot), and the loader then reads only
-   * the superblock: no sync, so that a checkpoint change never makes
-   * the file system flush what the marks wrote.  (The token keeps the
-   * file's in-use state as it is.)
-   */
-  if (c->mode == CBT_MODE_PROCESS_SAFE) {
-    pthread_mutex_lock (&c->lock);
-    cbt_token_take_locked (c);
-    sync = !c->pub.in_use;
-    pthread_mutex_unlock (&c->lock);
-  }
-  if (sync && fdatasync (c->fd) == -1) {
-    int e = errno;
-    if (c->mode == CBT_MODE_PROCESS_SAFE)
-      cbt_token_give (c);
-    cbt_state_unref (c, ns);
-    cbt_io_failed (c, e);
-    return cbt_failure (err, errlen, EIO,
-                        "cbt: syncing the file: %s", strerror (e));
-  }
-  pthread_mutex_lock (&c->lock);
-  if (c->mode != CBT_MODE_PROCESS_SAFE)
-    cbt_token_take_locked (c);
-  v->in_use = c->pub.in_use;
-  pthread_mutex_unlock (&c->lock);
-  if (cbt_write_super (c, v, sync) == -1) {
-    int e;
-    pthread_mutex_lock (&c->lock);
-    e = c->io_error;
-    cbt_token_give_locked (c);
-    pthread_mutex_unlock (&c->lock);
-    cbt_state_unref (c, ns);
-    return cbt_failure (err, errlen, EIO,
-                        "cbt: writing the superblock: %s", strerror (e));
-  }
-  pthread_mutex_lock (&c->lock);
-  old = c->st;
-  c->st = ns;
-  cbt_token_give_locked (c);
-  pthread_mutex_unlock (&c->lock);
-  cbt_state_unref (c, old);
-  cbt_trim_file (c);
-  return 0;
 }

@@ -29,7 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 #include "ispowerof2.h"
 #include "rounding.h"
 
@@ -92,35 +92,6 @@ free_cbt (struct cbt *c)
   pthread_mutex_destroy (&c->struct_lock);
   pthread_mutex_destroy (&c->alloc_lock);
   free (c);
-}
-
-/* Sizes implied by the disk size and granularity. */
-int
-cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
-                  char *err, size_t errlen)
-{
-  static const uint8_t z[4096];
-  uint64_t nr_pages;
-
-  c->disk_size = disk_size;
-  c->gran_bits = bits;
-  c->nr_gran = div_round_up (disk_size, UINT64_C (1) << bits);
-  c->bm_bytes = div_round_up (c->nr_gran, 8);
-  if (c->bm_bytes > CBT_MAX_BITMAP)
-    return cbt_failure (err, errlen, EINVAL,
-                        "cbt: disk size %" PRIu64 " with granularity %" PRIu64
-                        " needs a bitmap of %" PRIu64 " bytes, more than the limit %"
-                        PRIu64, disk_size, UINT64_C (1) << bits, c->bm_bytes,
-                        CBT_MAX_BITMAP);
-  nr_pages = div_round_up (c->bm_bytes, PAGE);
-  c->nr_pages = (uint32_t) nr_pages;
-  c->dir_bytes = (uint32_t) (nr_pages * DIR_SIZE);
-  c->dir_blocks = blocks_for (c->dir_bytes);
-  c->empty_crc = 0;
-  for (uint32_t pos = 0; pos < c->dir_bytes; pos += sizeof z)
-    c->empty_crc = crc (c->empty_crc, z, c->dir_bytes - pos < sizeof z
-                        ? c->dir_bytes - pos : sizeof z);
-  return 0;
 }
 
 /* Check cbt_magic, crc of one slot.  WHY says what is wrong. */

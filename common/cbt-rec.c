@@ -1,9 +1,10 @@
 /* sparsebackup: persistent changed-block tracking (see cbt.h and
- * doc/cbt-format.md): records and states in memory (cbt-internal.h
- * says what they are), reference counting, the pages of a current
- * record (setting them, writing the dirty ones, write-ahead commits),
- * the crc of a current record, reading a page, and freezing a current
- * record into a frozen one.
+ * doc/cbt-format.md): records and states in memory (cbt-private.h
+ * says what they are), reference counting, putting a new state in force
+ * once it is written (cbt_publish: sync, superblock, sync), the pages of
+ * a current record (setting them, writing the dirty ones, write-ahead
+ * commits), the crc of a current record, reading a page, and freezing a
+ * current record into a frozen one.
  *
  * Pure C: no nbdkit headers.
  */
@@ -22,7 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 
 #define BATCH 256               /* pages copied under the lock at a time */
 
@@ -196,6 +197,61 @@ cbt_state_unref (struct cbt *c, struct state *s)
   if (s->next_dir)
     cbt_release (c, s->next_dir, c->dir_blocks);
   free (s);
+}
+
+/* ---- Putting a state in force --------------------------------------- */
+
+int
+cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
+             char *err, size_t errlen)
+{
+  struct state *old;
+  bool sync = true;
+
+  /* Process-safe mode, the file in use: a power loss drops every
+   * checkpoint anyway (another boot), and the loader then reads only
+   * the superblock: no sync, so that a checkpoint change never makes
+   * the file system flush what the marks wrote.  (The token keeps the
+   * file's in-use state as it is.)
+   */
+  if (c->mode == CBT_MODE_PROCESS_SAFE) {
+    pthread_mutex_lock (&c->lock);
+    cbt_token_take_locked (c);
+    sync = !c->pub.in_use;
+    pthread_mutex_unlock (&c->lock);
+  }
+  if (sync && fdatasync (c->fd) == -1) {
+    int e = errno;
+    if (c->mode == CBT_MODE_PROCESS_SAFE)
+      cbt_token_give (c);
+    cbt_state_unref (c, ns);
+    cbt_io_failed (c, e);
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: syncing the file: %s", strerror (e));
+  }
+  pthread_mutex_lock (&c->lock);
+  if (c->mode != CBT_MODE_PROCESS_SAFE)
+    cbt_token_take_locked (c);
+  v->in_use = c->pub.in_use;
+  pthread_mutex_unlock (&c->lock);
+  if (cbt_write_super (c, v, sync) == -1) {
+    int e;
+    pthread_mutex_lock (&c->lock);
+    e = c->io_error;
+    cbt_token_give_locked (c);
+    pthread_mutex_unlock (&c->lock);
+    cbt_state_unref (c, ns);
+    return cbt_failure (err, errlen, EIO,
+                        "cbt: writing the superblock: %s", strerror (e));
+  }
+  pthread_mutex_lock (&c->lock);
+  old = c->st;
+  c->st = ns;
+  cbt_token_give_locked (c);
+  pthread_mutex_unlock (&c->lock);
+  cbt_state_unref (c, old);
+  cbt_trim_file (c);
+  return 0;
 }
 
 /* ---- Pages of a current record --------------------------------------- */

@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 #include "ispowerof2.h"
 #include "rounding.h"
 

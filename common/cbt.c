@@ -7,7 +7,7 @@
  *
  * The file is opened in cbt-load.c, written in cbt-io.c and cbt-rec.c;
  * checkpoints are in cbt-checkpoints.c, the shared types in
- * cbt-internal.h.
+ * cbt-private.h.
  *
  * Pure C: no nbdkit headers.
  */
@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cbt-internal.h"
+#include "cbt-private.h"
 #include "minmax.h"
 
 #define GRAN_PER_PAGE (UINT64_C (1) << PAGE_GRAN_SHIFT)

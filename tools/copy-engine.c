@@ -28,7 +28,7 @@
 #include <libnbd.h>
 
 #include "minmax.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 /* ---- Extents ---------------------------------------------------------- */
 
@@ -258,7 +258,8 @@ read_done (void *user_data, int *error)
   return 1;
 }
 
-void
+/* An NBD write or zero of slot S completed (ERR: its errno, or 0). */
+static void
 nbd_write_finished (struct slot *s, int err)
 {
   struct piece *p = piece_of (s->seq);
@@ -279,6 +280,13 @@ nbd_write_finished (struct slot *s, int err)
   if (s->state == S_FREE)
     p->slot = NULL;
   debug_kill_point ("write");
+}
+
+static int
+write_done (void *user_data, int *error)
+{
+  nbd_write_finished (user_data, *error);
+  return 1;
 }
 
 /* Act on the slots whose reads have finished. */
@@ -303,7 +311,8 @@ finish_reads (void)
       release_slot (s);
     }
     else if (p->tgt == T_DATA && dst_kind == DST_NBD)
-      start_nbd_write (s);
+      start_nbd_write (s, (nbd_completion_callback) {
+                         .callback = write_done, .user_data = s });
     else {
       if (p->tgt == T_DATA) {
         if (!write_file (s->buf, s->len, s->offset)) {
@@ -475,8 +484,9 @@ dispatch (void)
     s->len = x.length;
     s->err = 0;
     s->hash_hold = p.hash == H_DATA;
-    if (!read)
-      start_nbd_write (s);      /* a zero request */
+    if (!read)                  /* a zero request */
+      start_nbd_write (s, (nbd_completion_callback) {
+                         .callback = write_done, .user_data = s });
     else {
       s->state = S_READING;
       if (nbd_aio_pread (src, s->buf, s->len, s->offset,

@@ -24,7 +24,7 @@
 #include <unistd.h>
 #include <sys/stat.h>
 
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 static const char hexdigits[] = "0123456789abcdef";
 

@@ -34,7 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 #define JOURNAL_MAGIC "sparsebackup-copy journal"
 #define JOURNAL_VERSION 1

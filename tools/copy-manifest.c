@@ -39,7 +39,7 @@
 
 #include "minmax.h"
 #include "ispowerof2.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 #define MANIFEST_MAGIC "sparsebackup-copy manifest"
 #define MANIFEST_VERSION 1

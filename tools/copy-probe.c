@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 static bool
 at (const unsigned char *buf, size_t len, size_t off, const void *sig,

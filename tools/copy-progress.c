@@ -28,7 +28,7 @@
 #include <libnbd.h>
 
 #include "minmax.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 /* ---- Progress --------------------------------------------------------- */
 

@@ -28,7 +28,7 @@
 #include <libnbd.h>
 
 #include "minmax.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 /* ---- Connections ------------------------------------------------------ */
 
@@ -78,7 +78,7 @@ command_string (char **cmd)
  */
 struct nbd_handle *
 connect_nbd (const char *what, const char *name, char **cmd,
-             bool want_extents, struct source_id *id, const char *after)
+             bool with_extents, struct source_id *id, const char *after)
 {
   struct nbd_handle *h = nbd_create ();
   int r;
@@ -86,7 +86,7 @@ connect_nbd (const char *what, const char *name, char **cmd,
   if (h == NULL)
     die_nbd ("nbd_create");
   nbd_set_handle_name (h, what);
-  if (want_extents &&
+  if (with_extents &&
       nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
     die_nbd ("nbd_add_meta_context");
   if (id && nbd_set_opt_mode (h, true) == -1)
@@ -543,18 +543,12 @@ sync_file_target (void)
   return true;
 }
 
-static int
-write_done (void *user_data, int *error)
-{
-  nbd_write_finished (user_data, *error);
-  return 1;
-}
-
-/* Send what slot S holds (or zeroes, for K_ZERO) to the NBD target. */
+/* Send what slot S holds (or zeroes, for K_ZERO) to the NBD target;
+ * CB is called when it completes.
+ */
 void
-start_nbd_write (struct slot *s)
+start_nbd_write (struct slot *s, nbd_completion_callback cb)
 {
-  nbd_completion_callback cb = { .callback = write_done, .user_data = s };
   int64_t r;
 
   if (s->kind == K_ZERO && dst_can_zero)
@@ -571,7 +565,7 @@ start_nbd_write (struct slot *s)
 }
 
 void
-finish (void)
+close_ends (void)
 {
   if (dst_kind == DST_NBD) {
     if (!failed && dst_can_flush && nbd_flush (dst_nbd, 0) == -1)

@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "minmax.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
 bool
 hash_file (int fd, const char *name, struct manifest *out, uint64_t sz,

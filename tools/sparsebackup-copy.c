@@ -26,8 +26,7 @@
  * field and carry a checksum; a target that looks like an image format
  * is not overwritten without --force.
  *
- * This file: the options, the state, messages, argument parsing and
- * main.  The parts: see sparsebackup-copy.h.
+ * This file: argument parsing and main.  The parts: see copy.h.
  */
 
 #define _GNU_SOURCE             /* asprintf */
@@ -39,7 +38,6 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -54,21 +52,9 @@
 
 #include "minmax.h"
 #include "ispowerof2.h"
-#include "sparsebackup-copy.h"
+#include "copy.h"
 
-/* ---- Options ---------------------------------------------------------- */
-
-bool delta;
-bool quiet;
-int progress_fd = -1;
-bool progress_bar;
-unsigned requests = DEFAULT_REQUESTS;
-size_t request_size = DEFAULT_REQUEST_SIZE;
-bool force;
-bool allow_larger;
-bool restart;
-uint64_t journal_every = DEFAULT_JOURNAL_EVERY;
-const char *journal_path;
+/* ---- Options that only main uses -------------------------------------- */
 
 static const char *manifest_path;
 static const char *base_manifest_path;
@@ -77,129 +63,6 @@ static bool manifest_only;
 static bool no_journal;
 static const char *journal_opt;
 static uint64_t chunk_opt;
-
-/* ---- State ------------------------------------------------------------ */
-
-const char *src_name, *dst_name;
-const char *src_label = "SRC";
-char **src_cmd, **dst_cmd;
-struct nbd_handle *src, *dst_nbd;
-struct source_id src_id;
-int dst_fd = -1;
-enum dst_kind dst_kind = DST_NONE;
-uint64_t dst_size;
-bool dst_can_zero;
-bool dst_can_flush;
-bool have_extents;
-uint64_t size;
-
-struct slot *slots;
-char *zero_buf;
-
-extents queue = VECTOR_INIT;
-size_t head;
-uint64_t queued;
-uint64_t extents_next;
-bool bs_in_flight;
-uint64_t bs_offset, bs_end;
-uint64_t bs_reached;
-bool bs_replied;
-
-uint64_t write_from;
-uint64_t copied, zeroed, skipped, resumed, hash_read;
-uint64_t watermark;
-bool failed;
-volatile int stop_signal;
-
-/* ---- Messages --------------------------------------------------------- */
-
-void __attribute__ ((format (printf, 1, 2)))
-error_msg (const char *fs, ...)
-{
-  va_list args;
-
-  progress_end ();
-  fprintf (stderr, PROG ": ");
-  va_start (args, fs);
-  vfprintf (stderr, fs, args);
-  va_end (args);
-  fputc ('\n', stderr);
-}
-
-/* Informational, on stderr, unless --quiet. */
-void __attribute__ ((format (printf, 1, 2)))
-note_msg (const char *fs, ...)
-{
-  va_list args;
-
-  if (quiet)
-    return;
-  progress_end ();
-  fprintf (stderr, PROG ": ");
-  va_start (args, fs);
-  vfprintf (stderr, fs, args);
-  va_end (args);
-  fputc ('\n', stderr);
-}
-
-void __attribute__ ((noreturn))
-die_nbd (const char *what)
-{
-  error_msg ("%s: %s", what, nbd_get_error () ? nbd_get_error () : "error");
-  exit (EXIT_FAILURE);
-}
-
-void __attribute__ ((noreturn))
-out_of_memory (void)
-{
-  error_msg ("out of memory");
-  exit (EXIT_FAILURE);
-}
-
-char *
-xstrdup (const char *s)
-{
-  char *r = strdup (s);
-
-  if (r == NULL)
-    out_of_memory ();
-  return r;
-}
-
-/* SPARSEBACKUP_COPY_DEBUG_KILL=POINT:N (tests only): the Nth time the
- * copy reaches POINT, it kills itself with SIGKILL, as a crash or
- * kill -9 would.  Points: write (a write or zero on the target
- * completed), sync (the target was synced, the journal not yet
- * updated), journal-tmp (the new journal is written and synced beside
- * the old one, not renamed yet), journal (the journal was replaced),
- * manifest-tmp (likewise for the manifest).
- */
-void
-debug_kill_point (const char *point)
-{
-  static const char *env;
-  static bool parsed;
-  static char name[32];
-  static unsigned long n, count;
-
-  if (!parsed) {
-    const char *c;
-
-    parsed = true;
-    env = getenv ("SPARSEBACKUP_COPY_DEBUG_KILL");
-    if (env && (c = strchr (env, ':')) != NULL &&
-        (size_t) (c - env) < sizeof name) {
-      memcpy (name, env, c - env);
-      n = strtoul (c + 1, NULL, 10);
-    }
-  }
-  if (n == 0 || strcmp (point, name) != 0)
-    return;
-  if (++count == n) {
-    fflush (stdout);
-    kill (getpid (), SIGKILL);
-  }
-}
 
 /* ---- Argument parsing ------------------------------------------------- */
 
@@ -250,7 +113,7 @@ usage (FILE *fp, int status)
 }
 
 /* Parse a size with an optional binary suffix (K, M, G, T; KiB etc.). */
-bool
+static bool
 parse_size (const char *s, uint64_t *out)
 {
   char *end;
@@ -820,7 +683,7 @@ run_copy (void)
   if (!failed && !stop_signal && copied + zeroed + skipped + resumed != size)
     fail ("internal error: %" PRIu64 " of %" PRIu64 " bytes done",
           copied + zeroed + skipped + resumed, size);
-  finish ();
+  close_ends ();
   if (complete && !failed) {
     progress_update (true);
     progress_end ();

@@ -1,10 +1,24 @@
 /* sparsebackup: the private header of the cbt implementation, shared
- * by cbt-io.c (reading and writing the file: blocks, superblocks,
- * directories, indexes, tables, publishing a state), cbt-rec.c (records
- * and states in memory), cbt.c (marking, commit, queries),
+ * by cbt-io.c (reading and writing the file: geometry, blocks,
+ * superblocks, directories, indexes, tables), cbt-rec.c (records and
+ * states in memory, publishing a state), cbt.c (marking, commit, queries),
  * cbt-checkpoints.c (checkpoint changes), cbt-load.c (opening,
  * validating, closing) and cbt-v1.c (reading version 1 files).  Not for
- * users of cbt.h.
+ * users of cbt.h, which those files implement.
+ *
+ * The parts call each other in one direction only (an arrow: "calls"):
+ *
+ *   cbt-load.c        -> cbt-v1.c, cbt-checkpoints.c (cbt_name_valid),
+ *                        cbt-rec.c, cbt-io.c
+ *   cbt-v1.c          -> cbt-checkpoints.c (cbt_name_valid), cbt-rec.c,
+ *                        cbt-io.c
+ *   cbt-checkpoints.c -> cbt-rec.c, cbt-io.c
+ *   cbt.c             -> cbt-rec.c, cbt-io.c
+ *   cbt-rec.c         -> cbt-io.c
+ *   cbt-io.c: a leaf (it also holds the helpers every part uses:
+ *             cbt_failure, cbt_seterr, cbt_pread_full, cbt_pwrite_full);
+ *             the byte codecs, crc and block arithmetic are the static
+ *             inline functions below.
  *
  * In memory (doc/cbt-format.md has the file):
  *
@@ -39,8 +53,8 @@
  * is written over unsynced commits.
  */
 
-#ifndef SPARSEBACKUP_CBT_INTERNAL_H
-#define SPARSEBACKUP_CBT_INTERNAL_H
+#ifndef SPARSEBACKUP_CBT_PRIVATE_H
+#define SPARSEBACKUP_CBT_PRIVATE_H
 
 #include <pthread.h>
 #include <stdbool.h>
@@ -259,12 +273,12 @@ dir_check (uint32_t page, uint32_t blk)
 
 /* ---- In cbt-io.c ---------------------------------------------------- */
 
-/* Format a message into ERR (if not NULL), keeping errno. */
 /* Format a message into ERR (if not NULL), set errno to E, return -1:
  * "return cbt_failure (err, errlen, EINVAL, "cbt: ...", ...);".
  */
 extern int cbt_failure (char *err, size_t errlen, int e, const char *fmt, ...)
   __attribute__ ((__format__ (__printf__, 4, 5)));
+/* Format a message into ERR (if not NULL), keeping errno. */
 extern void cbt_seterr (char *err, size_t errlen, const char *fmt, ...)
   __attribute__ ((__format__ (__printf__, 3, 4)));
 extern int cbt_pread_full (int fd, void *buf, size_t len, uint64_t off);
@@ -276,6 +290,12 @@ extern int cbt_pwrite_full (int fd, const void *buf, size_t len,
 extern int cbt_io_failed (struct cbt *c, int e);
 /* If an earlier write failed: a message, EIO, -1.  Lock not held. */
 extern int cbt_check_io (struct cbt *c, char *err, size_t errlen);
+
+/* The sizes implied by DISK_SIZE and a granule of 2^BITS bytes (the
+ * bitmap, its pages, a directory), checked against the limits.
+ */
+extern int cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
+                             char *err, size_t errlen);
 
 /* Blocks.  cbt_alloc: K contiguous free blocks held once (*BLK the
  * first); -1/EFBIG when the file would be too large, ENOMEM.
@@ -317,12 +337,6 @@ extern int cbt_write_table (struct cbt *c, struct state *s);
 /* The superblock values of state S (current record cur[ncur-1]). */
 extern struct sbv cbt_state_sbv (const struct cbt *c, const struct state *s,
                                  uint32_t cur_crc);
-/* Sync, write the superblock V, sync, and put NS in force (its
- * reference is taken over).  On failure NS is released.  Token not
- * held.  (Process-safe mode, in use: no syncs.)
- */
-extern int cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
-                        char *err, size_t errlen);
 
 /* ---- In cbt-rec.c --------------------------------------------------- */
 
@@ -335,6 +349,12 @@ extern struct state *cbt_state_copy (const struct state *s);
 extern struct state *cbt_state_new (void);
 extern void cbt_state_ref (struct state *s);
 extern void cbt_state_unref (struct cbt *c, struct state *s);
+/* Sync, write the superblock V, sync, and put NS in force (its
+ * reference is taken over).  On failure NS is released.  Token not
+ * held.  (Process-safe mode, in use: no syncs.)
+ */
+extern int cbt_publish (struct cbt *c, struct state *ns, struct sbv *v,
+                        char *err, size_t errlen);
 /* The page P of M, allocated zeroed if absent (NULL: ENOMEM).  Lock
  * held.
  */
@@ -397,9 +417,7 @@ extern int cbt_load_v1 (struct cbt *c, const uint8_t *sb, uint64_t file_size,
 extern int cbt_check_header_v1 (struct cbt *c, const uint8_t *sb,
                                 const struct cbt_options *o, bool v1,
                                 char *err, size_t errlen);
-extern int cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
-                             char *err, size_t errlen);
 extern int cbt_legacy_add (struct cbt_legacy *l, uint32_t blk, uint32_t nb);
 extern void cbt_legacy_release (struct cbt *c, struct cbt_legacy *l);
 
-#endif /* SPARSEBACKUP_CBT_INTERNAL_H */
+#endif /* SPARSEBACKUP_CBT_PRIVATE_H */

@@ -1,17 +1,39 @@
 /* sparsebackup-copy: the private header of the program's parts:
- * sparsebackup-copy.c (options, messages, main: the copy, --manifest-only
- * and --verify), copy-engine.c (the extents queue, the copy loop, the
- * pieces in order: progress and hashing), copy-target.c (the source, and
- * the file, device or NBD target: connecting, size and format checks,
- * I/O), copy-probe.c (image format signatures), copy-files.c (safe
- * persistent text files: atomic replace, escaping, checksummed lines),
- * copy-journal.c (the journal of an unfinished copy), copy-manifest.c
- * (manifests: the format and the chunk hasher), copy-verify.c (hashing a
- * file or device), copy-progress.c (progress output).
+ *
+ *   sparsebackup-copy.c  argument parsing and main: the copy,
+ *                        --manifest-only and --verify
+ *   copy-engine.c        the extents queue, the copy loop, the pieces in
+ *                        order: progress and hashing
+ *   copy-target.c        the source, and the file, device or NBD target:
+ *                        connecting, size and format checks, I/O
+ *   copy-probe.c         image format signatures
+ *   copy-journal.c       the journal of an unfinished copy
+ *   copy-manifest.c      manifests: the format and the chunk hasher
+ *   copy-verify.c        hashing a file or device
+ *   copy-files.c         safe persistent text files: atomic replace,
+ *                        escaping, checksummed lines
+ *   copy-messages.c      messages, and the exits on errors
+ *   copy-progress.c      progress output and the clock
+ *   copy-state.c         the options and the state (no code)
+ *
+ * They call each other in one direction only (an arrow: "calls"):
+ *
+ *   sparsebackup-copy.c -> all the others
+ *   copy-engine.c       -> copy-target.c, copy-journal.c, copy-manifest.c,
+ *                          copy-progress.c, copy-messages.c
+ *   copy-verify.c       -> copy-manifest.c, copy-progress.c, copy-messages.c
+ *   copy-journal.c, copy-manifest.c -> copy-files.c, copy-messages.c
+ *   copy-target.c       -> copy-probe.c, copy-messages.c
+ *   copy-files.c        -> copy-messages.c
+ *   copy-messages.c     -> copy-progress.c (a message ends the bar first)
+ *   copy-progress.c, copy-probe.c: leaves
+ *
+ * A completion that one part must act on is handed to the part that
+ * starts the command (start_nbd_write takes the engine's callback).
  *
  * Holds the limits, the options, the state of the copy (one thread, so
- * plain globals, defined in sparsebackup-copy.c) and the functions one
- * part calls in another.
+ * plain globals, defined in copy-state.c) and the functions one part
+ * calls in another.
  */
 
 #ifndef SPARSEBACKUP_COPY_H
@@ -180,7 +202,7 @@ extern volatile int stop_signal;   /* SIGINT or SIGTERM received */
 #define fail(...) do { if (!failed) error_msg (__VA_ARGS__); failed = true; } \
   while (0)
 
-/* ---- In sparsebackup-copy.c ------------------------------------------ */
+/* ---- In copy-messages.c ---------------------------------------------- */
 
 extern void error_msg (const char *fs, ...)
   __attribute__ ((format (printf, 1, 2)));
@@ -193,7 +215,6 @@ extern char *xstrdup (const char *s);
  * time it reaches POINT (tests of interrupted copies).
  */
 extern void debug_kill_point (const char *point);
-extern bool parse_size (const char *s, uint64_t *out);
 
 /* ---- In copy-progress.c ---------------------------------------------- */
 
@@ -224,17 +245,20 @@ extern void size_file_target (void);
 extern char *target_identity (uint64_t *inode);
 extern bool write_file (const char *buf, uint64_t len, uint64_t offset);
 extern bool zero_file (char *buf, uint64_t len, uint64_t offset);
-extern void start_nbd_write (struct slot *s);
+/* Send slot S (its data, or zeroes for K_ZERO) to the NBD target; CB
+ * is called when it completes.
+ */
+extern void start_nbd_write (struct slot *s, nbd_completion_callback cb);
 /* Make everything written so far durable (fsync), for the journal. */
 extern bool sync_file_target (void);
 /* Flush or sync the target (unless failed) and close both ends. */
-extern void finish (void);
+extern void close_ends (void);
 extern void close_source (void);
 extern bool is_nbd_uri (const char *s);
 /* "[ CMD ARGS ... ]" as one malloc'd string. */
 extern char *command_string (char **cmd);
 extern struct nbd_handle *connect_nbd (const char *what, const char *name,
-                                       char **cmd, bool want_extents,
+                                       char **cmd, bool with_extents,
                                        struct source_id *id,
                                        const char *after);
 
@@ -400,7 +424,5 @@ extern bool queue_take (uint64_t max, struct extent *out);
  */
 extern void copy (void);
 extern void engine_init (uint64_t start);
-/* An NBD write or zero of slot S completed (ERR: its errno, or 0). */
-extern void nbd_write_finished (struct slot *s, int err);
 
 #endif /* SPARSEBACKUP_COPY_H */
