@@ -4,7 +4,7 @@
 # image reads it once to scan; with the cache the client's reads of the
 # data come from the cache (the plugin is read once), without it they
 # reach the plugin a second time (twice the bytes, no cache hits), and
-# cache requests are passed down to the plugin instead of scanning.
+# cache requests are passed down to the plugin (it caches natively).
 # Either way the data read and the map are the same.
 source "${srcdir:-.}/functions.sh"
 source "${srcdir:-.}/test-read-lib.sh"
@@ -63,8 +63,11 @@ assert_eq 0 "$(st 0 read-cache-bytes)" "read-cache-bytes without the cache"
     fail "without the scan cache the data was not read again: plugin-read-bytes $(st 0 plugin-read-bytes) vs $(st 64M plugin-read-bytes)"
 grep -q '^scan-cache-' $tmp/st.0 && fail "scan cache counters without a scan cache"
 assert_eq 1 "$(st 64M scan-cache-inserted | grep -c '^[1-9]')" "scan-cache-inserted"
-# The cache request: without the cache it reached the plugin as a Cache
-# (the file plugin caches natively), with it the filter scanned instead.
+# The cache request reached the plugin as a Cache with and without the
+# scan cache: the file plugin caches natively (over a layer that cannot,
+# test-read-cache.sh sees the filter scan ahead instead; over one whose
+# caching nbdkit emulates, test-transparency-cache.sh sees nbdkit's
+# emulation read the whole range).
 grep -q ' Cache ' $tmp/log.0 || { cat $tmp/log.0; fail "the cache request was not passed down without the scan cache"; }
-grep -q ' Cache ' $tmp/log.64M && fail "the cache request was passed down although the filter scans"
+grep -q ' Cache ' $tmp/log.64M || { cat $tmp/log.64M; fail "the cache request was not passed down to a plugin that caches natively"; }
 echo PASS
