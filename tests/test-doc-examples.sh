@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every shell example of the README and of the four man pages runs as
+# Every shell example of the README and of the man pages runs as
 # printed, and does what its text says.
 #
 # doc-examples.py extracts the code blocks (README: the ``` blocks; POD:
@@ -55,6 +55,7 @@ docs=(
     "$top/plugins/qcow2/nbdkit-qcow2-plugin.pod"
     "$top/tools/sparsebackup-copy.pod"
     "$top/tools/ctl/sparsebackup-ctl.pod"
+    "$top/tools/ctl/sparsebackup-retain.pod"
 )
 if [ -n "${DOC_EXAMPLES_ONLY:-}" ]; then
     for d in "${docs[@]}"; do
@@ -112,6 +113,13 @@ inputs_README ()
     make_qcow2 base.qcow2 8M '' '0 2M 0x31'
     make_qcow2 overlay.qcow2 8M base.qcow2 '3M 256K 0x32'
     make_bitmap_image vm.qcow2 full.qcow2
+    inputs_group
+}
+# The two disks of the group backup examples.
+inputs_group ()
+{
+    make_raw sys.img $((8 * M)) 0:$((M)) $((5 * M)):65536
+    make_raw data.img $((8 * M)) $((2 * M)):$((M))
 }
 inputs_nbdkit_sparsebackup_filter ()
 {
@@ -131,6 +139,11 @@ inputs_sparsebackup_copy ()
 inputs_sparsebackup_ctl ()
 {
     make_raw vm.img $((8 * M)) 0:$((M)) $((3 * M)):65536
+    inputs_group
+}
+inputs_sparsebackup_retain ()
+{
+    make_raw disk.raw $((8 * M)) 0:$((M)) $((2 * M)):65536 $((7 * M)):4096
 }
 
 # ---- Checks: what the text says a block prints or does -----------------
@@ -421,6 +434,47 @@ check_changed_bytes ()
 check_restored_vm_img ()
 {
     same vm.img restored.raw
+}
+# The group backups of two disks (README and sparsebackup-ctl.pod): each
+# disk's chain g1 <- g2 is the disk, and g2 was begun since g1.
+check_group_backups ()
+{
+    local d
+    for d in sys data; do
+        qemu-img compare -q -f qcow2 -F raw $d-g2.qcow2 $d.img ||
+            bad "$d-g2.qcow2 differs from $d.img"
+        [ "$(qemu-img info --output=json $d-g2.qcow2 |
+             jq -r '."backing-filename"')" = $d-g1.qcow2 ] ||
+            bad "$d-g2.qcow2 is not an incremental over $d-g1.qcow2"
+    done
+}
+
+# sparsebackup-retain.pod (and the README's retention example): of the
+# chain c1 <- c2 <- c3 <- c4 the last two incrementals are kept: c2 is
+# the full backup now, c1 and its checkpoint are gone, every point left
+# is the disk (nothing wrote between the backups).
+check_retained_chain ()
+{
+    local dir=${1:-backups} ctl=${2:-disk.ctl}
+    [ ! -e $dir/c1.qcow2 ] || bad "$dir/c1.qcow2 is still there"
+    [ "$(qemu-img info --output=json $dir/c2.qcow2 |
+         jq -r '."backing-filename" // "none"')" = none ] ||
+        bad "$dir/c2.qcow2 still has a backing file"
+    qemu-img compare -q -f qcow2 -F raw $dir/c4.qcow2 disk.raw ||
+        bad "$dir/c4.qcow2 differs from disk.raw"
+    same disk.raw restored-c2.raw
+    assert_eq "c2 c3 c4" "$(awk '$2 == "good" { print $1 }' "$out" | xargs)" \
+        "the checkpoints left"
+}
+check_retained_chain_readme ()
+{
+    check_retained_chain backups keep.ctl
+}
+check_retained_raw ()
+{
+    [ ! -e r1.raw ] || bad "r1.raw is still there"
+    same disk.raw r2.raw
+    same disk.raw r3.raw
 }
 
 # ---- The runner ----------------------------------------------------------
