@@ -125,6 +125,7 @@ inputs_nbdkit_sparsebackup_filter ()
 {
     make_raw source.img $((8 * M)) 0:65536 $((M)):524288 $((6 * M)):4096
     make_raw vm.img $((8 * M)) 0:$((M)) $((3 * M)):65536
+    inputs_group
 }
 inputs_nbdkit_qcow2_plugin ()
 {
@@ -436,7 +437,8 @@ check_restored_vm_img ()
     same vm.img restored.raw
 }
 # The group backups of two disks (README and sparsebackup-ctl.pod): each
-# disk's chain g1 <- g2 is the disk, and g2 was begun since g1.
+# disk's chain g1 <- g2 is the disk, and g2 was begun since g1.  (The
+# filter's page makes only the full backups g1: check_group_full.)
 check_group_backups ()
 {
     local d
@@ -446,6 +448,15 @@ check_group_backups ()
         [ "$(qemu-img info --output=json $d-g2.qcow2 |
              jq -r '."backing-filename"')" = $d-g1.qcow2 ] ||
             bad "$d-g2.qcow2 is not an incremental over $d-g1.qcow2"
+    done
+}
+
+check_group_full ()
+{
+    local d
+    for d in sys data; do
+        qemu-img compare -q -f qcow2 -F raw $d-g1.qcow2 $d.img ||
+            bad "$d-g1.qcow2 differs from $d.img"
     done
 }
 
