@@ -1,10 +1,11 @@
 /* sparsebackup: the block map's sequence of runs (see blockmap.c for
- * the public functions and the memory budget, blockmap-internal.h for
+ * the public functions and the memory budget, blockmap-private.h for
  * the types).  Finding a block's run, and every edit: chunks split and
  * merged, entries spliced, a range set to one state, a state mapping
  * applied to a range.
  *
- * Pure C: no nbdkit headers.
+ * Pure C: no nbdkit headers.  Called by blockmap.c; calls nothing in it
+ * (only the inline helpers of blockmap-private.h).
  *
  * Representation
  * --------------
@@ -43,7 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "blockmap-internal.h"
+#include "blockmap-private.h"
 
 /*----------------------------------------------------------------------
  * Finding a block's run.

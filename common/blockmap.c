@@ -3,7 +3,8 @@
  * Pure C: no nbdkit headers.  See blockmap.h for the contract.  This file
  * holds the public functions and the memory budget; the representation
  * and its editing (the sequence of runs) are in blockmap-runs.c, the
- * shared types in blockmap-internal.h.
+ * shared types in blockmap-private.h.  This file calls blockmap-runs.c,
+ * never the reverse.
  *
  * Memory budget
  * -------------
@@ -42,10 +43,17 @@
 #include <pthread.h>
 
 #include "blockmap.h"
-#include "blockmap-internal.h"
+#include "blockmap-private.h"
 #include "changes.h"
 #include "ispowerof2.h"
 #include "minmax.h"
+
+#define MIN_BLKSIZE 512
+#define MAX_BLKSIZE (64 * 1024 * 1024)
+#define MAX_SIZE (UINT64_C (1) << 63)
+
+/* The smallest memory budget accepted. */
+#define MIN_BUDGET (64 * 1024)
 
 /* Clip a byte range to the export and round it outward to blocks.
  * Returns false if nothing is left.

@@ -1,8 +1,9 @@
-/* sparsebackup: qcow2 reader: opening one qcow2 layer.
+/* sparsebackup: qcow2 reader: one qcow2 layer's header.
  *
  * The header, the header extensions, the feature bits, the geometry
- * and the L1 table; then the layer's external data file and backing
- * file are opened by qcow2-open.c.
+ * and the L1 table, read for qcow2-open.c (q2_read_header), which then
+ * opens the layer's external data file and backing file.  This file
+ * calls nothing in qcow2-open.c.
  *
  * See qcow2-internal.h for a map of the files.
  */
@@ -18,23 +19,8 @@
 #include "minmax.h"
 #include "rounding.h"
 
-/* What the header says, as far as it is needed while opening. */
-struct header {
-  uint8_t *hc;                  /* the first cluster (header area) */
-  uint64_t hclen;
-  uint32_t header_len;
-  uint32_t l1_size;             /* l1_size field (entries) */
-  uint64_t l1_offset;
-  uint64_t incompat, autoclear;
-  uint64_t backing_off;
-  uint32_t backing_len;
-  const uint8_t *ftable;        /* feature name table, in hc */
-  uint32_t ftable_len;
-  char *backing_name, *backing_fmt, *data_name;
-};
-
-static void
-header_free (struct header *h)
+void
+q2_header_free (struct header *h)
 {
   free (h->hc);
   free (h->backing_name);
@@ -446,62 +432,15 @@ load_l1 (struct layer *l, const struct header *hd, struct err *e)
   return 0;
 }
 
-static void
-debug_layer (const struct qcow2_options *o, const struct layer *l,
-             const struct header *hd)
-{
-  const char *bfmt = hd->backing_fmt;
-
-  q2_debug (o, "layer %u: %s: qcow2 v%" PRIu32 ", size %" PRIu64
-            ", cluster %" PRIu64 ", l1 %" PRIu32 " entries%s%s%s%s%s%s%s%s",
-            l->depth, l->name, l->version, l->size, l->cluster_size,
-            l->l1_size,
-            l->extended_l2 ? ", extended L2" : "",
-            l->compression == COMPRESSION_ZSTD ? ", zstd" : "",
-            l->has_data_file ? ", data file " : "",
-            l->has_data_file ? l->data_name : "",
-            l->data_file_raw ? " (raw)" : "",
-            hd->backing_name ? ", backing " : "",
-            hd->backing_name ? hd->backing_name : "",
-            bfmt ? (strcmp (bfmt, "raw") == 0 ? " (raw)" : " (qcow2)") : "");
-}
-
 int
-q2_open_qcow2 (const struct qcow2_options *o, struct layer *l,
-               struct chain_ids *ids, struct err *e)
+q2_read_header (const struct qcow2_options *o, struct layer *l,
+                struct header *hd, struct err *e)
 {
-  struct header hd;
-  int ret = -1;
-
-  memset (&hd, 0, sizeof hd);
-  if (parse_header (l, &hd, e) == -1 ||
-      read_backing_name (l, &hd, e) == -1 ||
-      parse_extensions (l, &hd, e) == -1 ||
-      check_features (o, l, &hd, e) == -1 ||
-      load_l1 (l, &hd, e) == -1)
-    goto out;
-
-  if (q2_cache_init (&l->cache, o->l2_cache_size ? o->l2_cache_size
-                     : QCOW2_DEFAULT_L2_CACHE_SIZE, l->slice_bytes) == -1) {
-    q2_seterr_oom (e, l->name);
-    goto out;
-  }
-  l->cache_ok = true;
-  if (q2_pool_init (l, e) == -1)
-    goto out;
-
-  if (hd.incompat & INCOMPAT_DATA_FILE) {
-    l->data_file_raw = (hd.autoclear & AUTOCLEAR_DATA_FILE_RAW) != 0;
-    if (q2_open_data_file (o, l, hd.data_name, e) == -1)
-      goto out;
-  }
-  debug_layer (o, l, &hd);
-
-  if (hd.backing_name &&
-      q2_open_backing (o, l, hd.backing_name, hd.backing_fmt, ids, e) == -1)
-    goto out;
-  ret = 0;
- out:
-  header_free (&hd);
-  return ret;
+  if (parse_header (l, hd, e) == -1 ||
+      read_backing_name (l, hd, e) == -1 ||
+      parse_extensions (l, hd, e) == -1 ||
+      check_features (o, l, hd, e) == -1 ||
+      load_l1 (l, hd, e) == -1)
+    return -1;
+  return 0;
 }

@@ -11,7 +11,8 @@
  *   qcow2-decompress.c  compressed clusters (zlib, zstd), scratch pool
  *   qcow2-read.c        qcow2_pread, qcow2_map and qcow2_map_top
  *   qcow2-header.c      header, header extensions, feature bits, L1 table
- *   qcow2-open.c        data file, backing file, the public open / close
+ *   qcow2-open.c        opening a layer (its header, then its data file
+ *                       and backing file), the public open / close
  *   qcow2-bitmap.c      persistent bitmaps (parsed lazily) for @since
  *
  * Internal functions shared between files are prefixed q2_.
@@ -224,6 +225,25 @@ struct chain_ids {
   uint64_t ino[QCOW2_MAX_DEPTH + 1];
 };
 
+/* What a qcow2 layer's header says, as far as it is needed while
+ * opening: read by q2_read_header (qcow2-header.c), used by qcow2-open.c
+ * to open the layer's data file and backing file, freed by
+ * q2_header_free.
+ */
+struct header {
+  uint8_t *hc;                  /* the first cluster (header area) */
+  uint64_t hclen;
+  uint32_t header_len;
+  uint32_t l1_size;             /* l1_size field (entries) */
+  uint64_t l1_offset;
+  uint64_t incompat, autoclear;
+  uint64_t backing_off;
+  uint32_t backing_len;
+  const uint8_t *ftable;        /* feature name table, in hc */
+  uint32_t ftable_len;
+  char *backing_name, *backing_fmt, *data_name;
+};
+
 /* The runs produced by the cluster walker (qcow2-walk.c). */
 enum run_type { RUN_DATA, RUN_ZERO, RUN_UNALLOC, RUN_COMPRESSED };
 
@@ -315,8 +335,13 @@ extern bool q2_zlib_crosscheck;
 extern uint64_t q2_zlib_crosscheck_failures;
 
 /* qcow2-header.c */
-extern int q2_open_qcow2 (const struct qcow2_options *o, struct layer *l,
-                          struct chain_ids *ids, struct err *e);
+/* Read qcow2 layer L's header: the geometry and the L1 table into L,
+ * what opening the layer needs next into *HD (zeroed by the caller,
+ * released by q2_header_free whether this succeeded or not).
+ */
+extern int q2_read_header (const struct qcow2_options *o, struct layer *l,
+                           struct header *hd, struct err *e);
+extern void q2_header_free (struct header *h);
 
 /* qcow2-bitmap.c */
 /* The run at OFFSET (at most COUNT bytes, COUNT > 0) over which the
@@ -327,13 +352,5 @@ extern int q2_bitmap_run (const struct qcow2_bitmap *bm,
                           struct bm_cursor *cur, uint64_t offset,
                           uint64_t count, uint64_t *len, bool *dirty,
                           struct err *e);
-
-/* qcow2-open.c */
-extern int q2_open_data_file (const struct qcow2_options *o, struct layer *l,
-                              const char *data_name, struct err *e);
-extern int q2_open_backing (const struct qcow2_options *o, struct layer *l,
-                            const char *backing_name,
-                            const char *backing_fmt,
-                            struct chain_ids *ids, struct err *e);
 
 #endif /* SPARSEBACKUP_QCOW2_INTERNAL_H */

@@ -2,7 +2,10 @@
  *
  * File names found in images (external data files, backing files),
  * the layers of the backing chain, and the public open / close / query
- * functions.  One qcow2 layer's own metadata is read by qcow2-header.c.
+ * functions.  Opening a qcow2 layer calls qcow2-header.c to read its
+ * header and L1 table (q2_read_header), then opens its L2 cache, its
+ * external data file and its backing file here; qcow2-header.c calls
+ * nothing in this file.
  *
  * See qcow2-internal.h for a map of the files.
  */
@@ -135,9 +138,10 @@ open_named_file (const struct qcow2_options *o, struct layer *l,
   return 0;
 }
 
-int
-q2_open_data_file (const struct qcow2_options *o, struct layer *l,
-                   const char *data_name, struct err *e)
+/* The external data file of L (DATA_NAME: its name in the image). */
+static int
+open_data_file (const struct qcow2_options *o, struct layer *l,
+                const char *data_name, struct err *e)
 {
   char *path;
 
@@ -173,10 +177,10 @@ static int open_layer (const struct qcow2_options *o, struct qcow2_io *io,
                        struct err *e);
 
 /* Check the backing file named by L, open it and its own chain. */
-int
-q2_open_backing (const struct qcow2_options *o, struct layer *l,
-                 const char *backing_name, const char *backing_fmt,
-                 struct chain_ids *ids, struct err *e)
+static int
+open_backing (const struct qcow2_options *o, struct layer *l,
+              const char *backing_name, const char *backing_fmt,
+              struct chain_ids *ids, struct err *e)
 {
   struct qcow2_io bio;
   bool braw;
@@ -251,6 +255,65 @@ q2_open_backing (const struct qcow2_options *o, struct layer *l,
   return r;
 }
 
+static void
+debug_layer (const struct qcow2_options *o, const struct layer *l,
+             const struct header *hd)
+{
+  const char *bfmt = hd->backing_fmt;
+
+  q2_debug (o, "layer %u: %s: qcow2 v%" PRIu32 ", size %" PRIu64
+            ", cluster %" PRIu64 ", l1 %" PRIu32 " entries%s%s%s%s%s%s%s%s",
+            l->depth, l->name, l->version, l->size, l->cluster_size,
+            l->l1_size,
+            l->extended_l2 ? ", extended L2" : "",
+            l->compression == COMPRESSION_ZSTD ? ", zstd" : "",
+            l->has_data_file ? ", data file " : "",
+            l->has_data_file ? l->data_name : "",
+            l->data_file_raw ? " (raw)" : "",
+            hd->backing_name ? ", backing " : "",
+            hd->backing_name ? hd->backing_name : "",
+            bfmt ? (strcmp (bfmt, "raw") == 0 ? " (raw)" : " (qcow2)") : "");
+}
+
+/* Open qcow2 layer L: its header and L1 table (qcow2-header.c), its L2
+ * cache and scratch pool, its external data file and its backing chain.
+ */
+static int
+open_qcow2 (const struct qcow2_options *o, struct layer *l,
+            struct chain_ids *ids, struct err *e)
+{
+  struct header hd;
+  int ret = -1;
+
+  memset (&hd, 0, sizeof hd);
+  if (q2_read_header (o, l, &hd, e) == -1)
+    goto out;
+
+  if (q2_cache_init (&l->cache, o->l2_cache_size ? o->l2_cache_size
+                     : QCOW2_DEFAULT_L2_CACHE_SIZE, l->slice_bytes) == -1) {
+    q2_seterr_oom (e, l->name);
+    goto out;
+  }
+  l->cache_ok = true;
+  if (q2_pool_init (l, e) == -1)
+    goto out;
+
+  if (hd.incompat & INCOMPAT_DATA_FILE) {
+    l->data_file_raw = (hd.autoclear & AUTOCLEAR_DATA_FILE_RAW) != 0;
+    if (open_data_file (o, l, hd.data_name, e) == -1)
+      goto out;
+  }
+  debug_layer (o, l, &hd);
+
+  if (hd.backing_name &&
+      open_backing (o, l, hd.backing_name, hd.backing_fmt, ids, e) == -1)
+    goto out;
+  ret = 0;
+ out:
+  q2_header_free (&hd);
+  return ret;
+}
+
 /* Open one layer and, recursively, its backing chain.  Takes ownership
  * of *IO.
  */
@@ -283,7 +346,7 @@ open_layer (const struct qcow2_options *o, struct qcow2_io *io,
     l->size = io->size;
     q2_debug (o, "layer %u: %s: raw, size %" PRIu64, depth, name, l->size);
   }
-  else if (q2_open_qcow2 (o, l, ids, e) == -1) {
+  else if (open_qcow2 (o, l, ids, e) == -1) {
     layer_free (l);
     return -1;
   }

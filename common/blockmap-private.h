@@ -5,21 +5,20 @@
  * Holds the representation (struct blockmap, chunks, entries, positions),
  * the inline helpers on entries and positions, and the run functions
  * blockmap.c calls.  All of them need the map's lock held.
+ *
+ * The calls go one way: blockmap.c -> blockmap-runs.c.  blockmap-runs.c
+ * calls nothing in blockmap.c and does not include blockmap.h.
  */
 
-#ifndef SPARSEBACKUP_BLOCKMAP_INTERNAL_H
-#define SPARSEBACKUP_BLOCKMAP_INTERNAL_H
+#ifndef SPARSEBACKUP_BLOCKMAP_PRIVATE_H
+#define SPARSEBACKUP_BLOCKMAP_PRIVATE_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <pthread.h>
 
-#include "blockmap.h"
-
-#define MIN_BLKSIZE 512
-#define MAX_BLKSIZE (64 * 1024 * 1024)
-#define MAX_SIZE (UINT64_C (1) << 63)
+struct changes;
 
 /* Entries per chunk.  256 * 8 bytes = 2 KiB per chunk. */
 #define CHUNK_CAP 256
@@ -27,9 +26,6 @@
  * merged into one.
  */
 #define MERGE_THRESHOLD (CHUNK_CAP / 2)
-
-/* The smallest memory budget accepted. */
-#define MIN_BUDGET (64 * 1024)
 
 #define STATE_BITS 8
 #define STATE_FIELD ((UINT64_C (1) << STATE_BITS) - 1)
@@ -186,4 +182,4 @@ extern int bm_transform (struct blockmap *bm, uint64_t a, uint64_t b,
 extern uint64_t bm_bytes_not_in (const struct blockmap *bm, uint64_t a,
                                  uint64_t b, unsigned st);
 
-#endif /* SPARSEBACKUP_BLOCKMAP_INTERNAL_H */
+#endif /* SPARSEBACKUP_BLOCKMAP_PRIVATE_H */
