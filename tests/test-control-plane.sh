@@ -206,7 +206,13 @@ EOF
     [ -e "$tmp/filled" ] || fail "the full file system was not set up"
     expect_err "^ERR io .*No space left on device" backup-begin c1
     grep -q "^ERR limit" "$tmp/err" && fail "a full file system answered 'limit'"
-    pkill -f "full.sock" || true
+    # (This test's server only: other tests have a full.sock too.  The
+    # wait is bounded: under the sanitizer build's ASan preload nbdkit
+    # 1.32.5 may hang in its exit handlers after an error with a strerror
+    # text, see README "Known issues".)
+    pkill -f "$tmp/full.sock" || true
+    for _ in $(seq 100); do kill -0 $inner 2>/dev/null || break; sleep 0.1; done
+    pkill -9 -f "$tmp/full.sock" || true
     wait $inner || true
 else
     echo "not root (or no unshare): the full file system case is not run"
@@ -214,6 +220,8 @@ fi
 
 # ---- 11: copy before write through the default export ----------------
 # A plugin serving one disk per export name (eval: files $dir/d-NAME).
+# (The scripts unset LD_PRELOAD: the sanitizer build's wrapper preloads
+# libasan into nbdkit, and dd aborts under it.)
 mkdir "$tmp/exports"
 d=$tmp/exports
 for n in default other; do truncate -s 1M "$d/d-$n"; done
@@ -221,8 +229,8 @@ start_nbdkit --filter=sparsebackup eval \
     open='n=${3:-default}; echo "d-$n"' \
     get_size='echo 1048576' \
     can_write='exit 0' can_flush='exit 0' flush='exit 0' \
-    pread="dd if=$d/\$2 skip=\$4 count=\$3 iflag=skip_bytes,count_bytes status=none" \
-    pwrite="dd of=$d/\$2 seek=\$4 conv=notrunc oflag=seek_bytes status=none" \
+    pread="unset LD_PRELOAD; dd if=$d/\$2 skip=\$4 count=\$3 iflag=skip_bytes,count_bytes status=none" \
+    pwrite="unset LD_PRELOAD; dd of=$d/\$2 seek=\$4 conv=notrunc oflag=seek_bytes status=none" \
     sparsebackup-cbt="$tmp/od.cbt" sparsebackup-control="$ctlsock" \
     sparsebackup-scratch="$tmp/od.scratch"
 nbdsh -u "nbd+unix:///?socket=$sock" -c 'h.pwrite(b"A" * 65536, 0)'
