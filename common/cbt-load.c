@@ -1001,7 +1001,8 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     return create_new (c, o, err, errlen);
   }
   if (file_size < DATA_START) {
-    /* The magic (or nothing) of a creation the machine stopped before
+    /* The magic (or nothing: zeros, when the size reached the disk
+     * and the data did not) of a creation the machine stopped before
      * the file's size was synced: created afresh like the longer ones.
      */
     uint8_t head[DATA_START];
@@ -1009,12 +1010,15 @@ load (struct cbt *c, const struct cbt_options *o, struct cbt_load_info *info,
     if (cbt_pread_full (c->fd, head, file_size, 0) == -1)
       return cbt_failure (err, errlen, EIO,
                           "cbt: reading the file: %s", strerror (errno));
-    if (o->create && o->disk_size != 0 && file_size >= sizeof cbt_magic &&
-        memcmp (head, cbt_magic, sizeof cbt_magic) == 0 &&
-        all_zero (head + sizeof cbt_magic, file_size - sizeof cbt_magic)) {
+    if (o->create && o->disk_size != 0 &&
+        (all_zero (head, file_size) ||
+         (file_size >= sizeof cbt_magic &&
+          memcmp (head, cbt_magic, sizeof cbt_magic) == 0 &&
+          all_zero (head + sizeof cbt_magic,
+                    file_size - sizeof cbt_magic)))) {
       info->created = true;
-      note (info, "cbt: the file held only the magic (its creation was "
-            "interrupted): created afresh");
+      note (info, "cbt: the file held only the magic or zeros (its "
+            "creation was interrupted): created afresh");
       return create_new (c, o, err, errlen);
     }
     return cbt_failure (err, errlen, EINVAL,

@@ -402,6 +402,18 @@ interrupted_creation_test (void)
   c = xopen (&o, &info);
   CHECK (info.created && strstr (info.message, "interrupted") != NULL);
   xclose (c);
+  /* Its size without it (a power loss: the size reached the disk, the
+   * magic did not).
+   */
+  write_file (f, 8);
+  c = xopen (&o, &info);
+  CHECK (info.created && strstr (info.message, "interrupted") != NULL);
+  xclose (c);
+  /* Short, not zero and not the magic: refused. */
+  write_file ((const uint8_t *) "SBKCBT\r\x01", 8);
+  o.create = true;
+  CHECK (cbt_open (path, &o, &c, NULL, err, sizeof err) == -1 &&
+         strstr (err, "too short") != NULL);
 
   /* The first superblock torn: the magic, then not all of it. */
   memcpy (f, "SBKCBT\r\n\002", 9);
