@@ -56,6 +56,71 @@ cbt_name_valid (const char *name)
     printable (name, len, false);
 }
 
+/* The first checks of a checkpoint entry E (number I of NR) of a file
+ * being loaded, the same in both versions of the format: its name
+ * (NUL-padded, valid, not a duplicate), its state (good or pending,
+ * pending only last) and its flags (none).  Fills in st->cps[i]'s name
+ * and state.  -1 with the message in ERR if any is wrong.
+ */
+int
+cbt_load_entry_head (struct state *st, uint32_t i, uint32_t nr,
+                     const uint8_t *e, char *err, size_t errlen)
+{
+  struct cpe *cp = &st->cps[i];
+  size_t len = strnlen ((const char *) e + CP_NAME, 64);
+  bool last = i + 1 == nr;
+
+  if (len > CBT_NAME_MAX || !all_zero (e + CP_NAME + len, 64 - len))
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
+                   "of at most %d bytes", i, CBT_NAME_MAX);
+      return -1;
+    }
+  memcpy (cp->name, e + CP_NAME, len);
+  cp->name[len] = '\0';
+  if (!cbt_name_valid (cp->name))
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
+                   "(1-%d printable characters, no space, not starting with '-')",
+                   i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
+                   CBT_NAME_MAX);
+      return -1;
+    }
+  for (uint32_t j = 0; j < i; ++j)
+    if (strcmp (st->cps[j].name, cp->name) == 0)
+      {
+        cbt_failure (err, errlen, EINVAL,
+                     "cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
+                     "checkpoint %" PRIu32, i, cp->name, j);
+        return -1;
+      }
+  cp->state = get32 (e + CP_STATE);
+  if (cp->state != CBT_STATE_GOOD && cp->state != CBT_STATE_PENDING)
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
+                   " (expected 1 good or 2 pending)", i, cp->name, cp->state);
+      return -1;
+    }
+  if (cp->state == CBT_STATE_PENDING && !last)
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
+                   "last checkpoint", i, cp->name);
+      return -1;
+    }
+  if (get32 (e + CP_FLAGS) != 0)
+    {
+      cbt_failure (err, errlen, EINVAL,
+                   "cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
+                   " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
+      return -1;
+    }
+  return 0;
+}
+
 int
 cbt_read_boot_id (char *buf, size_t len, char *err, size_t errlen)
 {

@@ -488,59 +488,12 @@ load_state (struct cbt *c, const uint8_t *sb, uint64_t file_size,
   for (uint32_t i = 0; i < nr; ++i) {
     const uint8_t *e = table + (size_t) i * ENTRY_SIZE;
     struct cpe *cp = &st->cps[i];
-    size_t len = strnlen ((const char *) e + CP_NAME, 64);
     bool last = i + 1 == nr;
     uint64_t ioff = get64 (e + CP_IDX_OFF);
     uint32_t icrc = get32 (e + CP_IDX_CRC), count = get32 (e + CP_IDX_COUNT);
 
-    if (len > CBT_NAME_MAX || !all_zero (e + CP_NAME + len, 64 - len))
-      {
-        cbt_failure (err, errlen, EINVAL,
-                     "cbt: checkpoint %" PRIu32 " name: not a NUL-padded string "
-                     "of at most %d bytes", i, CBT_NAME_MAX);
-        goto out;
-      }
-    memcpy (cp->name, e + CP_NAME, len);
-    cp->name[len] = '\0';
-    if (!cbt_name_valid (cp->name))
-      {
-        cbt_failure (err, errlen, EINVAL,
-                     "cbt: checkpoint %" PRIu32 " name: '%.*s' is not a valid name "
-                     "(1-%d printable characters, no space, not starting with '-')",
-                     i, (int) len, printable (cp->name, len, true) ? cp->name : "?",
-                     CBT_NAME_MAX);
-        goto out;
-      }
-    for (uint32_t j = 0; j < i; ++j)
-      if (strcmp (st->cps[j].name, cp->name) == 0)
-        {
-          cbt_failure (err, errlen, EINVAL,
-                       "cbt: checkpoint %" PRIu32 " name: '%s' is a duplicate of "
-                       "checkpoint %" PRIu32, i, cp->name, j);
-          goto out;
-        }
-    cp->state = get32 (e + CP_STATE);
-    if (cp->state != CBT_STATE_GOOD && cp->state != CBT_STATE_PENDING)
-      {
-        cbt_failure (err, errlen, EINVAL,
-                     "cbt: checkpoint %" PRIu32 " '%s' state: %" PRIu32
-                     " (expected 1 good or 2 pending)", i, cp->name, cp->state);
-        goto out;
-      }
-    if (cp->state == CBT_STATE_PENDING && !last)
-      {
-        cbt_failure (err, errlen, EINVAL,
-                     "cbt: checkpoint %" PRIu32 " '%s' state: pending but not the "
-                     "last checkpoint", i, cp->name);
-        goto out;
-      }
-    if (get32 (e + CP_FLAGS) != 0)
-      {
-        cbt_failure (err, errlen, EINVAL,
-                     "cbt: checkpoint %" PRIu32 " '%s' flags: 0x%" PRIx32
-                     " (no flags are defined)", i, cp->name, get32 (e + CP_FLAGS));
-        goto out;
-      }
+    if (cbt_load_entry_head (st, i, nr, e, err, errlen) == -1)
+      goto out;
     if (!all_zero (e + CP_RESERVED, ENTRY_SIZE - CP_RESERVED))
       {
         cbt_failure (err, errlen, EINVAL,

@@ -8,9 +8,11 @@
  *
  * The parts call each other in one direction only (an arrow: "calls"):
  *
- *   cbt-load.c        -> cbt-v1.c, cbt-checkpoints.c (cbt_name_valid),
+ *   cbt-load.c        -> cbt-v1.c, cbt-checkpoints.c (cbt_name_valid,
+ *                        cbt_load_entry_head),
  *                        cbt-rec.c, cbt-io.c
- *   cbt-v1.c          -> cbt-checkpoints.c (cbt_name_valid), cbt-rec.c,
+ *   cbt-v1.c          -> cbt-checkpoints.c (cbt_name_valid,
+ *                        cbt_load_entry_head), cbt-rec.c,
  *                        cbt-io.c
  *   cbt-checkpoints.c -> cbt-rec.c, cbt-io.c
  *   cbt.c             -> cbt-rec.c, cbt-io.c
@@ -296,6 +298,12 @@ extern int cbt_check_io (struct cbt *c, char *err, size_t errlen);
  */
 extern int cbt_set_geometry (struct cbt *c, uint64_t disk_size, unsigned bits,
                              char *err, size_t errlen);
+
+/* Loading either version: the checks of a checkpoint entry's name,
+ * state and flags (cbt-checkpoints.c).
+ */
+extern int cbt_load_entry_head (struct state *st, uint32_t i, uint32_t nr,
+                                const uint8_t *e, char *err, size_t errlen);
 
 /* Blocks.  cbt_alloc: K contiguous free blocks held once (*BLK the
  * first); -1/EFBIG when the file would be too large, ENOMEM.
