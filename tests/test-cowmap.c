@@ -280,7 +280,10 @@ reader (void *arg)
       good = no_check ? rend : cowmap_check (map, pos, rend);
       if (good < rend)
         atomic_fetch_add (&retries, 1);
-      for (g = pos >> GB; (g << GB) < good; ++g)
+      /* (Nothing when the check failed at the first granule: it then
+       * returns POS itself, which may be inside that granule.)
+       */
+      for (g = pos >> GB; good > pos && (g << GB) < good; ++g)
         accept_value (g, got[g]);
       pos = good;
     }
