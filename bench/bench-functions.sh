@@ -92,18 +92,20 @@ elapsed ()
 # takes about a second to exit on SIGTERM.)
 start_qemu_nbd ()
 {
-    local sock="$tmp/qemu-nbd.sock" i
-    rm -f "$sock"
-    qemu-nbd -k "$sock" "$@" &
+    local sock="$tmp/qemu-nbd.sock" pidfile="$tmp/qemu-nbd.pid" i
+    rm -f "$sock" "$pidfile"
+    # The pid file appears once the socket listens; the socket file
+    # alone appears at bind(), when a connection is still refused.
+    qemu-nbd -k "$sock" --pid-file="$pidfile" "$@" &
     qemu_pid=$!
     cleanup_fn "kill $qemu_pid 2>/dev/null"
     for (( i = 0; i < 1000; i++ )); do
-        [ ! -S "$sock" ] || break
+        [ ! -s "$pidfile" ] || break
         kill -0 "$qemu_pid" 2>/dev/null ||
             fail "qemu-nbd $* exited during start-up"
         sleep 0.01
     done
-    [ -S "$sock" ] || fail "qemu-nbd $* did not create $sock"
+    [ -s "$pidfile" ] || fail "qemu-nbd $* did not start listening on $sock"
     uri="nbd+unix:///?socket=$sock"
 }
 

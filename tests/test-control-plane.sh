@@ -195,7 +195,10 @@ mount -t tmpfs -o size=256k tmpfs "$tmp/small"
 nbdkit -f -U "$tmp/full.sock" --filter=sparsebackup memory 16M \
     sparsebackup-cbt="$tmp/small/disk.cbt" \
     sparsebackup-control="$ctlsock" 2> "$tmp/full.log" &
-for i in \$(seq 100); do [ -S "$ctlsock" ] && break; sleep 0.1; done
+# (filled once the control socket answers: the cbt file is open then)
+for i in \$(seq 100); do
+    "$ctl_bin" "$ctlsock" status >/dev/null 2>&1 && break; sleep 0.1
+done
 dd if=/dev/zero of="$tmp/small/filler" bs=4k 2>/dev/null || true
 touch "$tmp/filled"
 wait

@@ -61,8 +61,11 @@ def extents(off, count):
     return out
 
 s = socket.socket(socket.AF_UNIX)
-s.bind(path)
+# bound and listening under a temporary name, then renamed: a client
+# waiting for PATH never finds it refusing connections
+s.bind(path + ".tmp")
 s.listen(1)
+os.rename(path + ".tmp", path)
 c, _ = s.accept()
 c.sendall(b"NBDMAGIC" + struct.pack(">QH", OPT_MAGIC, 1 | 2))
 recvn(c, 4)

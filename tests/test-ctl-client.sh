@@ -32,8 +32,11 @@ replies = {
     "backup-end slow --ok": "* ...",            # never ends its reply
 }
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(path)
+# bound and listening under a temporary name, then renamed: a client
+# waiting for PATH never finds it refusing connections
+s.bind(path + ".tmp")
 s.listen(8)
+os.rename(path + ".tmp", path)
 while True:
     c, _ = s.accept()
     f = c.makefile("rwb", buffering=0)

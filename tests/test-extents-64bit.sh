@@ -61,11 +61,13 @@ for e in json.load(sys.stdin):
     else:
         out.append([e["start"], e["length"], f])
 print("\n".join("%d %d %d" % tuple(r) for r in out))' > qemu.expected
-    qemu-nbd -r -f qcow2 -k "$tmp/qemu.sock" top.qcow2 2> qemu-nbd.log &
+    # (the pid file appears once the socket listens)
+    qemu-nbd -r -f qcow2 -k "$tmp/qemu.sock" --pid-file="$tmp/qemu.pid" \
+        top.qcow2 2> qemu-nbd.log &
     qpid=$!
     cleanup_fn "kill $qpid 2>/dev/null"
     for (( i = 0; i < 100; i++ )); do
-        [ -S "$tmp/qemu.sock" ] && break
+        [ -s "$tmp/qemu.pid" ] && break
         kill -0 $qpid 2> /dev/null || { cat qemu-nbd.log >&2; fail "qemu-nbd did not start"; }
         sleep 0.1
     done

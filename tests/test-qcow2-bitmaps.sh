@@ -46,10 +46,13 @@ qemu_dirty ()
     local name=$1 img qpid
     shift
     for img in "$@"; do
-        rm -f q.sock
-        qemu-nbd -r -t -k "$tmp/q.sock" -f qcow2 -B "$name" "$img" &
+        rm -f q.sock q.pid
+        # qemu-nbd writes its pid file once the socket listens (the
+        # socket file alone appears before that)
+        qemu-nbd -r -t -k "$tmp/q.sock" --pid-file="$tmp/q.pid" \
+            -f qcow2 -B "$name" "$img" &
         qpid=$!
-        for i in $(seq 100); do [ -S q.sock ] && break; sleep 0.1; done
+        for i in $(seq 100); do [ -s q.pid ] && break; sleep 0.1; done
         nbdinfo --map="qemu:dirty-bitmap:$name" --json \
             "nbd+unix:///?socket=$tmp/q.sock" > "dirty.$(basename "$img")"
         kill $qpid; wait $qpid 2>/dev/null || true

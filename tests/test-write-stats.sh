@@ -104,10 +104,10 @@ assert_contains "$tmp/bad.log" \
 
 # Failing to write it at exit never exits 0 (/dev/full: every write
 # fails).  (With --run, nbdkit's exit status is the command's.)
-nbdkit -f -U "$tmp/full.sock" --filter=sparsebackup memory 1M \
-    sparsebackup-statsfile=/dev/full > "$tmp/full.log" 2>&1 &
+nbdkit -f -U "$tmp/full.sock" -P "$tmp/full.pid" --filter=sparsebackup \
+    memory 1M sparsebackup-statsfile=/dev/full > "$tmp/full.log" 2>&1 &
 full_pid=$!
-for _ in $(seq 100); do [ -S "$tmp/full.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ -s "$tmp/full.pid" ] && break; sleep 0.1; done
 kill -TERM "$full_pid"
 full_rc=0
 wait "$full_pid" || full_rc=$?

@@ -5,8 +5,6 @@
  */
 #include <config.h>
 
-#include <config.h>
-
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE             /* SEEK_DATA */
 #endif
@@ -153,12 +151,20 @@ start_server (const char *const *extra, const char *const *params)
   int i = 0, j, status;
   struct stat st;
   time_t t0;
+  char pidfile[sizeof sock + 8];
 
+  /* nbdkit writes its pid file once its socket is listening: the socket
+   * file alone appears at bind(), before listen(), and a connection in
+   * between is refused (seen under load in the sanitizer build).
+   */
+  snprintf (pidfile, sizeof pidfile, "%s.pid", sock);
   argv[i++] = "nbdkit";
   argv[i++] = "-f";
   argv[i++] = "--exit-with-parent";
   argv[i++] = "-U";
   argv[i++] = sock;
+  argv[i++] = "-P";
+  argv[i++] = pidfile;
   argv[i++] = "--filter=sparsebackup";
   for (j = 0; extra && extra[j]; j++)
     argv[i++] = extra[j];
@@ -177,6 +183,7 @@ start_server (const char *const *extra, const char *const *params)
   argv[i] = NULL;
 
   unlink (sock);
+  unlink (pidfile);
   fprintf (stderr, "starting:");
   for (j = 0; argv[j]; j++)
     fprintf (stderr, " %s", argv[j]);
@@ -191,7 +198,8 @@ start_server (const char *const *extra, const char *const *params)
     _exit (126);
   }
   t0 = time (NULL);
-  while (stat (sock, &st) == -1 || !S_ISSOCK (st.st_mode)) {
+  while (stat (pidfile, &st) == -1 || st.st_size == 0 ||
+         stat (sock, &st) == -1 || !S_ISSOCK (st.st_mode)) {
     if (waitpid (server_pid, &status, WNOHANG) == server_pid) {
       server_pid = -1;
       if (WIFEXITED (status) && WEXITSTATUS (status) == 126) {
@@ -202,7 +210,8 @@ start_server (const char *const *extra, const char *const *params)
       die ("nbdkit exited during start-up");
     }
     if (time (NULL) - t0 > 30)
-      die ("nbdkit did not create %s", sock);
+      die ("nbdkit did not write %s and listen on %s within 30 s",
+           pidfile, sock);
     usleep (20000);
   }
 }

@@ -3,8 +3,6 @@
  */
 #include <config.h>
 
-#include <config.h>
-
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE             /* SEEK_DATA */
 #endif
