@@ -219,7 +219,9 @@ start_nbdkit ()
     server_log="$tmp/server.$_servers.log"
     nbdkit -f -U "$sock" -P "$pidfile" "$@" 2>"$server_log" &
     local i
-    for (( i = 0; i < 300; i++ )); do
+    # (60 s: under the sanitizer build on a loaded machine a start-up
+    # takes seconds)
+    for (( i = 0; i < 600; i++ )); do
         if [ -s "$pidfile" ] && [ -S "$sock" ]; then break; fi
         if ! kill -0 $! 2>/dev/null; then
             cat "$server_log" >&2
@@ -244,12 +246,50 @@ _wait_pid ()
 }
 
 # stop_nbdkit [PID]: stop a server started by start_nbdkit and wait for it
-# to exit (so that anything it writes at unload is complete).
+# to exit (so that anything it writes at unload is complete: statistics,
+# messages).  One that has not exited 120 s after SIGTERM fails the test
+# (killed first): what it writes at exit would be missing.  Under the
+# sanitizer build's ASan preload, nbdkit 1.32.5 may hang in its exit
+# handlers, after it has unloaded (e.g. after a debug message with a
+# strerror text, README "Known issues"): a server left with one thread,
+# sleeping, 10 s after SIGTERM is that hang, and is killed.
 stop_nbdkit ()
 {
-    local p="${1:-$pid}"
+    local p="${1:-$pid}" i
     kill "$p" 2>/dev/null || true
-    _wait_pid "$p"
+    for (( i = 0; i < 1200; i++ )); do
+        kill -0 "$p" 2>/dev/null || return 0
+        if [ -n "${SANITIZERS:-}" ] && [ $i -ge 100 ] && _exit_hang "$p"; then
+            echo "nbdkit (pid $p): hung in its exit handlers (the ASan preload): killed"
+            kill -9 "$p" 2>/dev/null || true
+            return 0
+        fi
+        sleep 0.1
+    done
+    kill -9 "$p" 2>/dev/null || true
+    fail "nbdkit (pid $p) did not exit within 120 s of SIGTERM"
+}
+
+# _exit_hang PID: PID has one thread left, sleeping (not running, not in
+# disk I/O): nbdkit's connection and filter threads are gone.
+_exit_hang ()
+{
+    [ "$(ls "/proc/$1/task" 2>/dev/null | wc -l)" -eq 1 ] &&
+        [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" = S ]
+}
+
+# wait_until SECONDS WHAT COMMAND...: run COMMAND every 0.1 s until it
+# succeeds; fail, saying WHAT was waited for, if it has not within
+# SECONDS.
+wait_until ()
+{
+    local secs=$1 what=$2 i
+    shift 2
+    for (( i = 0; i < secs * 10; i++ )); do
+        "$@" && return 0
+        sleep 0.1
+    done
+    "$@" || fail "$what: not within $secs s"
 }
 
 # allocated FILE: bytes allocated on disk.
