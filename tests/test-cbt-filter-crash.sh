@@ -38,11 +38,25 @@ except nbd.Error:
     pass
 PY
 
-storm ()   # storm SEED: writes until nbdkit dies, killed after 1.5 s
+# writes_after LINE: more than 100 Write lines in the log after its first
+# LINE lines (the storm is running), or the storm has stopped.
+writes_after ()
+{
+    [ "$(tail -n +"$(($1 + 1))" "$tmp/ops.log" | grep -c ' Write id=')" -gt 100 ] ||
+        ! kill -0 "$2" 2>/dev/null
+}
+
+# storm SEED: writes until nbdkit dies, killed once more than 100 writes
+# have reached the log filter (not after a fixed time: a loaded machine
+# may not have started the storm by then), and 1 s more of them
+storm ()
 {
     "$nbd_python" "$tmp/storm.py" "$sock" "$1" &
     local w=$!
-    sleep 1.5
+    wait_until 120 "the storm's writes reaching the plugin" \
+        writes_after "$mark" "$w"
+    kill -0 "$w" 2>/dev/null || fail "the storm stopped before the kill"
+    sleep 1
     kill -9 "$pid"
     wait "$w" || true
     _wait_pid "$pid"
