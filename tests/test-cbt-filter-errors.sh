@@ -153,49 +153,69 @@ nbdinfo --size "nbd+unix:///@since:c3?socket=$sock" >/dev/null
 
 # Several control clients at once: 8 idle clients do not hold up a
 # ninth... which is one too many (ERR busy); once one leaves, a new
-# client is served at once.
+# client is served at once.  The idle clients stay until told to go
+# ($4 exists), then check that the server has not closed their
+# connections: a server serving one client at a time would answer the
+# status only once the idle ones timed out (60 s), and they would see it.
+# (No elapsed time is measured: a loaded machine may take seconds.)
 cat > "$tmp/idle.py" <<'PY'
-import socket, sys, time
+import os, socket, sys, time
 ss = []
 for i in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
     assert s.recv(100).startswith(b"HELLO"); ss.append(s)
 open(sys.argv[3], "w").close()
-time.sleep(float(sys.argv[4]))
+end = time.monotonic() + 600
+while not os.path.exists(sys.argv[4]):
+    if time.monotonic() > end:
+        sys.exit("idle.py: not told to go within 600 s")
+    time.sleep(0.05)
+for i, s in enumerate(ss):
+    s.setblocking(False)
+    try:
+        got = s.recv(100)
+    except BlockingIOError:
+        continue
+    sys.exit("idle control client %d: the server %s" %
+             (i, "closed the connection" if not got else "sent %r" % got))
 PY
-rm -f "$tmp/ready"
-"$nbd_python" "$tmp/idle.py" "$ctlsock" 7 "$tmp/ready" 60 &
+rm -f "$tmp/ready7" "$tmp/go7" "$tmp/ready1" "$tmp/go1"
+"$nbd_python" "$tmp/idle.py" "$ctlsock" 7 "$tmp/ready7" "$tmp/go7" &
 idle7=$!
-for _ in $(seq 100); do [ -e "$tmp/ready" ] && break; sleep 0.1; done
-t0=$(date +%s.%N)
+cleanup_fn "touch $tmp/go7 $tmp/go1"
+wait_until 120 "7 idle control clients connected" test -e "$tmp/ready7"
 ctl status > "$tmp/out" || fail "status with 7 other control clients connected"
-t1=$(date +%s.%N)
-awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 5) }' ||
-    fail "status waited for the other control clients"
-rm -f "$tmp/ready"
-"$nbd_python" "$tmp/idle.py" "$ctlsock" 1 "$tmp/ready" 2 &
+"$nbd_python" "$tmp/idle.py" "$ctlsock" 1 "$tmp/ready1" "$tmp/go1" &
 idle1=$!
-for _ in $(seq 100); do [ -e "$tmp/ready" ] && break; sleep 0.1; done
+wait_until 120 "an eighth idle control client connected" test -e "$tmp/ready1"
 rc=0; ctl status > "$tmp/out" 2> "$tmp/err" || rc=$?
 [ $rc -eq 1 ] || fail "a ninth control client: exit status $rc, expected 1"
 assert_contains "$tmp/err" "ERR busy too many control clients \(at most 8 at once\)"
-wait $idle1
-# (Polled for up to 20 s: a loaded machine may take a while to notice
-# the closed connection; the 7 others stay connected for 60 s.)
-for _ in $(seq 200); do ctl status > /dev/null 2>&1 && break; sleep 0.1; done
-ctl status > /dev/null || fail "no control client served after one left"
-kill $idle7 2>/dev/null; wait $idle7 2>/dev/null || true
+touch "$tmp/go1"
+wait $idle1 || fail "the eighth control client was disconnected"
+# (Polled: a loaded machine may take a while to notice the closed
+# connection; the 7 others stay connected.)
+wait_until 120 "a control client served after one left" \
+    eval 'ctl status > /dev/null 2>&1'
+touch "$tmp/go7"
+wait $idle7 ||
+    fail "an idle control client was disconnected while others were served"
 
 # A client idle inside a line does not hold up nbdkit's exit.
+rm -f "$tmp/ready"
 "$nbd_python" -c '
 import socket, sys, time
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.recv(100); s.send(b"stat"); time.sleep(30)' "$ctlsock" &
+s.recv(100); s.send(b"stat"); open(sys.argv[2], "w").close()
+time.sleep(600)' "$ctlsock" "$tmp/ready" &
 idle=$!
-sleep 0.5
+cleanup_fn "kill $idle 2>/dev/null"
+wait_until 120 "a control client idle inside a line" test -e "$tmp/ready"
 start=$(date +%s)
 kill "$pid"
-for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+# (45 s: well below the 60 s after which the server drops the idle
+# client by itself, well above what an exit takes on a loaded machine)
+for _ in $(seq 450); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$pid" 2>/dev/null && fail "nbdkit did not exit with a control client connected"
 kill "$idle" 2>/dev/null || true
 [ ! -e "$ctlsock" ] || fail "the control socket was not removed at exit"
