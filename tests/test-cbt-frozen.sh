@@ -209,6 +209,9 @@ cp "$tmp/full.raw" "$tmp/inc2-copy.raw"
 "$copy" -q --delta "$(frozen_uri @frozen:since:c1)" "$tmp/inc2-copy.raw"
 view_data "$sock" @frozen:since:c1 "$tmp/view2"
 zero_extents_zero @frozen:since:c1 "$tmp/f4.raw"
+# (the writer writes during the backup however slow the machine is)
+wait_until 120 "the writer writing during the backup" \
+    eval '[ "$(wc -l < "$tmp/wlog")" -gt $((hi + 5)) ]'
 touch "$tmp/stop"
 wait $writer || fail "the writer failed"
 echo "writer: $(wc -l < "$tmp/wlog") writes, $lo done before backup-begin, $hi after"
@@ -362,8 +365,10 @@ rm -f "$tmp/stop"
 storm=$!
 nbdcopy "$(frozen_uri @frozen)" "$tmp/g2.raw" 2> /dev/null &
 copier=$!
-sleep 0.5
-[ "$(stat -c %s "$scratch")" -gt 4096 ] || fail "nothing was saved before the kill"
+# Killed once copy before write has saved something (not after a fixed
+# time: a loaded machine may not have started the storm by then).
+wait_until 120 "old data saved in the scratch file before the kill" \
+    eval '[ "$(stat -c %s "$scratch")" -gt 4096 ]'
 kill -9 "$pid"
 wait $storm $copier 2> /dev/null || true
 server sparsebackup-cbt="$tmp/wa.cbt" sparsebackup-cbt-mode=$mode
