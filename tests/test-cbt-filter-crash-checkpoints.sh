@@ -143,9 +143,13 @@ def storm(sock, seed):
         pass
 
 def wait_log(log, n, timeout):
-    """Wait until the log has N more lines (the storm is running)."""
+    """Wait until the log has N more lines (the storm is running); fail
+    if it has not within TIMEOUT seconds."""
     start = lines(log); end = time.monotonic() + timeout
-    while lines(log) < start + n and time.monotonic() < end:
+    while lines(log) < start + n:
+        if time.monotonic() > end:
+            sys.exit("the log %s did not get %d more lines within %g s "
+                     "(the storm is not running?)" % (log, n, timeout))
         time.sleep(0.01)
 
 def kill(ctlsock, pid, delay_ms, line):
@@ -171,13 +175,18 @@ def kill_when(path, pid, minsize, uri):
     import subprocess
     p = subprocess.Popen(["nbdinfo", "--size", uri], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
+    end = time.monotonic() + 120
+    while True:
         try:
             if os.stat(path).st_size > minsize:
                 break
         except FileNotFoundError:
             pass
+        if time.monotonic() > end:
+            os.kill(pid, signal.SIGKILL)
+            p.wait()
+            sys.exit("%s did not get more than %d bytes within 120 s"
+                     % (path, minsize))
         time.sleep(0.0002)
     os.kill(pid, signal.SIGKILL)
     p.wait()
@@ -352,13 +361,13 @@ crash_case ()
     before=$(crash inspect "$cbt")
     crash storm "$sock" "$seed" &
     w=$!
-    crash wait-log "$log" 50 10
+    crash wait-log "$log" 50 120 || fail "$what: the storm did not start"
     if [ $kind = backup ]; then
         rm -f "$tmp/copy.raw"; cp "$tmp/snap.c2" "$tmp/copy.raw"
         ( while "$copy" -q --delta "nbd+unix:///@since:c2?socket=$sock" \
                     "$tmp/copy.raw" 2>/dev/null; do :; done ) &
         cp_pid=$!
-        crash wait-log "$log" 50 10
+        crash wait-log "$log" 50 120 || fail "$what: the storm stopped"
         sleep "$(printf '0.%03d' "$delay")"
         kill -9 "$pid"
         reply="(killed during the copy)"
@@ -468,7 +477,8 @@ create_case ()
     start_nbdkit --filter=sparsebackup file "$disk" sparsebackup-cbt="$cbt" \
         sparsebackup-cbt-granularity=512 sparsebackup-cbt-mode="$mode" \
         sparsebackup-control="$ctlsock"
-    crash kill-when "$cbt" "$pid" "$min" "$uri"
+    crash kill-when "$cbt" "$pid" "$min" "$uri" ||
+        fail "$what: the cbt file was not being created"
     _wait_pid "$pid"
     found=$(crash inspect "$cbt")
     # Started again without a granularity: the file's, or the default
