@@ -47,6 +47,10 @@ ctl backup-end m0 --ok > /dev/null
 prev=m0
 for n in 1 2 3 4; do
     if [ $n -eq 4 ]; then           # the last pass: the writer stopped
+        # (once it has changed the disk since the last pass: a loaded
+        # machine may have run the passes before it wrote anything)
+        wait_until 120 "the writer changing the disk after pass 3" \
+            eval '! cmp -s "$tmp/target.raw" "$tmp/disk.raw"'
         touch "$tmp/stop"
         wait $writer || fail "the writer failed"
         cmp -s "$tmp/target.raw" "$tmp/disk.raw" &&
