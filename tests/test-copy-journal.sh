@@ -93,6 +93,18 @@ for t in 0.3 0.7 1.2; do
         "$copy" -q --journal-every=64K --request-size=16K --requests=2 \
             "$slow" "$tmp/s.img" 2> /dev/null &
         c=$!
+        # T seconds after the copy has a journal (the first run's appears
+        # with its first progress; a loaded machine may take longer than
+        # T to get there, and a kill before it would count as a finished
+        # copy), or after it finished.
+        j=$(journal_of "$tmp/s.img")
+        for (( k = 0; k < 1200; k++ )); do
+            [ -e "$j" ] && break
+            kill -0 $c 2>/dev/null || break
+            sleep 0.1
+        done
+        [ -e "$j" ] || ! kill -0 $c 2>/dev/null ||
+            fail "kill -9 after ${t}s: the copy has no journal after 120 s"
         sleep "$t"
         kill -9 $c 2>/dev/null || true
         wait $c 2>/dev/null || true
@@ -118,10 +130,13 @@ for sig in INT TERM; do
     c=$!
     # Signal it once it has recorded some progress (not timed: waits).
     j=$(journal_of "$tmp/g.img")
-    for (( i = 0; i < 300; i++ )); do
+    for (( i = 0; i < 1200; i++ )); do
         [ "$(field done "$j" 2>/dev/null || echo 0)" -gt 0 ] 2>/dev/null && break
+        kill -0 $c 2>/dev/null || { cat "$tmp/err"; fail "SIG$sig: the copy ended before it was signalled"; }
         sleep 0.1
     done
+    [ "$(field done "$j" 2>/dev/null || echo 0)" -gt 0 ] 2>/dev/null ||
+        fail "SIG$sig: the copy recorded no progress within 120 s"
     kill -$sig $c
     r=0; wait $c || r=$?
     case $sig in INT) want=130 ;; TERM) want=143 ;; esac
