@@ -112,9 +112,14 @@ start_writer ()
     writer=$!
     cleanup_fn "touch $tmp/stop; wait $writer 2>/dev/null"
     # The client is writing before the first backup.
-    while [ "$("$nbd_python" "$tmp/cut.py" "$1" "" $slots)" -lt 100 ]; do
-        sleep 0.05
-    done
+    wait_until 120 "the client's first 100 writes" progressed "$1" 99
+}
+# progressed SOCK K: the client's last write on SOCK's disk is after
+# write K (fails the test if the writer died).
+progressed ()
+{
+    kill -0 $writer 2>/dev/null || fail "the writer died"
+    [ "$("$nbd_python" "$tmp/cut.py" "$1" "" $slots)" -gt "$2" ]
 }
 stop_writer ()
 {
@@ -141,9 +146,8 @@ for (( i = 1; i <= tries; i++ )); do
     delay=
     if (( i > tries / 2 )); then delay=200; fi
     # The client has written since the last cut.
-    while [ "$("$nbd_python" "$tmp/cut.py" "$A_sock" "" $slots)" -le $last ]; do
-        sleep 0.05
-    done
+    wait_until 120 "the client writing after the cut at $last" \
+        progressed "$A_sock" $last
     SPARSEBACKUP_CTL_DEBUG_COMMIT_DELAY=$delay "$ctl_bin" --json \
         group-begin g$i "${since[@]}" --hold-timeout=20000 \
         "$A_ctl" "$B_ctl" > "$tmp/group.json" ||
@@ -169,7 +173,14 @@ echo "group of 2 disks: writes held at most $max_held us (over $tries group back
 bad=0
 for (( i = 1; i <= tries; i++ )); do
     "$ctl_bin" "$A_ctl" backup-begin s$i > /dev/null
-    sleep 0.05
+    # B is frozen once the client has written two more pairs than A's
+    # frozen disk holds (not after a fixed time: a loaded machine may
+    # not have run the client at all meanwhile), so B holds a write that
+    # A's frozen disk does not: the detector must see it.
+    a=$("$nbd_python" "$tmp/cut.py" "$A_sock" @frozen $slots) ||
+        fail "separate s$i: cannot read A's @frozen"
+    wait_until 120 "the client writing after A's backup-begin s$i" \
+        progressed "$A_sock" $((a + 1))
     "$ctl_bin" "$B_ctl" backup-begin s$i > /dev/null
     cut "separate s$i" @frozen @frozen
     echo "separate s$i: A at write $a, B at write $b"
@@ -201,12 +212,14 @@ for (( i = 1; i <= 3; i++ )); do
     "$ctl_bin" "$A_ctl" backup-end n$i --ok > /dev/null
     "$ctl_bin" "$B_ctl" backup-end n$i --ok > /dev/null
     # Wait for writes after the cut on both (far fewer than the slots).
-    for (( j = 0; j < 600; j++ )); do
+    for (( j = 0; j < 2400; j++ )); do
         "$ctl_bin" "$A_ctl" map --since n$i > "$tmp/mapA"
         "$ctl_bin" "$B_ctl" map --since n$i > "$tmp/mapB"
         grep -q extents=0 "$tmp/mapA" "$tmp/mapB" || break
         sleep 0.05
     done
+    grep -q extents=0 "$tmp/mapA" "$tmp/mapB" &&
+        fail "n$i: no write recorded after the cut on both disks (polled 2400 times)"
     ra=$(python3 "$tmp/after.py" $slots < "$tmp/mapA") ||
         fail "n$i: A's record since n$i"
     rb=$(python3 "$tmp/after.py" $slots < "$tmp/mapB") ||
