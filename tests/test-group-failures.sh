@@ -180,14 +180,16 @@ h = nbd.NBD(); h.connect_unix(sys.argv[1])
 h.pwrite(b"\x22" * 4096, 1 << 20)' "$K_sock" > /dev/null 2>&1 &
 stuck=$!
 # It is in flight in the filter once it is recorded.
-while ! sctl "$K_ctl" map --since g0 | grep -q "^1048576 "; do sleep 0.05; done
+wait_until 120 "the stuck write recorded on K" \
+    eval 'sctl "$K_ctl" map --since g0 | grep -q "^1048576 "'
 "$ctl_bin" group-begin g2 --since g0 --hold-timeout=60000 \
     "$A_ctl" "$K_ctl" "$C_ctl" > "$tmp/out" 2> "$tmp/err" &
 controller=$!
 # A and C hold their writes while K waits for its drain.
 for s in A C; do
     v=${s}_ctl
-    until sctl "${!v}" status | grep -q " group=g2$"; do sleep 0.05; done
+    wait_until 120 "$s holding its writes for g2" \
+        eval 'sctl "${!v}" status | grep -q " group=g2$"'
 done
 "$nbd_python" -c '
 import nbd, sys
@@ -266,7 +268,8 @@ SPARSEBACKUP_CTL_DEBUG_COMMIT_DELAY=3000 "$ctl_bin" group-begin g6 \
     --since g0 --hold-timeout=60000 "$A_ctl" "$K_ctl" \
     > "$tmp/out" 2> "$tmp/err" &
 controller=$!
-until sctl "$A_ctl" status | grep -q " pending=g6 "; do sleep 0.05; done
+wait_until 120 "g6 committed on A" \
+    eval 'sctl "$A_ctl" status | grep -q " pending=g6 "'
 kill -9 "$K_pid"
 rc=0; wait $controller || rc=$?
 cat "$tmp/err"

@@ -213,7 +213,10 @@ if p.recv(1) != b"P":
     fail("the pause filter did not pause")
 cookie = write_async(6 << 20)
 # The write is in flight in the filter once it is recorded.
+end = time.monotonic() + 120
 while (6 << 20, 65536) not in changed_since("g1"):
+    if time.monotonic() > end:
+        fail("the write stuck in the pause filter was not recorded within 120 s")
     time.sleep(0.05)
 expect(a.req("group-prepare g8 --since g1 --hold-timeout 500"),
        r"ERR busy backup 'g8': the writes, zero requests and trims in "
