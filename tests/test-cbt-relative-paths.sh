@@ -18,7 +18,8 @@ pidfile=$tmp/nbdkit.pid
       sparsebackup-cbt=disk.cbt sparsebackup-control=ctl.sock \
       sparsebackup-scratch=disk.scratch ) ||
     fail "nbdkit (in the background) did not start"
-for _ in $(seq 100); do [ -s "$pidfile" ] && [ -S "$tmp/sock" ] && break; sleep 0.1; done
+for _ in $(seq 600); do [ -s "$pidfile" ] && [ -S "$tmp/sock" ] && break; sleep 0.1; done
+[ -s "$pidfile" ] || fail "nbdkit did not write $pidfile within 60 s"
 pid=$(cat "$pidfile")
 cleanup_fn "kill $pid 2>/dev/null"
 nbdinfo --size "nbd+unix:///?socket=$tmp/sock" > /dev/null ||
@@ -31,7 +32,7 @@ ctl backup-begin c1 > /dev/null
 nbdinfo --size "nbd+unix:///@frozen?socket=$tmp/sock" > /dev/null
 ctl backup-end c1 --ok > /dev/null
 kill "$pid"
-for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "nbdkit did not exit"
+for _ in $(seq 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null && fail "nbdkit did not exit within 120 s of SIGTERM"
 [ ! -e "$tmp/here/ctl.sock" ] || fail "the control socket was left behind at exit"
 echo "test-cbt-relative-paths: ok"

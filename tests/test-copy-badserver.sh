@@ -122,8 +122,8 @@ serve ()
     local s="$tmp/$1.sock" i
     python3 "$tmp/server.py" "$s" "$1" "$size" &
     cleanup_fn "kill $! 2>/dev/null"
-    for (( i = 0; i < 100; i++ )); do [ -S "$s" ] && break; sleep 0.1; done
-    [ -S "$s" ] || fail "the $1 server did not start"
+    for (( i = 0; i < 600; i++ )); do [ -S "$s" ] && break; sleep 0.1; done
+    [ -S "$s" ] || fail "the $1 server did not start within 60 s"
     uri="nbd+unix:///?socket=$s"
 }
 

@@ -66,11 +66,13 @@ print("\n".join("%d %d %d" % tuple(r) for r in out))' > qemu.expected
         top.qcow2 2> qemu-nbd.log &
     qpid=$!
     cleanup_fn "kill $qpid 2>/dev/null"
-    for (( i = 0; i < 100; i++ )); do
+    for (( i = 0; i < 600; i++ )); do
         [ -s "$tmp/qemu.pid" ] && break
         kill -0 $qpid 2> /dev/null || { cat qemu-nbd.log >&2; fail "qemu-nbd did not start"; }
         sleep 0.1
     done
+    [ -s "$tmp/qemu.pid" ] ||
+        { cat qemu-nbd.log >&2; fail "qemu-nbd did not listen within 60 s"; }
     rc=0
     python3 "$check64" "nbd+unix:///?socket=$tmp/qemu.sock" qemu.expected ||
         rc=$?

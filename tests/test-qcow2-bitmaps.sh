@@ -52,7 +52,8 @@ qemu_dirty ()
         qemu-nbd -r -t -k "$tmp/q.sock" --pid-file="$tmp/q.pid" \
             -f qcow2 -B "$name" "$img" &
         qpid=$!
-        for i in $(seq 100); do [ -s q.pid ] && break; sleep 0.1; done
+        for i in $(seq 600); do [ -s q.pid ] && break; sleep 0.1; done
+        [ -s q.pid ] || fail "qemu-nbd -B $name $img did not listen within 60 s"
         nbdinfo --map="qemu:dirty-bitmap:$name" --json \
             "nbd+unix:///?socket=$tmp/q.sock" > "dirty.$(basename "$img")"
         kill $qpid; wait $qpid 2>/dev/null || true

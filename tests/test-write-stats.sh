@@ -107,7 +107,11 @@ assert_contains "$tmp/bad.log" \
 nbdkit -f -U "$tmp/full.sock" -P "$tmp/full.pid" --filter=sparsebackup \
     memory 1M sparsebackup-statsfile=/dev/full > "$tmp/full.log" 2>&1 &
 full_pid=$!
-for _ in $(seq 100); do [ -s "$tmp/full.pid" ] && break; sleep 0.1; done
+# (SIGTERM only once it serves: earlier, it would die of it before its
+# handler is set, without writing anything)
+for _ in $(seq 600); do [ -s "$tmp/full.pid" ] && break; sleep 0.1; done
+[ -s "$tmp/full.pid" ] ||
+    { cat "$tmp/full.log" >&2; fail "nbdkit did not start within 60 s"; }
 kill -TERM "$full_pid"
 full_rc=0
 wait "$full_pid" || full_rc=$?

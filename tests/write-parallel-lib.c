@@ -209,8 +209,8 @@ start_server (const char *const *extra, const char *const *params)
       }
       die ("nbdkit exited during start-up");
     }
-    if (time (NULL) - t0 > 30)
-      die ("nbdkit did not write %s and listen on %s within 30 s",
+    if (time (NULL) - t0 > 120)
+      die ("nbdkit did not write %s and listen on %s within 120 s",
            pidfile, sock);
     usleep (20000);
   }
@@ -224,8 +224,8 @@ stop_server (void)
   if (server_pid <= 0)
     return;
   kill (server_pid, SIGTERM);
-  if (wait_server (30, &status) == -1)
-    die ("nbdkit did not exit within 30 s of SIGTERM");
+  if (wait_server (120, &status) == -1)
+    die ("nbdkit did not exit within 120 s of SIGTERM");
   server_pid = -1;
   if (WIFSIGNALED (status) && WTERMSIG (status) != SIGTERM)
     die ("nbdkit died of signal %d", WTERMSIG (status));
