@@ -271,11 +271,19 @@ reader_timeout (void)
 
   if (pipe (fds) == -1)
     exit (EXIT_FAILURE);
+  /* The first byte is there before the reader starts (a child that a
+   * loaded machine has not run yet within the timeout must not make the
+   * pending check below fail).
+   */
+  if (write (fds[1], "s", 1) != 1)
+    exit (EXIT_FAILURE);
   pid = fork ();
   if (pid == 0) {
     close (fds[0]);
-    /* A byte every 100 ms, never an LF. */
-    for (int i = 0; i < 50; ++i) {
+    /* A byte every 100 ms, never an LF, until killed (at most 60 s: the
+     * end of the pipe before the timeout would be another result).
+     */
+    for (int i = 0; i < 600; ++i) {
       if (write (fds[1], "s", 1) != 1)
         _exit (1);
       usleep (100000);
