@@ -18,8 +18,7 @@ pidfile=$tmp/nbdkit.pid
       sparsebackup-cbt=disk.cbt sparsebackup-control=ctl.sock \
       sparsebackup-scratch=disk.scratch ) ||
     fail "nbdkit (in the background) did not start"
-for _ in $(seq 600); do [ -s "$pidfile" ] && [ -S "$tmp/sock" ] && break; sleep 0.1; done
-[ -s "$pidfile" ] || fail "nbdkit did not write $pidfile within 60 s"
+wait_until 60 "nbdkit writing $pidfile" test -s "$pidfile"
 pid=$(cat "$pidfile")
 cleanup_fn "kill $pid 2>/dev/null"
 nbdinfo --size "nbd+unix:///?socket=$tmp/sock" > /dev/null ||

@@ -122,8 +122,7 @@ serve ()
     local s="$tmp/$1.sock" i
     python3 "$tmp/server.py" "$s" "$1" "$size" &
     cleanup_fn "kill $! 2>/dev/null"
-    for (( i = 0; i < 600; i++ )); do [ -S "$s" ] && break; sleep 0.1; done
-    [ -S "$s" ] || fail "the $1 server did not start within 60 s"
+    wait_until 60 "the $1 server starting" test -S "$s"
     uri="nbd+unix:///?socket=$s"
 }
 

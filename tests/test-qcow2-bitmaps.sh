@@ -52,8 +52,7 @@ qemu_dirty ()
         qemu-nbd -r -t -k "$tmp/q.sock" --pid-file="$tmp/q.pid" \
             -f qcow2 -B "$name" "$img" &
         qpid=$!
-        for i in $(seq 600); do [ -s q.pid ] && break; sleep 0.1; done
-        [ -s q.pid ] || fail "qemu-nbd -B $name $img did not listen within 60 s"
+        wait_until 60 "qemu-nbd -B $name $img listening" test -s q.pid
         nbdinfo --map="qemu:dirty-bitmap:$name" --json \
             "nbd+unix:///?socket=$tmp/q.sock" > "dirty.$(basename "$img")"
         kill $qpid; wait $qpid 2>/dev/null || true
